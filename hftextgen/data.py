@@ -229,11 +229,11 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _load_hub_split(name: str, local_files_only: bool = False, **kwargs) -> datasets.Dataset:
+def _load_hub_split(path: str, /, local_files_only: bool = False, **kwargs) -> datasets.Dataset:
     previous = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = previous or local_files_only
     try:
-        return datasets.load_dataset(name, **kwargs)
+        return datasets.load_dataset(path, **kwargs)
     finally:
         datasets.config.HF_HUB_OFFLINE = previous
 

@@ -50,7 +50,7 @@ def load_from_hub(load: Callable[..., T], name: str, what: str, key: str, /, **k
     if not hub_reachable():
         try:
             return load(name, local_files_only=True, **kwargs)
-        except Exception:
+        except (OSError, ValueError):  # not in the local cache; a TypeError would be our bug
             instead = (
                 "save its splits as .jsonl or .parquet files where there is internet and read them with "
                 "data.source=files"
@@ -63,8 +63,6 @@ def load_from_hub(load: Callable[..., T], name: str, what: str, key: str, /, **k
             ) from None
     try:
         return load(name, **kwargs)
-    except UserError:
-        raise
-    except Exception as exc:  # the hub answered, but not with this repo
+    except (OSError, ValueError) as exc:  # the hub answered, but not with this repo
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{key}: could not load the {what} {name!r} from the Hugging Face Hub: {reason}") from exc

@@ -50,8 +50,6 @@ def _isolated(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     hub.hub_reachable.cache_clear()
-    yield
-    hub.hub_reachable.cache_clear()
 
 
 @pytest.fixture
