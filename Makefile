@@ -9,7 +9,7 @@ RECIPE ?= recipes/shakespeare/tiny.yaml
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup finetune test clean-venv
+.PHONY: setup finetune test lint clean-venv
 .DEFAULT_GOAL := finetune
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,10 @@ finetune: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check hftextgen tests
+	$(BIN)/ruff format --check hftextgen tests
 
 clean-venv:
 	rm -rf $(VENV)

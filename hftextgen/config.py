@@ -11,7 +11,7 @@ from __future__ import annotations
 import encodings
 import functools
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -29,59 +29,66 @@ def _require(condition: bool, message: str) -> None:
 class ModelConfig:
     """Model: a GPT-2 built from scratch (the architecture fields) or a pretrained one."""
 
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
     """Pretrained model to fine-tune: a hub name such as gpt2, or a local directory written by
     save_pretrained (an hftextgen run directory works). Unset: build a new GPT-2 from the fields
     below."""
 
-    n_layer: Optional[int] = None
+    n_layer: int | None = None
     """Transformer blocks (scratch only; GPT-2 small: 12)."""
 
-    n_head: Optional[int] = None
+    n_head: int | None = None
     """Attention heads per block; must divide n_embd (scratch only; GPT-2 small: 12)."""
 
-    n_embd: Optional[int] = None
+    n_embd: int | None = None
     """Width of the residual stream (scratch only; GPT-2 small: 768)."""
 
-    n_positions: Optional[int] = None
+    n_positions: int | None = None
     """Longest context the model can see (scratch only; GPT-2: 1024). Unset: data.block_size,
     the longest context it is trained on."""
 
-    n_inner: Optional[int] = None
+    n_inner: int | None = None
     """Width of the MLP (scratch only; unset: 4 * n_embd)."""
 
-    activation_function: Optional[Literal["gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu"]] = None
+    activation_function: Literal["gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu"] | None = None
     """MLP activation (scratch only; GPT-2: gelu_new)."""
 
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     """Rows of the embedding matrix (scratch only). Unset: the tokenizer's size. May be larger
     than the tokenizer (padding to a multiple of 64 speeds up GPUs), never smaller."""
 
-    layer_norm_epsilon: Optional[float] = None
+    layer_norm_epsilon: float | None = None
     """LayerNorm epsilon (scratch only; GPT-2: 1e-5)."""
 
-    initializer_range: Optional[float] = None
+    initializer_range: float | None = None
     """Std of the normal initialisation (scratch only; GPT-2: 0.02)."""
 
-    resid_pdrop: Optional[float] = None
+    resid_pdrop: float | None = None
     """Dropout on residual branches (GPT-2: 0.1). Also applies when fine-tuning."""
 
-    embd_pdrop: Optional[float] = None
+    embd_pdrop: float | None = None
     """Dropout on embeddings (GPT-2: 0.1). Also applies when fine-tuning."""
 
-    attn_pdrop: Optional[float] = None
+    attn_pdrop: float | None = None
     """Dropout on attention weights (GPT-2: 0.1). Also applies when fine-tuning."""
 
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     """Attention kernel: sdpa (PyTorch scaled_dot_product_attention, fast everywhere), eager
     (the reference), flash_attention_2 (needs the flash-attn package and a GPU)."""
 
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (branch, tag or commit) of name_or_path."""
 
     ARCHITECTURE = (
-        "n_layer", "n_head", "n_embd", "n_positions", "n_inner", "activation_function",
-        "vocab_size", "layer_norm_epsilon", "initializer_range",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_positions",
+        "n_inner",
+        "activation_function",
+        "vocab_size",
+        "layer_norm_epsilon",
+        "initializer_range",
     )
     DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
@@ -128,7 +135,7 @@ class TokenizerConfig:
     pretrained: load name_or_path. train: a byte-level BPE of vocab_size trained on the
     training split and saved with the model."""
 
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
     """Tokenizer to load for source=pretrained (hub name or directory). Unset: model.name_or_path."""
 
     vocab_size: int = 8192
@@ -173,19 +180,19 @@ class DataConfig:
     encoding: str = "utf-8"
     """Encoding of text, json, jsonl and csv files."""
 
-    dataset: Optional[str] = None
+    dataset: str | None = None
     """Hub dataset for source=hub, e.g. wikitext or Salesforce/wikitext."""
 
-    dataset_config: Optional[str] = None
+    dataset_config: str | None = None
     """Configuration of the hub dataset, e.g. wikitext-2-raw-v1."""
 
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (branch, tag or commit) of the dataset."""
 
     train_split: str = "train"
     """Hub split to train on."""
 
-    validation_split: Optional[str] = None
+    validation_split: str | None = None
     """Hub split to validate on, e.g. validation. Unset: hold out validation_fraction."""
 
     validation_fraction: float = 0.05
@@ -203,12 +210,12 @@ class DataConfig:
     """End every document with the tokenizer's EOS, so the model learns where text ends. Turn off
     for datasets whose rows are lines of one text (wikitext)."""
 
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where tokenized, packed data is cached. Unset: $HFTEXTGEN_CACHE, else
     ~/.cache/hftextgen. The cache key covers the data's content, the tokenizer and every
     preprocessing field, so a stale cache is never reused."""
 
-    num_proc: Optional[int] = None
+    num_proc: int | None = None
     """Processes for tokenization (datasets.map). Unset: one, which is fastest below ~50 MB."""
 
     def __post_init__(self) -> None:
@@ -236,8 +243,7 @@ class DataConfig:
         else:
             _require(
                 self.dataset is None and self.validation_split is None,
-                f"data.dataset and data.validation_split are only read with data.source=hub "
-                f"(got source={self.source})",
+                f"data.dataset and data.validation_split are only read with data.source=hub (got source={self.source})",
             )
 
 
@@ -269,7 +275,7 @@ class TrainArguments(TrainingArguments):
     TrainingArguments lets through (a learning rate or batch size <= 0).
     """
 
-    bf16: Optional[bool] = field(
+    bf16: bool | None = field(
         default=None,
         metadata={
             "help": "bf16 mixed precision. Unset: on when the hardware runs bf16 natively (CUDA "

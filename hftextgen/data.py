@@ -8,9 +8,9 @@ well under a second and any changed input rebuilds it.
 
 from __future__ import annotations
 
-import encodings
 import contextlib
 import csv
+import encodings
 import glob
 import hashlib
 import importlib.metadata
@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import tokenizers
 
 from . import cache
 from .config import DataConfig
@@ -263,7 +264,9 @@ class Corpus:
         self.cfg = cfg
         self._hub: dict[str, datasets.Dataset] = {}
 
-    def _local_files(self) -> tuple[list[Path], list[Path]]:
+    @cached_property
+    def files(self) -> tuple[list[Path], list[Path]]:
+        """Training and validation files of source=files."""
         return (
             expand_paths(self.cfg.paths, "data.paths"),
             expand_paths(self.cfg.validation_paths, "data.validation_paths"),
@@ -280,7 +283,7 @@ class Corpus:
                 "plays": [(name, _file_digest(path)) for name, path in plays],
             }
         elif cfg.source == "files":
-            train, validation = self._local_files()
+            train, validation = self.files
             content = {
                 "files": [(str(p), _file_digest(p)) for p in train],
                 "validation_files": [(str(p), _file_digest(p)) for p in validation],
@@ -306,8 +309,13 @@ class Corpus:
         if split not in self._hub:
             cfg = self.cfg
             ds = load_from_hub(
-                _load_hub_split, cfg.dataset, "dataset", "data.dataset",
-                name=cfg.dataset_config, split=split, revision=cfg.revision,
+                _load_hub_split,
+                cfg.dataset,
+                "dataset",
+                "data.dataset",
+                name=cfg.dataset_config,
+                split=split,
+                revision=cfg.revision,
             )
             if cfg.text_field not in ds.column_names:
                 raise UserError(
@@ -321,13 +329,13 @@ class Corpus:
         return self._hub[split]
 
     @cached_property
-    def _documents(self) -> Documents:
+    def documents(self) -> Documents:
         cfg = self.cfg
         if cfg.source == "shakespeare":
             docs = _as_dataset([(name, play_to_text(path.read_text("utf-8"))) for name, path in shakespeare_files()])
             return Documents(*hold_out(docs, cfg.validation_fraction, cfg.split_seed))
         if cfg.source == "files":
-            train, validation = self._local_files()
+            train, validation = self.files
             docs = _as_dataset([d for p in train for d in read_file(p, cfg)])
             if validation:
                 return Documents(docs, _as_dataset([d for p in validation for d in read_file(p, cfg)]))
@@ -337,15 +345,16 @@ class Corpus:
             return Documents(train, self._hub_split(cfg.validation_split))
         return Documents(*hold_out(train, cfg.validation_fraction, cfg.split_seed))
 
-    def documents(self) -> Documents:
-        return self._documents
-
 
 # ---------------------------------------------------------------- tokenize and pack
 
 
 TOKENIZED = datasets.Features(
-    {"input_ids": datasets.List(datasets.Value("int32")), "chars": datasets.Value("int64"), "bytes": datasets.Value("int64")}
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "chars": datasets.Value("int64"),
+        "bytes": datasets.Value("int64"),
+    }
 )
 
 
@@ -390,6 +399,7 @@ def prepare(corpus: Corpus, tokenizer, tokenizer_fingerprint: str) -> Packed:
         version=PREPROCESS_VERSION,
         documents=corpus.split_fingerprint,
         tokenizer=tokenizer_fingerprint,
+        tokenizers=tokenizers.__version__,  # the library that applies those files
         block_size=cfg.block_size,
         add_eos=cfg.add_eos,
     )
@@ -423,7 +433,7 @@ def _quiet_datasets():
 
 def _build(corpus: Corpus, tokenizer, key: str, out: Path) -> None:
     cfg = corpus.cfg
-    docs = corpus.documents()
+    docs = corpus.documents
     report = {"block_size": cfg.block_size, "add_eos": cfg.add_eos}
     for split in SPLITS:
         split_docs = getattr(docs, split)
@@ -455,4 +465,6 @@ def format_report(report: dict) -> str:
         f"{s:<11}{r['documents']:>10,}{r['characters']:>14,}{r['tokens']:>12,}{r['blocks']:>9,}{r['tokens_dropped']:>9,}"
         for s, r in ((s, report[s]) for s in SPLITS)
     ]
-    return "\n".join([head, *rows, f"blocks of {report['block_size']} tokens; EOS after each document: {report['add_eos']}"])
+    return "\n".join(
+        [head, *rows, f"blocks of {report['block_size']} tokens; EOS after each document: {report['add_eos']}"]
+    )

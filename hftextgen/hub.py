@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from .errors import UserError

@@ -76,4 +76,6 @@ def _pretrained(cfg: ModelConfig) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"model.name_or_path: cannot load {name} as a causal language model ({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"model.name_or_path: cannot load {name} as a causal language model ({str(exc).splitlines()[0]})"
+        ) from None

@@ -106,7 +106,7 @@ def build_tokenizer(recipe: Recipe, corpus) -> PreTrainedTokenizerBase:
     hit = cache.lookup(cache_root, key)
     if hit is not None:
         return ready_for_lm(AutoTokenizer.from_pretrained(hit), "the trained tokenizer")
-    train_docs = corpus.documents().train
+    train_docs = corpus.documents.train
     tokenizer = train_bpe(
         (batch["text"] for batch in train_docs.iter(batch_size=1000)), cfg.vocab_size, cfg.min_frequency
     )

@@ -122,7 +122,10 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
     with args.main_process_first(desc="preprocessing"):
         tok = tokenizer.build_tokenizer(recipe, corpus)
         packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
-    say(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}", data.format_report(packed.report))
+    say(
+        f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}",
+        data.format_report(packed.report),
+    )
 
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
@@ -172,7 +175,10 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
 
 
 def last_evaluation(trainer: Trainer) -> dict | None:
-    """The metrics of an evaluation already run at the final step, so it is not run twice."""
+    """The metrics of an evaluation already run at the final step, so it is not run twice.
+    None when there is none, or when the best checkpoint replaced the final weights."""
+    if trainer.args.load_best_model_at_end:
+        return None
     state = trainer.state
     for entry in reversed(state.log_history):
         if "eval_loss" in entry:

@@ -15,14 +15,26 @@ WORDS = (
 ).split()
 SPEAKERS = ["HAMLET", "KING", "QUEEN", "HORATIO"]
 
+
+def flags(settings: dict) -> list[str]:
+    """{"train.max_steps": 40} -> ["--train.max_steps", "40"]"""
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+
+
 # 2 layers, width 16: seconds per run, and still a real GPT-2.
-TINY_MODEL = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "16"]
-TINY_TRAIN = [
-    "--data.block_size", "32",
-    "--train.per_device_train_batch_size", "4", "--train.per_device_eval_batch_size", "8",
-    "--train.learning_rate", "1e-2", "--train.warmup_steps", "0",
-    "--train.logging_steps", "1", "--train.bf16", "false", "--train.disable_tqdm", "true",
-]
+TINY_MODEL = flags({"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 16})
+TINY_TRAIN = flags(
+    {
+        "data.block_size": 32,
+        "train.per_device_train_batch_size": 4,
+        "train.per_device_eval_batch_size": 8,
+        "train.learning_rate": 1e-2,
+        "train.warmup_steps": 0,
+        "train.logging_steps": 1,
+        "train.bf16": "false",
+        "train.disable_tqdm": "true",
+    }
+)
 
 
 def make_text(seed: int, lines: int = 60) -> str:
@@ -71,7 +83,5 @@ def run_cli(capsys):
 
 def files_args(corpus: Path, output_dir: Path, *extra: str, model=TINY_MODEL) -> list[str]:
     """`finetune` of a tiny model on the files in `corpus`, two of eight documents held out."""
-    return [
-        "finetune", "--data.source", "files", "--data.paths", f"[{corpus}/*.txt]",
-        "--data.validation_fraction", "0.25", *model, *TINY_TRAIN, "--train.output_dir", str(output_dir), *extra,
-    ]
+    data = flags({"data.source": "files", "data.paths": f"[{corpus}/*.txt]", "data.validation_fraction": 0.25})
+    return ["finetune", *data, *model, *TINY_TRAIN, "--train.output_dir", str(output_dir), *extra]

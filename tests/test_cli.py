@@ -20,7 +20,12 @@ RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*") if p.suffix in (".yaml
 
 def test_recipes_exist():
     names = {str(p.relative_to(ROOT / "recipes")) for p in RECIPES}
-    assert {"shakespeare/tiny.yaml", "shakespeare/gpt2-small.yaml", "gpt2/wikitext2.yaml", "custom/text-files.yaml"} <= names
+    assert {
+        "shakespeare/tiny.yaml",
+        "shakespeare/gpt2-small.yaml",
+        "gpt2/wikitext2.yaml",
+        "custom/text-files.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
@@ -46,7 +51,14 @@ def test_json_recipes_work(tmp_path):
 def test_command_line_overrides_the_recipe():
     parser = finetune_parser()
     cfg = parser.parse_args(
-        ["--config", str(ROOT / "recipes/shakespeare/tiny.yaml"), "--train.learning_rate", "3e-4", "--model.n_layer", "2"]
+        [
+            "--config",
+            str(ROOT / "recipes/shakespeare/tiny.yaml"),
+            "--train.learning_rate",
+            "3e-4",
+            "--model.n_layer",
+            "2",
+        ]
     )
     assert cfg.train.learning_rate == 3e-4 and cfg.model.n_layer == 2 and cfg.model.n_embd == 128
 
@@ -61,8 +73,14 @@ def test_command_line_overrides_the_recipe():
         (["--train.learning_rate", "0"], "train.learning_rate must be > 0"),
         (["--train.per_device_train_batch_size", "0"], "train.per_device_train_batch_size must be >= 1"),
         (["--model.n_embd", "30", "--model.n_head", "4"], "model.n_embd (30) must be divisible by model.n_head (4)"),
-        (["--model.n_positions", "64", "--data.block_size", "128"], "data.block_size (128) is larger than model.n_positions (64)"),
-        (["--model.name_or_path", "gpt2", "--model.n_layer", "2"], "model.n_layer describes a model built from scratch"),
+        (
+            ["--model.n_positions", "64", "--data.block_size", "128"],
+            "data.block_size (128) is larger than model.n_positions (64)",
+        ),
+        (
+            ["--model.name_or_path", "gpt2", "--model.n_layer", "2"],
+            "model.n_layer describes a model built from scratch",
+        ),
         (["--data.validation_fraction", "1.5"], "data.validation_fraction must be in (0, 1)"),
         (["--data.encoding", "nope"], "data.encoding: unknown encoding 'nope'"),
         (["--data.source", "files"], "data.source=files needs data.paths"),
@@ -82,9 +100,15 @@ def test_bad_recipe_values_are_one_line_errors(run_cli, tmp_path, argv, expected
 
 def test_unknown_key_in_a_recipe_file(run_cli, tmp_path):
     (tmp_path / "r.yaml").write_text("modle:\n  n_layer: 2\n")
-    assert "unknown recipe key modle.n_layer: did you mean model.n_layer?" in run_cli("finetune", "--config", tmp_path / "r.yaml")[2]
+    assert (
+        "unknown recipe key modle.n_layer: did you mean model.n_layer?"
+        in run_cli("finetune", "--config", tmp_path / "r.yaml")[2]
+    )
     (tmp_path / "r.yaml").write_text("model:\n  n_layr: 2\n")
-    assert "unknown recipe key model.n_layr: did you mean model.n_layer?" in run_cli("finetune", "--config", tmp_path / "r.yaml")[2]
+    assert (
+        "unknown recipe key model.n_layr: did you mean model.n_layer?"
+        in run_cli("finetune", "--config", tmp_path / "r.yaml")[2]
+    )
 
 
 def test_unknown_command_and_help(run_cli):
@@ -110,7 +134,12 @@ def test_print_config_prints_the_resolved_recipe(run_cli):
 def test_console_entry_point_exit_code():
     result = subprocess.run(
         [sys.executable, "-m", "hftextgen", "finetune", "--train.learnin_rate", "1"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "hftextgen: error: unknown recipe key train.learnin_rate: did you mean train.learning_rate?"
+    assert (
+        result.stderr.strip()
+        == "hftextgen: error: unknown recipe key train.learnin_rate: did you mean train.learning_rate?"
+    )

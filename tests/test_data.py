@@ -44,7 +44,7 @@ def test_packing_keeps_every_token_in_order_but_the_tail(corpus, gpt2):
     tokenizer, _ = gpt2
     cfg = files_cfg(corpus / "*.txt", block_size=50, validation_fraction=0.25)
     packed = prepare(cfg, gpt2)
-    docs = data.Corpus(cfg).documents()
+    docs = data.Corpus(cfg).documents
     for split in ("train", "validation"):
         texts = getattr(docs, split)["text"]
         expected = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
@@ -96,17 +96,23 @@ def test_hold_out_needs_two_documents():
 
 def test_shakespeare_corpus_is_38_plays_split_by_play():
     corpus = data.Corpus(DataConfig())
-    docs = corpus.documents()
+    docs = corpus.documents
     assert len(docs.train) + len(docs.validation) == 38 and len(docs.validation) == 2
     assert not set(docs.train["id"]) & set(docs.validation["id"])
-    plays = {**dict(zip(docs.train["id"], docs.train["text"])), **dict(zip(docs.validation["id"], docs.validation["text"]))}
+    plays = {
+        **dict(zip(docs.train["id"], docs.train["text"], strict=True)),
+        **dict(zip(docs.validation["id"], docs.validation["text"], strict=True)),
+    }
     hamlet = plays["tragedies/hamlet"]
     assert hamlet.startswith("Hamlet") and "HAMLET:\nTo be, or not to be" in hamlet
     assert "**" not in hamlet and "  \n" not in hamlet and "_" not in hamlet
 
 
 def test_play_to_text():
-    markdown = "# As You Like It\n\n## ACT I\n\n_Enter ORLANDO_\n\n**ORLANDO**  \nAs I remember, Adam,  \n_\\[Aside]_ it was\n\n\n\n**ADAM**  \nYonder."
+    markdown = (
+        "# As You Like It\n\n## ACT I\n\n_Enter ORLANDO_\n\n"
+        "**ORLANDO**  \nAs I remember, Adam,  \n_\\[Aside]_ it was\n\n\n\n**ADAM**  \nYonder."
+    )
     assert data.play_to_text(markdown) == (
         "As You Like It\n\nACT I\n\nEnter ORLANDO\n\nORLANDO:\nAs I remember, Adam,\n[Aside] it was\n\nADAM:\nYonder.\n"
     )
@@ -134,7 +140,7 @@ def test_every_file_format_and_text_field(tmp_path):
         writer.writerows({"n": i, "body": t} for i, t in enumerate(texts))
     pq.write_table(pa.table({"body": texts}), tmp_path / "d.parquet")
     cfg = DataConfig(source="files", paths=[str(tmp_path / "*")], text_field="body")
-    docs = data.Corpus(cfg).documents()
+    docs = data.Corpus(cfg).documents
     got = sorted(list(docs.train["text"]) + list(docs.validation["text"]))
     assert got == sorted(texts * 4)
     ids = set(docs.train["id"]) | set(docs.validation["id"])
@@ -169,7 +175,9 @@ def test_cache_hit_and_every_invalidation(corpus, gpt2):
     # Same file names and sizes, one character changed: must rebuild.
     doc = corpus / "doc3.txt"
     original = doc.read_text()
-    doc.write_text(original.replace("HAMLET", "HAMLEX", 1) if "HAMLET" in original else original.replace("KING", "KINX", 1))
+    doc.write_text(
+        original.replace("HAMLET", "HAMLEX", 1) if "HAMLET" in original else original.replace("KING", "KINX", 1)
+    )
     edited = prepare(cfg, gpt2)
     assert not edited.cache_hit and edited.cache_path != first.cache_path
     doc.write_text(original)
@@ -217,22 +225,45 @@ def test_cached_prepare_does_not_read_documents(corpus, gpt2, monkeypatch):
         (lambda d: [str(d / "*.nothing")], "matches no .* files"),
         (lambda d: (d / "empty.txt").write_text("  \n") and [str(d / "empty.txt")], "is empty: remove it"),
         (lambda d: (d / "x.docx").write_text("x") and [str(d / "x.docx")], "supported endings are"),
-        (lambda d: (d / "latin.txt").write_bytes("caf\xe9 ok".encode("latin-1")) and [str(d / "latin.txt")],
-         r"latin.txt is not valid utf-8 \(byte 3\): set data.encoding"),
-        (lambda d: (d / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"\n') and [str(d / "bad.jsonl")],
-         r"bad.jsonl:2: not valid JSON"),
-        (lambda d: (d / "f.jsonl").write_text('{"body": "a", "id": 1}\n') and [str(d / "f.jsonl")],
-         r"f.jsonl:1 has no field 'text' \(fields: body, id\): set data.text_field"),
-        (lambda d: (d / "f.csv").write_text("body,id\nx,1\n") and [str(d / "f.csv")],
-         r"has no column 'text' \(columns: body, id\)"),
-        (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "f.parquet") or [str(d / "f.parquet")],
-         r"has no column 'text' \(columns: body\)"),
+        (
+            lambda d: (d / "latin.txt").write_bytes("caf\xe9 ok".encode("latin-1")) and [str(d / "latin.txt")],
+            r"latin.txt is not valid utf-8 \(byte 3\): set data.encoding",
+        ),
+        (
+            lambda d: (d / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"\n') and [str(d / "bad.jsonl")],
+            r"bad.jsonl:2: not valid JSON",
+        ),
+        (
+            lambda d: (d / "f.jsonl").write_text('{"body": "a", "id": 1}\n') and [str(d / "f.jsonl")],
+            r"f.jsonl:1 has no field 'text' \(fields: body, id\): set data.text_field",
+        ),
+        (
+            lambda d: (d / "f.csv").write_text("body,id\nx,1\n") and [str(d / "f.csv")],
+            r"has no column 'text' \(columns: body, id\)",
+        ),
+        (
+            lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "f.parquet") or [str(d / "f.parquet")],
+            r"has no column 'text' \(columns: body\)",
+        ),
         (lambda d: (d / "n.jsonl").write_text('{"text": 5}\n') and [str(d / "n.jsonl")], "holds int, not text"),
-        (lambda d: (d / "one.txt").write_text("a single document") and [str(d / "one.txt")],
-         "too few to hold out whole documents"),
+        (
+            lambda d: (d / "one.txt").write_text("a single document") and [str(d / "one.txt")],
+            "too few to hold out whole documents",
+        ),
     ],
-    ids=["missing", "glob", "empty", "suffix", "not-utf8", "broken-jsonl", "jsonl-field", "csv-field",
-         "parquet-field", "not-text", "one-document"],
+    ids=[
+        "missing",
+        "glob",
+        "empty",
+        "suffix",
+        "not-utf8",
+        "broken-jsonl",
+        "jsonl-field",
+        "csv-field",
+        "parquet-field",
+        "not-text",
+        "one-document",
+    ],
 )
 def test_bad_inputs_raise_one_line_errors(tmp_path, gpt2, setup, match):
     folder = tmp_path / "in"
@@ -247,12 +278,14 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, gpt2, setup, match):
 def test_encoding_option_reads_other_encodings(tmp_path, gpt2):
     for i in range(3):
         (tmp_path / f"l{i}.txt").write_bytes(f"caf\xe9 number {i} ".encode("latin-1") * 20)
-    docs = data.Corpus(files_cfg(tmp_path / "*.txt", encoding="latin-1")).documents()
+    docs = data.Corpus(files_cfg(tmp_path / "*.txt", encoding="latin-1")).documents
     assert "café" in docs.train["text"][0]
 
 
 def test_split_too_small_for_one_block(corpus, gpt2):
-    with pytest.raises(UserError, match=r"validation split holds \d+ tokens, fewer than one block of data.block_size=4096"):
+    with pytest.raises(
+        UserError, match=r"validation split holds \d+ tokens, fewer than one block of data.block_size=4096"
+    ):
         prepare(files_cfg(corpus / "*.txt", block_size=4096), gpt2)
 
 
@@ -278,6 +311,6 @@ def test_hub_code_path_with_a_local_dataset_folder(tmp_path, gpt2):
     assert prepare(cfg, gpt2).cache_hit
 
     with pytest.raises(UserError, match=r"has no column 'text' \(columns: body\)"):
-        data.Corpus(DataConfig(source="hub", dataset=str(folder))).documents()
-    held_out = data.Corpus(DataConfig(source="hub", dataset=str(folder), text_field="body")).documents()
+        _ = data.Corpus(DataConfig(source="hub", dataset=str(folder))).documents
+    held_out = data.Corpus(DataConfig(source="hub", dataset=str(folder), text_field="body")).documents
     assert len(held_out.train) + len(held_out.validation) == 6

@@ -25,13 +25,22 @@ def test_probe_says_unreachable_quickly(monkeypatch):
 def test_online_path_passes_arguments_and_explains_failures(monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     calls = []
-    assert hub.load_from_hub(lambda n, **kw: calls.append((n, kw)) or "ok", "org/m", "model", "model.name_or_path", revision="v1") == "ok"
+    assert (
+        hub.load_from_hub(
+            lambda n, **kw: calls.append((n, kw)) or "ok", "org/m", "model", "model.name_or_path", revision="v1"
+        )
+        == "ok"
+    )
     assert calls == [("org/m", {"revision": "v1"})]
 
     def missing(name, **kw):
         raise OSError("org/m is not a valid model identifier\nlong details")
 
-    with pytest.raises(UserError, match=r"^model.name_or_path: could not load the model 'org/m' from the Hugging Face Hub: org/m is not a valid model identifier$"):
+    with pytest.raises(
+        UserError,
+        match=r"^model.name_or_path: could not load the model 'org/m' from the Hugging Face Hub: "
+        r"org/m is not a valid model identifier$",
+    ):
         hub.load_from_hub(missing, "org/m", "model", "model.name_or_path")
 
 
@@ -59,10 +68,13 @@ def test_hub_dataset_arguments(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = DataConfig(
-        source="hub", dataset="Salesforce/wikitext", dataset_config="wikitext-2-raw-v1", revision="abc",
+        source="hub",
+        dataset="Salesforce/wikitext",
+        dataset_config="wikitext-2-raw-v1",
+        revision="abc",
         validation_split="validation",
     )
-    docs = data.Corpus(cfg).documents()
+    docs = data.Corpus(cfg).documents
     assert calls == [
         ("Salesforce/wikitext", {"name": "wikitext-2-raw-v1", "split": "train", "revision": "abc"}),
         ("Salesforce/wikitext", {"name": "wikitext-2-raw-v1", "split": "validation", "revision": "abc"}),

@@ -39,7 +39,9 @@ def test_trained_tokenizer_is_cached_by_content(corpus, tmp_path, monkeypatch):
 
     bigger = recipe_for(corpus, tmp_path, vocab_size=400)
     monkeypatch.undo()
-    assert tokenizer.fingerprint(tokenizer.build_tokenizer(bigger, data.Corpus(bigger.data))) != tokenizer.fingerprint(tok)
+    assert tokenizer.fingerprint(tokenizer.build_tokenizer(bigger, data.Corpus(bigger.data))) != tokenizer.fingerprint(
+        tok
+    )
 
 
 def test_collator_keeps_eos_as_a_target():

@@ -29,9 +29,18 @@ def test_finetune_end_to_end(corpus, tmp_path, run_cli):
     assert "held-out loss" in out
 
     for name in (
-        "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "recipe.yaml",
-        "data_report.json", "validation_documents.json", "run_info.json", "train_results.json",
-        "eval_results.json", "trainer_state.json", "checkpoint-40",
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "recipe.yaml",
+        "data_report.json",
+        "validation_documents.json",
+        "run_info.json",
+        "train_results.json",
+        "eval_results.json",
+        "trainer_state.json",
+        "checkpoint-40",
     ):
         assert (run_dir / name).exists(), name
 
@@ -88,7 +97,9 @@ def test_output_dir_with_a_run_is_refused_then_resumed(corpus, tmp_path, run_cli
 
 def test_resume_errors_are_one_line(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "fresh"
-    code, _, err = run_cli(*files_args(corpus, run_dir, "--train.max_steps", "2", "--train.resume_from_checkpoint", "last"))
+    code, _, err = run_cli(
+        *files_args(corpus, run_dir, "--train.max_steps", "2", "--train.resume_from_checkpoint", "last")
+    )
     assert code == 2 and "holds no checkpoint-N folder" in err
     code, _, err = run_cli(*files_args(corpus, run_dir, "--train.resume_from_checkpoint", str(tmp_path)))
     assert code == 2 and "is not a Trainer checkpoint" in err
@@ -142,15 +153,24 @@ def test_pretrained_errors(corpus, tmp_path, run_cli):
 
 def test_hub_names_fail_clearly_offline(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli(*files_args(corpus, run_dir, "--train.max_steps", "2", model=["--model.name_or_path", "gpt2"]))
+    code, _, err = run_cli(
+        *files_args(corpus, run_dir, "--train.max_steps", "2", model=["--model.name_or_path", "gpt2"])
+    )
     assert code == 2 and "Hugging Face Hub cannot be reached" in err and len(err.splitlines()) == 1
 
     code, _, err = run_cli("finetune", "--config", "recipes/gpt2/wikitext2.yaml", "--train.output_dir", str(run_dir))
     assert code == 2 and "cannot be reached" in err and len(err.splitlines()) == 1
 
     code, _, err = run_cli(
-        "finetune", "--data.source", "hub", "--data.dataset", "Salesforce/wikitext",
-        "--data.dataset_config", "wikitext-2-raw-v1", "--train.output_dir", str(run_dir),
+        "finetune",
+        "--data.source",
+        "hub",
+        "--data.dataset",
+        "Salesforce/wikitext",
+        "--data.dataset_config",
+        "wikitext-2-raw-v1",
+        "--train.output_dir",
+        str(run_dir),
     )
     assert code == 2 and "data.dataset" in err and "data.source=files" in err
     assert not run_dir.exists()
@@ -159,10 +179,40 @@ def test_hub_names_fail_clearly_offline(corpus, tmp_path, run_cli):
 def test_trained_tokenizer_is_saved_with_the_model(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     code, _, err = run_cli(
-        *files_args(corpus, run_dir, "--train.max_steps", "4", "--tokenizer.source", "train", "--tokenizer.vocab_size", "300")
+        *files_args(
+            corpus, run_dir, "--train.max_steps", "4", "--tokenizer.source", "train", "--tokenizer.vocab_size", "300"
+        )
     )
     assert code == 0, err
     tok = AutoTokenizer.from_pretrained(run_dir)
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     assert len(tok) <= 300 and model.config.vocab_size == len(tok)
     assert tok.model_max_length == model.config.n_positions == 32
+
+
+def test_final_metrics_describe_the_saved_model(corpus, tmp_path, run_cli):
+    run_dir = tmp_path / "run"
+    args = files_args(
+        corpus,
+        run_dir,
+        "--train.max_steps",
+        "12",
+        "--train.eval_steps",
+        "4",
+        "--train.save_steps",
+        "4",
+        # "Best" = highest loss, so that the best checkpoint is the first, not the last one.
+        "--train.load_best_model_at_end",
+        "true",
+        "--train.metric_for_best_model",
+        "eval_loss",
+        "--train.greater_is_better",
+        "true",
+    )
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    _, state = logged_losses(run_dir)
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    final = json.loads((run_dir / "eval_results.json").read_text())["eval_loss"]
+    assert evals[0] > evals[-1] + 0.1, evals
+    assert final == pytest.approx(evals[0], abs=1e-4)
