@@ -19,8 +19,13 @@ from pathlib import Path
 COMPLETE = "COMPLETE"
 
 
-def default_dir() -> str:
-    return os.environ.get("HFTEXTGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hftextgen")
+def root(cache_dir: str | None, kind: str) -> Path:
+    """Folder for one kind of entry: under data.cache_dir, else $HFTEXTGEN_CACHE, else
+    ~/.cache/hftextgen."""
+    base = (
+        cache_dir or os.environ.get("HFTEXTGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hftextgen")
+    )
+    return Path(base) / kind
 
 
 def key(**parts) -> str:

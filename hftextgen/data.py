@@ -403,7 +403,7 @@ def prepare(corpus: Corpus, tokenizer, tokenizer_fingerprint: str) -> Packed:
         block_size=cfg.block_size,
         add_eos=cfg.add_eos,
     )
-    root = Path(cfg.cache_dir or cache.default_dir()) / "data"
+    root = cache.root(cfg.cache_dir, "data")
     path = cache.lookup(root, key)
     cache_hit = path is not None
     if not cache_hit:

@@ -15,6 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import tokenizers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from . import cache
@@ -62,9 +63,7 @@ def load_pretrained(name_or_path: str, key: str, revision: str | None = None) ->
 def train_bpe(texts, vocab_size: int, min_frequency: int) -> GPT2Tokenizer:
     """A GPT-2-style byte-level BPE trained on `texts`, returned as a GPT2Tokenizer so that it
     saves and loads like GPT-2's own."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
+    bpe = tokenizers.ByteLevelBPETokenizer()
     bpe.train_from_iterator(
         texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS], show_progress=False
     )
@@ -93,8 +92,6 @@ def build_tokenizer(recipe: Recipe, corpus) -> PreTrainedTokenizerBase:
             name, key, revision = recipe.model.name_or_path, "model.name_or_path", recipe.model.revision
         return ready_for_lm(load_pretrained(name, key, revision), name)
 
-    import tokenizers
-
     key = cache.key(
         kind="bpe",
         corpus=corpus.split_fingerprint,
@@ -102,7 +99,7 @@ def build_tokenizer(recipe: Recipe, corpus) -> PreTrainedTokenizerBase:
         min_frequency=cfg.min_frequency,
         tokenizers=tokenizers.__version__,
     )
-    cache_root = Path(recipe.data.cache_dir or cache.default_dir()) / "tokenizers"
+    cache_root = cache.root(recipe.data.cache_dir, "tokenizers")
     hit = cache.lookup(cache_root, key)
     if hit is not None:
         return ready_for_lm(AutoTokenizer.from_pretrained(hit), "the trained tokenizer")
