@@ -22,9 +22,7 @@ COMPLETE = "COMPLETE"
 def root(cache_dir: str | None, kind: str) -> Path:
     """Folder for one kind of entry: under data.cache_dir, else $HFTEXTGEN_CACHE, else
     ~/.cache/hftextgen."""
-    base = (
-        cache_dir or os.environ.get("HFTEXTGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hftextgen")
-    )
+    base = cache_dir or os.environ.get("HFTEXTGEN_CACHE") or Path.home() / ".cache" / "hftextgen"
     return Path(base) / kind
 
 

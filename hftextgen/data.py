@@ -384,8 +384,7 @@ def tokenize(docs: datasets.Dataset, tokenizer, cfg: DataConfig, fingerprint: st
 def pack(tokenized: datasets.Dataset, block_size: int) -> tuple[datasets.Dataset, int]:
     """Concatenate every document of the split and cut it into blocks; only the final partial
     block is dropped. Returns the blocks and the number of tokens before cutting."""
-    with _quiet_datasets():
-        column = tokenized.flatten_indices().data.column("input_ids")
+    column = _column(tokenized, "input_ids")
     flat = np.concatenate([chunk.flatten().to_numpy() for chunk in column.chunks] or [np.empty(0, np.int32)])
     n_blocks = len(flat) // block_size
     blocks = pa.FixedSizeListArray.from_arrays(pa.array(flat[: n_blocks * block_size], pa.int32()), block_size)
@@ -415,13 +414,18 @@ def prepare(corpus: Corpus, tokenizer, tokenizer_fingerprint: str) -> Packed:
     return Packed(splits["train"], splits["validation"], meta["report"], meta["validation_ids"], path, cache_hit)
 
 
-def _column_sum(ds: datasets.Dataset, column: str) -> int:
-    return int(pa.compute.sum(ds.data.column(column)).as_py() or 0)
+def _column(ds: datasets.Dataset, name: str) -> pa.ChunkedArray:
+    """One column as arrow: zero-copy, and it honours a select()'s indices mapping."""
+    return ds.with_format("arrow")[:][name]
+
+
+def _column_sum(ds: datasets.Dataset, name: str) -> int:
+    return int(pa.compute.sum(_column(ds, name)).as_py() or 0)
 
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """No progress bars for steps that take milliseconds (flattening, saving)."""
+    """No progress bars for steps that take milliseconds (saving a split)."""
     was_enabled = not datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
