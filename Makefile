@@ -6,10 +6,12 @@ VENV ?= .venv
 # `make setup TORCH=torch==X` picks another release.
 TORCH ?= torch==2.13.0
 RECIPE ?= recipes/shakespeare/tiny.yaml
+MODEL ?= runs/shakespeare-tiny
+PROMPT ?= ROMEO:
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup finetune test lint clean-venv
+.PHONY: setup finetune generate evaluate test lint clean-venv
 .DEFAULT_GOAL := finetune
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +24,12 @@ setup: $(VENV)/.installed
 
 finetune: setup
 	$(BIN)/hftextgen finetune --config $(RECIPE) $(ARGS)
+
+generate: setup
+	$(BIN)/hftextgen generate --model $(MODEL) --prompt "$(PROMPT)" $(ARGS)
+
+evaluate: setup
+	$(BIN)/hftextgen evaluate --model $(MODEL) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

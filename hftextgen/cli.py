@@ -10,12 +10,15 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import UserError
 
 COMMANDS = {
     "finetune": "train a GPT-2 from scratch or fine-tune a pretrained model, from a recipe",
+    "generate": "continue prompts with a model: from the command line, a file, or interactively",
+    "evaluate": "perplexity, bits-per-byte and samples of a model on held-out documents",
 }
 
 USAGE = f"""usage: hftextgen <command> [--config RECIPE] [--section.key VALUE ...] [--debug]
@@ -27,28 +30,87 @@ commands:
 """
 
 
-def finetune_parser():
+def _parser(command: str, description: str, sections: tuple[str, ...]):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-    from .config import TRAIN_DEFAULTS, DataConfig, ModelConfig, TokenizerConfig, TrainArguments, training_field_help
+    from . import config
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(
-        prog="hftextgen finetune",
-        description="Train a GPT-2 from scratch or fine-tune a pretrained model, as a recipe describes.",
-        exit_on_error=False,
-    )
+    parser = ArgumentParser(prog=f"hftextgen {command}", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe file, YAML or JSON.")
-    parser.add_class_arguments(ModelConfig, "model")
-    parser.add_class_arguments(TokenizerConfig, "tokenizer")
-    parser.add_class_arguments(DataConfig, "data")
-    parser.add_class_arguments(TrainArguments, "train")
-    parser.set_defaults({f"train.{key}": value for key, value in TRAIN_DEFAULTS.items()})
-    helps = training_field_help()
-    for action in parser._actions:
-        name = action.dest.removeprefix("train.")
-        if action.dest.startswith("train.") and helps.get(name) and not action.help:
-            action.help = helps[name].replace("%", "%%")
+    classes = {
+        "model": config.ModelConfig,
+        "tokenizer": config.TokenizerConfig,
+        "data": config.DataConfig,
+        "train": config.TrainArguments,
+        "generate": config.GenerateConfig,
+        "evaluate": config.EvaluateConfig,
+    }
+    for name in sections:
+        parser.add_class_arguments(classes[name], name)
+    if "train" in sections:
+        parser.set_defaults({f"train.{key}": value for key, value in config.TRAIN_DEFAULTS.items()})
+        helps = config.training_field_help()
+        for action in parser._actions:
+            name = action.dest.removeprefix("train.")
+            if action.dest.startswith("train.") and helps.get(name) and not action.help:
+                action.help = helps[name].replace("%", "%%")
+    return parser
+
+
+def finetune_parser():
+    return _parser(
+        "finetune",
+        "Train a GPT-2 from scratch or fine-tune a pretrained model, as a recipe describes.",
+        ("model", "tokenizer", "data", "train", "generate", "evaluate"),
+    )
+
+
+def _add_model(parser) -> None:
+    parser.add_argument(
+        "--model",
+        type=str,
+        required=True,
+        help="A run directory, any save_pretrained folder, or a hub name. A run directory's recipe.yaml "
+        "supplies the defaults of the sections below.",
+    )
+    parser.add_argument(
+        "--device", type=str | None, default=None, help="cpu, cuda, cuda:1, ... Unset: a GPU if there is one."
+    )
+
+
+def generate_parser():
+    parser = _parser(
+        "generate",
+        "Continue prompts with a model. Each sample is printed and appended, with every decoding "
+        "setting and its seed, to a JSONL file.",
+        ("generate",),
+    )
+    _add_model(parser)
+    parser.add_argument(
+        "--prompt", action="append", type=str, help="A prompt; repeat for more. Given, generate.prompts is not used."
+    )
+    parser.add_argument(
+        "--interactive", action="store_true", help="Read prompts from the terminal and stream the text as it is made."
+    )
+    parser.add_argument(
+        "--output",
+        type=str | None,
+        default=None,
+        help="JSONL file the samples are appended to. Unset: generations.jsonl in the model's directory "
+        "(or here, for a hub model).",
+    )
+    return parser
+
+
+def evaluate_parser():
+    parser = _parser(
+        "evaluate",
+        "Perplexity, bits-per-byte and word perplexity of a model on documents (default: the run's "
+        "held-out documents), and samples; writes eval.json, eval.md, samples.jsonl and samples.md.",
+        ("data", "evaluate", "generate"),
+    )
+    _add_model(parser)
     return parser
 
 
@@ -74,7 +136,7 @@ def explain(exc: Exception, parser) -> str:
             parts = unknown.groupdict()
             key = f"{parts['group']}.{parts['key']}" if parts.get("group") else parts["key"]
             close = difflib.get_close_matches(key, recipe_keys(parser), n=1, cutoff=0.6)
-            hint = f": did you mean {close[0]}?" if close else ": `hftextgen finetune --help` lists the valid keys"
+            hint = f": did you mean {close[0]}?" if close else f": `{parser.prog} --help` lists the valid keys"
             return f"unknown recipe key {key}{hint}"
     bad = re.match(r"Parser key \"([\w.\-]+)\":\s*(.*)", text, re.S)
     if bad:
@@ -91,20 +153,35 @@ def explain(exc: Exception, parser) -> str:
     return " ".join(text.split())
 
 
-def run_finetune(argv: list[str]) -> int:
+def parse_args(parser, argv: list[str]):
     from jsonargparse import ArgumentError
 
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as exc:
+        raise UserError(explain(exc, parser)) from exc
+
+
+def parse(parser, argv: list[str], defaults: dict | None = None):
+    """Parse and build the sections; any mistake becomes one UserError line."""
+    if defaults:
+        known = set(recipe_keys(parser))
+        parser.set_defaults({k: v for k, v in defaults.items() if k in known})
+    cfg = parse_args(parser, argv)
+    try:
+        return cfg, parser.instantiate(cfg)
+    except ValueError as exc:  # ConfigError, and TrainingArguments' own checks
+        raise UserError(" ".join(str(exc).split())) from exc
+
+
+def run_finetune(argv: list[str]) -> int:
     from .config import Recipe
 
     parser = finetune_parser()
+    cfg, s = parse(parser, argv)
     try:
-        cfg = parser.parse_args(argv)
-    except ArgumentError as exc:
-        raise UserError(explain(exc, parser)) from exc
-    try:
-        sections = parser.instantiate(cfg)
-        recipe = Recipe(sections.model, sections.tokenizer, sections.data, sections.train)
-    except ValueError as exc:  # ConfigError, and TrainingArguments' own checks
+        recipe = Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate)
+    except ValueError as exc:
         raise UserError(" ".join(str(exc).split())) from exc
     cfg.pop("config", None)
     from .train import finetune
@@ -113,7 +190,97 @@ def run_finetune(argv: list[str]) -> int:
     return 0
 
 
-RUNNERS = {"finetune": run_finetune}
+def run_defaults(build, argv: list[str]) -> tuple:
+    """Parse twice: first to find --model, then with the defaults its run directory's recipe.yaml
+    gives the sections this command has (what the model was trained and sampled with)."""
+    import yaml
+
+    model = parse_args(build(), argv).model
+    recipe = Path(model) / "recipe.yaml"
+    if not recipe.is_file():
+        return parse(build(), argv)
+    try:
+        saved = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{recipe} is not valid YAML ({' '.join(str(exc).split())}): fix or delete it") from None
+    defaults = {
+        f"{section}.{key}": value
+        for section, values in saved.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+    defaults.pop("evaluate.output_dir", None)  # results go next to the model being evaluated
+    return parse(build(), argv, defaults)
+
+
+def run_generate(argv: list[str]) -> int:
+    cfg, s = run_defaults(generate_parser, argv)
+    from . import generate
+
+    lm, tok = generate.load(cfg.model, device=cfg.device)
+    generator = generate.Generator(lm, tok, s.generate)
+    output = Path(cfg.output) if cfg.output else _model_dir(cfg.model, Path(".")) / "generations.jsonl"
+    if cfg.interactive:
+        return _interactive(generator, cfg.model, output)
+    prompts = cfg.prompt or generate.read_prompts(s.generate)
+    samples = generator(prompts)
+    for sample in samples:
+        print(f"--- sample {sample.index} (seed {sample.seed}, ended by {sample.finish}) ---")
+        print(sample.prompt + sample.completion)
+    generate.write_samples(samples, generator, cfg.model, output, append=True)
+    print(f"--- {len(samples)} samples appended to {output}", file=sys.stderr)
+    return 0
+
+
+def _interactive(generator, model_name: str, output: Path) -> int:
+    from transformers import TextStreamer
+
+    from . import generate
+
+    streamer = TextStreamer(generator.tok, skip_prompt=True)
+    print("Type a prompt and press Enter (an empty line samples from nothing); Ctrl-D ends.", file=sys.stderr)
+    count = 0
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            break
+        print(prompt, end="", flush=True)
+        sample = generator([prompt], streamer=streamer)[0]
+        generate.write_samples([sample], generator, model_name, output, append=True)
+        generator.cfg.seed += 1  # a new draw for the next prompt; the record keeps the seed used
+        count += 1
+    print(f"{count} samples appended to {output}", file=sys.stderr)
+    return 0
+
+
+def _model_dir(model: str, otherwise: Path) -> Path:
+    return Path(model) if Path(model).is_dir() else otherwise
+
+
+def run_evaluate(argv: list[str]) -> int:
+    cfg, s = run_defaults(evaluate_parser, argv)
+    from . import data, evaluation, generate
+
+    lm, tok = generate.load(cfg.model, device=cfg.device)
+    corpus = data.Corpus(s.data)
+    out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
+    evaluation.run(
+        lm,
+        tok,
+        evaluation.documents(corpus, s.evaluate.split),
+        data=s.data,
+        cfg=s.evaluate,
+        generate_cfg=s.generate,
+        prompts=generate.read_prompts(s.generate),
+        out_dir=out_dir,
+        model_name=cfg.model,
+    )
+    return 0
+
+
+RUNNERS = {"finetune": run_finetune, "generate": run_generate, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

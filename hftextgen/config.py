@@ -247,6 +247,188 @@ class DataConfig:
             )
 
 
+# Named decoding settings; a recipe picks one with generate.preset and overrides any field.
+PRESETS: dict[str, dict] = {
+    "greedy": {"do_sample": False, "num_beams": 1},
+    "beam": {"do_sample": False, "num_beams": 4, "no_repeat_ngram_size": 3},
+    "precise": {"do_sample": True, "temperature": 0.5, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.1},
+    "balanced": {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95},
+    "creative": {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 0.98},
+}
+# What a preset leaves unset: no filtering and no penalties.
+NEUTRAL = {
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Generation: prompts and decoding settings, for `hftextgen generate`, evaluation samples and
+    the samples written during training. Unset decoding fields take the preset's value."""
+
+    preset: Literal["greedy", "beam", "precise", "balanced", "creative"] = "balanced"
+    """Named decoding settings. greedy: the most likely token. beam: 4 beams, no repeated
+    3-grams. precise: temperature 0.5, top_p 0.9, repetition_penalty 1.1. balanced: temperature
+    0.8, top_k 50, top_p 0.95. creative: temperature 1.0, top_p 0.98."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Prompts to continue. An empty string starts a new document from nothing. Unset: one
+    unconditional sample."""
+
+    prompts_file: str | None = None
+    """A file of prompts, used instead of `prompts`: .jsonl (a "prompt" field per line) or text
+    (one prompt per non-empty line)."""
+
+    max_new_tokens: int = 128
+    """Tokens to generate per sample. A model with a short context keeps generating by sliding
+    its window over the text so far."""
+
+    do_sample: bool | None = None
+    """Sample from the distribution (true) or pick the most likely tokens (false)."""
+
+    temperature: float | None = None
+    """Divides the logits before sampling: below 1 sharper, above 1 flatter. Must be > 0."""
+
+    top_k: int | None = None
+    """Sample among the k most likely tokens only; 0 turns the filter off."""
+
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1 turns it off."""
+
+    typical_p: float | None = None
+    """Locally typical sampling mass; 1 turns it off."""
+
+    num_beams: int | None = None
+    """Beam search width; 1 turns beam search off. Beam search does not sample."""
+
+    repetition_penalty: float | None = None
+    """Divides the logits of tokens already in the text (CTRL); 1 turns it off."""
+
+    no_repeat_ngram_size: int | None = None
+    """Never repeat an n-gram of this many tokens; 0 turns it off."""
+
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample; the sample is cut before the first one. EOS always ends a sample."""
+
+    num_return_sequences: int = 1
+    """Samples per prompt (sampling or beam search)."""
+
+    seed: int = 1234
+    """Seed of the first sample; sample i uses seed + i, and is reproducible alone with that seed."""
+
+    batch_size: int = 16
+    """Prompts generated together (left-padded)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "temperature": lambda v: v > 0,
+            "top_k": lambda v: v >= 0,
+            "top_p": lambda v: 0 < v <= 1,
+            "typical_p": lambda v: 0 < v <= 1,
+            "num_beams": lambda v: v >= 1,
+            "repetition_penalty": lambda v: v > 0,
+            "no_repeat_ngram_size": lambda v: v >= 0,
+        }
+        ranges = {
+            "temperature": "> 0",
+            "top_k": ">= 0",
+            "top_p": "in (0, 1]",
+            "typical_p": "in (0, 1]",
+            "num_beams": ">= 1",
+            "repetition_penalty": "> 0",
+            "no_repeat_ngram_size": ">= 0",
+        }
+        for key, ok in checks.items():
+            value = getattr(self, key)
+            _require(value is None or ok(value), f"generate.{key} must be {ranges[key]} (got {value})")
+        for key in ("max_new_tokens", "num_return_sequences", "batch_size"):
+            _require(getattr(self, key) >= 1, f"generate.{key} must be >= 1 (got {getattr(self, key)})")
+        _require(all(self.stop), "generate.stop: an empty stop string would end every sample at once: remove it")
+        settings = self.settings()
+        if settings["num_beams"] > 1:
+            _require(
+                not settings["do_sample"],
+                "generate: beam search (num_beams > 1) does not sample: set generate.do_sample false, "
+                "or generate.num_beams 1",
+            )
+            _require(
+                self.num_return_sequences <= settings["num_beams"],
+                f"generate.num_return_sequences ({self.num_return_sequences}) must be <= generate.num_beams "
+                f"({settings['num_beams']})",
+            )
+        elif not settings["do_sample"]:
+            _require(
+                self.num_return_sequences == 1,
+                "generate.num_return_sequences > 1 with greedy decoding gives the same text each time: "
+                "pick a sampling preset (balanced, creative, precise) or set generate.do_sample true",
+            )
+
+    def settings(self) -> dict:
+        """The decoding settings in effect: neutral values, then the preset, then the set fields."""
+        chosen = {**NEUTRAL, **PRESETS[self.preset]}
+        for key in NEUTRAL:
+            if getattr(self, key) is not None:
+                chosen[key] = getattr(self, key)
+        return chosen
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation: perplexity and bits-per-byte on held-out text, and samples."""
+
+    split: Literal["validation", "train", "all"] = "validation"
+    """Documents of the data section to score: validation (the documents held out in training),
+    train, or all."""
+
+    stride: int | None = None
+    """Documents longer than the context are scored with windows that advance by stride tokens:
+    every token is scored once, with at least context - stride tokens before it. stride = context
+    gives disjoint windows. Unset: half the context."""
+
+    context: int | None = None
+    """Window length in tokens. Unset: the model's context (n_positions)."""
+
+    batch_size: int = 8
+    """Windows scored together."""
+
+    bf16: bool | None = None
+    """Score in bf16 autocast. Unset: on for CUDA GPUs with bf16, off elsewhere (fp32 on CPU,
+    so results compare exactly across runs)."""
+
+    samples: bool = True
+    """Write samples (generate section: prompts and preset) to samples.jsonl and samples.md."""
+
+    at_end_of_training: bool = True
+    """finetune: evaluate the final model on the validation documents and write samples."""
+
+    sample_every: int = 0
+    """finetune: every this many steps, print samples of the generate prompts and append them to
+    training_samples.jsonl (0: never)."""
+
+    output_dir: str | None = None
+    """Where eval.json, eval.md and the samples go. Unset: the model's directory when it is a
+    local one, else eval/<model name>."""
+
+    def __post_init__(self) -> None:
+        for key in ("stride", "context"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"evaluate.{key} must be >= 1 (got {value})")
+        if self.stride is not None and self.context is not None:
+            _require(
+                self.stride <= self.context,
+                f"evaluate.stride ({self.stride}) must be <= evaluate.context ({self.context})",
+            )
+        _require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1 (got {self.batch_size})")
+        _require(self.sample_every >= 0, f"evaluate.sample_every must be >= 0 (got {self.sample_every})")
+
+
 @functools.cache
 def _cpu_has_native_bf16() -> bool:
     try:
@@ -327,6 +509,8 @@ class Recipe:
     tokenizer: TokenizerConfig
     data: DataConfig
     train: TrainArguments
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         if self.tokenizer.source == "train":

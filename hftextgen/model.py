@@ -27,7 +27,6 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size
             f"use the model's own tokenizer (tokenizer.source=auto)"
         )
     model.loss_type = "ForCausalLM"  # transformers can't infer it from the name GPT2LMHeadModel, and warns
-    model.config.pad_token_id = tokenizer.pad_token_id
     generation = model.generation_config
     generation.eos_token_id = tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id

@@ -16,19 +16,18 @@ import ctypes
 import datetime
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import __version__, data, model, tokenizer
+from . import __version__, data, evaluation, generate, model, tokenizer
 from .config import Recipe
 from .errors import UserError
+from .files import append_lines, write_atomic
 
 
 def reuse_freed_memory() -> None:
@@ -55,18 +54,6 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     masking, so EOS stays a target and the model learns to end documents."""
     input_ids = torch.stack([e["input_ids"] for e in examples])
     return {"input_ids": input_ids, "labels": input_ids.clone()}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def resolve_resume(value: str | None, output_dir: Path) -> str | None:
@@ -136,6 +123,7 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         train_dataset=packed.train,
         eval_dataset=packed.validation,
         processing_class=tok,
+        callbacks=[SamplesCallback(recipe, tok, output_dir / "training_samples.jsonl")],
     )
     info = run_info(recipe, lm, packed)
     say(
@@ -168,10 +156,60 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
     trainer.save_metrics("eval", eval_metrics)
     say(
         f"held-out loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f} "
-        f"({packed.report['validation']['tokens']:,} validation tokens)",
-        f"run directory: {output_dir}",
+        f"over packed blocks ({packed.report['validation']['tokens']:,} validation tokens)"
     )
+    if recipe.evaluate.at_end_of_training and main:
+        result = evaluate_run(recipe, trainer.model, tok, corpus, output_dir)
+        eval_metrics.update({f"eval_{k}": result[k] for k in ("bits_per_byte", "word_perplexity")})
+    say(f"run directory: {output_dir}")
     return {**metrics, **eval_metrics}
+
+
+def evaluate_run(recipe: Recipe, lm, tok, corpus: data.Corpus, output_dir: Path) -> dict:
+    """The generation evaluator on the held-out documents: what `hftextgen evaluate` on the run
+    directory computes."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        return evaluation.run(
+            lm,
+            tok,
+            corpus.documents.validation,
+            data=recipe.data,
+            cfg=recipe.evaluate,
+            generate_cfg=recipe.generate,
+            prompts=generate.read_prompts(recipe.generate),
+            out_dir=Path(recipe.evaluate.output_dir or output_dir),
+            model_name=str(output_dir),
+        )
+    finally:
+        lm.train(was_training)
+
+
+class SamplesCallback(TrainerCallback):
+    """Every `evaluate.sample_every` steps, print samples of the generate prompts and append them
+    to training_samples.jsonl, so a long run shows its text improving."""
+
+    def __init__(self, recipe: Recipe, tok, path: Path):
+        self.recipe, self.tok, self.path = recipe, tok, path
+        self.prompts = generate.read_prompts(recipe.generate)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = self.recipe.evaluate.sample_every
+        if not every or state.global_step % every or not state.is_world_process_zero:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            generator = generate.Generator(model, self.tok, self.recipe.generate)
+            samples = generator(self.prompts)
+        finally:
+            model.train(was_training)
+        run = str(self.path.parent)
+        append_lines(self.path, [json.dumps({"step": state.global_step, **generator.record(s, run)}) for s in samples])
+        print(f"samples at step {state.global_step}:", flush=True)
+        for sample in samples[:3]:
+            print(f"  {(sample.prompt + sample.completion)[:300]!r}", flush=True)
 
 
 def last_evaluation(trainer: Trainer) -> dict | None:

@@ -33,6 +33,7 @@ TINY_TRAIN = flags(
         "train.logging_steps": 1,
         "train.bf16": "false",
         "train.disable_tqdm": "true",
+        "generate.max_new_tokens": 12,
     }
 )
 
@@ -85,3 +86,21 @@ def files_args(corpus: Path, output_dir: Path, *extra: str, model=TINY_MODEL) ->
     """`finetune` of a tiny model on the files in `corpus`, two of eight documents held out."""
     data = flags({"data.source": "files", "data.paths": f"[{corpus}/*.txt]", "data.validation_fraction": 0.25})
     return ["finetune", *data, *model, *TINY_TRAIN, "--train.output_dir", str(output_dir), *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny model trained once for the session (60 steps), with its run directory; the
+    generation and evaluation tests read it and never write into it."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(root / "corpus")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HFTEXTGEN_CACHE", str(root / "cache"))
+        import huggingface_hub.constants
+
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        hub.hub_reachable.cache_clear()
+        argv = files_args(corpus, root / "run", "--train.max_steps", "60", "--train.eval_steps", "60")
+        argv += flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8})
+        assert cli.main(argv) == 0
+    return root / "run"

@@ -1,0 +1,247 @@
+"""Evaluate stage: exact perplexity, bits-per-byte and word perplexity of documents, and samples.
+
+Scoring. Each document is scored as the model saw documents in training: it starts after an EOS
+token, and (with data.add_eos) ends with one. Every token is scored exactly once. A document
+longer than the context is scored with windows that advance by `stride`: the first window
+scores all its tokens, each later one scores only the `stride` tokens after it, each with at
+least context - stride + 1 tokens before it (stride = context: disjoint windows). The totals
+are sums over tokens, never means of per-batch or per-window means, so the result does not
+depend on batching.
+
+Metrics. perplexity = exp(NLL / tokens); bits_per_byte = NLL / ln 2 / UTF-8 bytes of the text;
+word_perplexity = exp(NLL / whitespace-separated words). Only bits-per-byte and word perplexity
+compare models with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from . import __version__
+from . import model as model_stage
+from .config import DataConfig, EvaluateConfig, GenerateConfig
+from .errors import UserError
+from .files import write_atomic, write_json
+from .generate import Generator, samples_markdown, write_samples
+
+METRICS = Path(__file__).parent / "metrics"
+
+
+@dataclass
+class Window:
+    doc: int
+    begin: int
+    first: int
+    stop: int
+    """Targets [first, stop) of the document, predicted from its tokens [begin, stop - 1)."""
+
+
+def windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, first, stop) windows over a document of `length` tokens whose first token (the
+    EOS before it) is context only. Together they score tokens 1..length-1 once each; the first
+    target of a later window has context - stride + 1 tokens before it, the last ones more."""
+    if length < 2:
+        return []
+    stop = min(context + 1, length)
+    out = [(0, 1, stop)]
+    while stop < length:
+        first, stop = stop, min(stop + stride, length)
+        out.append((max(0, stop - 1 - context), first, stop))
+    return out
+
+
+def document_ids(texts: list[str], tok, add_eos: bool) -> list[list[int]]:
+    eos = tok.eos_token_id
+    ids = tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return [[eos, *doc, *([eos] if add_eos else [])] for doc in ids]
+
+
+@torch.inference_mode()
+def score(
+    lm, docs: list[list[int]], context: int, stride: int, batch_size: int, bf16: bool = False
+) -> list[tuple[float, int]]:
+    """(summed NLL in nats, scored tokens) per document."""
+    work = [Window(d, *w) for d, ids in enumerate(docs) for w in windows(len(ids), context, stride)]
+    work.sort(key=lambda w: w.stop - w.begin, reverse=True)  # similar lengths share a batch: little padding
+    nll = torch.zeros(len(docs), dtype=torch.float64)
+    counts = [0] * len(docs)
+    device = lm.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    for start in range(0, len(work), batch_size):
+        batch = work[start : start + batch_size]
+        width = batch[0].stop - 1 - batch[0].begin
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        keep = torch.zeros(len(batch), width, dtype=torch.bool)  # positions whose next token is scored
+        targets, owner = [], []
+        for row, w in enumerate(batch):
+            n = w.stop - 1 - w.begin
+            ids[row, :n] = torch.tensor(docs[w.doc][w.begin : w.stop - 1])
+            mask[row, :n] = 1
+            keep[row, w.first - 1 - w.begin : n] = True
+            targets += docs[w.doc][w.first : w.stop]
+            owner += [w.doc] * (w.stop - w.first)
+            counts[w.doc] += w.stop - w.first
+        with autocast:
+            logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
+        targets = torch.tensor(targets, device=device)
+        losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        nll.index_add_(0, torch.tensor(owner), losses.double().cpu())
+    return list(zip(nll.tolist(), counts, strict=True))
+
+
+def load_metric(name: str):
+    """A metric module kept in hftextgen/metrics, loaded by path: the hub is not needed."""
+    import evaluate
+
+    return evaluate.load(str(METRICS / name), keep_in_memory=True)
+
+
+def perplexity_metrics(texts: list[str], scores: list[tuple[float, int]]) -> dict:
+    metric = load_metric("perplexity")
+    return metric.compute(nll=[s[0] for s in scores], tokens=[s[1] for s in scores], text=texts)
+
+
+def diversity_metrics(texts: list[str]) -> dict:
+    return load_metric("diversity").compute(predictions=texts)
+
+
+def documents(corpus, split: str) -> datasets.Dataset:
+    docs = corpus.documents
+    if split == "all":
+        return datasets.concatenate_datasets([docs.train, docs.validation])
+    return getattr(docs, split)
+
+
+def evaluate_documents(lm, tok, texts: list[str], cfg: EvaluateConfig, add_eos: bool) -> dict:
+    """Perplexity, bits-per-byte and word perplexity of `texts`, with the counts behind them."""
+    model_context = model_stage.context_length(lm) or 1024
+    context = cfg.context or model_context
+    if context > model_context:
+        raise UserError(
+            f"evaluate.context ({context}) is longer than the model's context ({model_context}): "
+            f"lower it or leave it unset"
+        )
+    stride = cfg.stride or max(1, context // 2)
+    if stride > context:
+        raise UserError(f"evaluate.stride ({stride}) must be <= the context ({context}): lower evaluate.stride")
+    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    started = time.perf_counter()
+    ids = document_ids(texts, tok, add_eos)
+    scores = score(lm, ids, context, stride, cfg.batch_size, bf16=bf16)
+    seconds = time.perf_counter() - started
+    result = perplexity_metrics(texts, scores)
+    if result["tokens"] == 0:
+        raise UserError("evaluation: the documents hold no tokens to score: check the data section")
+    result.update(
+        documents=len(texts),
+        context=context,
+        stride=stride,
+        precision="bf16" if bf16 else "fp32",
+        seconds=round(seconds, 2),
+        tokens_per_second=round(result["tokens"] / seconds, 1),
+    )
+    return result
+
+
+def report(model_name: str, data_description: str, metrics: dict, samples: dict | None) -> dict:
+    return {
+        "model": model_name,
+        "data": data_description,
+        **metrics,
+        **({"samples": samples} if samples else {}),
+        "hftextgen": __version__,
+        "torch": torch.__version__,
+        "evaluated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def markdown(result: dict, sample_texts: list[str]) -> str:
+    lines = [
+        f"# Evaluation of {result['model']}",
+        "",
+        f"Data: {result['data']} ({result['documents']:,} documents).",
+        "",
+        "| metric | value | over |",
+        "|---|---|---|",
+        f"| perplexity | {result['perplexity']:.3f} | {result['tokens']:,} tokens |",
+        f"| bits per byte | {result['bits_per_byte']:.4f} | {result['bytes']:,} UTF-8 bytes |",
+        f"| word perplexity | {result['word_perplexity']:.3f} | {result['words']:,} words |",
+        f"| loss (nats/token) | {result['loss']:.4f} | |",
+        "",
+        f"Context {result['context']} tokens, stride {result['stride']}, {result['precision']}; "
+        f"{result['tokens_per_second']:,.0f} tokens/s.",
+    ]
+    samples = result.get("samples")
+    if samples:
+        lines += [
+            "",
+            f"## Samples ({samples['count']}, preset `{samples['preset']}`)",
+            "",
+            f"distinct-1 {samples['distinct_1']:.3f}, distinct-2 {samples['distinct_2']:.3f}, "
+            f"distinct-3 {samples['distinct_3']:.3f}, repeated 4-grams {samples['repeated_4grams']:.3f}. "
+            f"All samples: samples.md.",
+        ]
+        for text in sample_texts[:3]:
+            lines += ["", "```text", text, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def describe(data: DataConfig, split: str, ids: list[str]) -> str:
+    source = {"shakespeare": "the bundled Shakespeare plays", "files": "files", "hub": f"hub dataset {data.dataset}"}
+    shown = ", ".join(ids[:4]) + (f" and {len(ids) - 4:,} more" if len(ids) > 4 else "")
+    return f"{source[data.source]}, {split} documents ({shown})"
+
+
+def run(
+    lm,
+    tok,
+    docs: datasets.Dataset,
+    *,
+    data: DataConfig,
+    cfg: EvaluateConfig,
+    generate_cfg: GenerateConfig,
+    prompts: list[str],
+    out_dir: Path,
+    model_name: str,
+    say=print,
+) -> dict:
+    """Score the documents, write samples, and write eval.json and eval.md into out_dir."""
+    if len(docs) == 0:
+        raise UserError(f"evaluate.split={cfg.split} holds no documents: pick another split")
+    texts = list(docs["text"])
+    if not data.add_eos:
+        # Rows are pieces of one text (data.add_eos false, e.g. wikitext lines): score them as
+        # the one text they were trained as, not as separate documents.
+        texts = ["".join(texts)]
+    say(f"evaluating {model_name} on {cfg.split} documents: {len(docs):,} ...")
+    metrics = evaluate_documents(lm, tok, texts, cfg, data.add_eos)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_info, sample_texts = None, []
+    if cfg.samples:
+        generator = Generator(lm, tok, generate_cfg)
+        samples = generator(prompts)
+        write_samples(samples, generator, model_name, out_dir / "samples.jsonl", append=False)
+        write_atomic(out_dir / "samples.md", samples_markdown(samples, generator, f"Samples of {model_name}"))
+        samples_info = {
+            "count": len(samples),
+            "preset": generate_cfg.preset,
+            "settings": generator.settings,
+            **diversity_metrics([s.completion for s in samples]),
+        }
+        sample_texts = [s.prompt + s.completion for s in samples]
+    result = report(model_name, describe(data, cfg.split, list(docs["id"])), metrics, samples_info)
+    write_json(out_dir / "eval.json", result)
+    write_atomic(out_dir / "eval.md", markdown(result, sample_texts))
+    say(
+        f"perplexity {result['perplexity']:.3f}, bits-per-byte {result['bits_per_byte']:.4f}, "
+        f"word perplexity {result['word_perplexity']:.3f} ({result['tokens']:,} tokens, "
+        f"{result['tokens_per_second']:,.0f} tokens/s); results in {out_dir / 'eval.json'}"
+    )
+    return result

@@ -1,0 +1,322 @@
+"""Generate stage: decoding presets, batched generation with a seed per sample, and streaming.
+
+Every sample starts a new document (the EOS token comes first, as in training), so an empty
+prompt is an unconditional sample.
+
+Sampling draws each sample from its own seed: argmax(logits + Gumbel noise) is an exact draw
+from softmax(logits), and the noise for sample i at step t is a hash of (seed + i, t, token).
+So a sample does not depend on which other prompts shared its batch, or on the batch size:
+its JSONL record reproduces it alone (`--generate.seed <its seed>`).
+
+A model whose context is shorter than prompt + max_new_tokens keeps generating by sliding its
+window: it continues from the last context - context // 2 tokens, half a context at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, PreTrainedModel
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.utils import logging as hf_logging
+
+from . import model as model_stage
+from . import tokenizer as tokenizer_stage
+from .config import NEUTRAL, GenerateConfig
+from .errors import UserError
+from .files import append_lines, write_atomic
+from .hub import load_from_hub
+
+
+@dataclass
+class Sample:
+    """One generated text and everything needed to generate it again."""
+
+    prompt: str
+    completion: str
+    seed: int
+    """The seed this sample was drawn with (generate.seed + its index)."""
+    index: int
+    new_tokens: int
+    finish: str
+    """eos (the model ended the document), stop (a stop string), or length (max_new_tokens)."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(name_or_path: str, key: str = "--model", device: torch.device | str | None = None):
+    """A causal LM and its tokenizer from a run directory, any save_pretrained folder or a hub name."""
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(
+            f"{key}: {name_or_path} is not a model (no config.json): give a run directory, a checkpoint-N "
+            f"folder or a hub name"
+        )
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per load of a few tensors is noise
+    try:
+        lm = load_from_hub(AutoModelForCausalLM.from_pretrained, name_or_path, "model", key)
+    except (OSError, ValueError, KeyError) as exc:  # a local folder with broken files
+        raise UserError(f"{key}: cannot load {name_or_path} as a causal language model ({exc})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(name_or_path, key), name_or_path)
+    # Only generation reads the pad id (from generation_config). In config.json it makes every
+    # forward that starts with EOS -- each of our documents -- warn about a missing attention mask.
+    lm.config.pad_token_id = None
+    lm.to(device or default_device()).eval()
+    return lm, tok
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    """generate.prompts_file's prompts, else generate.prompts; none: one unconditional sample."""
+    prompts = list(cfg.prompts)
+    if cfg.prompts_file:
+        prompts = []
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise UserError(f"generate.prompts_file: no such file: {path}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    prompts.append(record["prompt"] if isinstance(record, dict) else record)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(
+                        f'generate.prompts_file: {path} line {number} is not a JSON object with a "prompt" '
+                        f"field: fix that line, or use a .txt file with one prompt per line"
+                    ) from None
+        else:
+            prompts += [line for line in text.splitlines() if line.strip()]
+    return prompts if prompts else [""]
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (murmur3's finaliser) on int64 tensors; products stay below 2**63."""
+    mask = 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & mask
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & mask
+    return x ^ (x >> 16)
+
+
+class SeededGumbel(LogitsProcessor):
+    """Adds Gumbel noise that depends only on (row seed, tokens generated so far, token id), so
+    the argmax that follows is a reproducible draw from softmax(scores) for each row alone."""
+
+    def __init__(self, seeds: list[int], done: list[int], start: int):
+        self.seeds = seeds
+        self.done = done  # tokens each row generated before this call (sliding windows)
+        self.start = start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.start
+        pairs = zip(self.seeds, self.done, strict=True)
+        keys = [(seed * 0x9E3779B1 + (done + step) * 0x7FEB352D) & 0xFFFFFFFF for seed, done in pairs]
+        row = _mix32(torch.tensor(keys, device=scores.device, dtype=torch.int64))[:, None]
+        token = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)[None, :]
+        bits = _mix32(_mix32(row ^ token) + token)
+        uniform = ((bits >> 8).to(torch.float32) + 0.5) / 2**24  # in (0, 1)
+        return scores + -torch.log(-torch.log(uniform))
+
+
+def warpers(settings: dict) -> list[LogitsProcessor]:
+    out: list[LogitsProcessor] = []
+    if settings["temperature"] != 1.0:
+        out.append(TemperatureLogitsWarper(settings["temperature"]))
+    if settings["top_k"]:
+        out.append(TopKLogitsWarper(settings["top_k"]))
+    if settings["top_p"] < 1.0:
+        out.append(TopPLogitsWarper(settings["top_p"]))
+    if settings["typical_p"] < 1.0:
+        out.append(TypicalLogitsWarper(settings["typical_p"]))
+    return out
+
+
+class Generator:
+    """Batched generation for one model and one set of decoding settings."""
+
+    def __init__(self, lm: PreTrainedModel, tok, cfg: GenerateConfig):
+        self.lm, self.tok, self.cfg = lm, tok, cfg
+        self.settings = cfg.settings()
+        self.context = model_stage.context_length(lm) or 1024
+        self.eos = tok.eos_token_id
+        if self.eos is None:
+            raise UserError("the tokenizer has no EOS token, which marks where documents start and end")
+
+    def record(self, sample: Sample, model_name: str) -> dict:
+        """A JSONL record: the sample and every setting that produced it."""
+        return {
+            **asdict(sample),
+            "model": model_name,
+            "preset": self.cfg.preset,
+            "settings": self.settings,
+            "max_new_tokens": self.cfg.max_new_tokens,
+            "stop": self.cfg.stop,
+        }
+
+    def __call__(self, prompts: list[str], streamer=None) -> list[Sample]:
+        n = self.cfg.num_return_sequences
+        beams = self.settings["num_beams"] > 1
+        rows = [(p, i * n + j) for i, p in enumerate(prompts) for j in range(1 if beams else n)]
+        samples: list[Sample] = []
+        size = self.cfg.batch_size
+        for first in range(0, len(rows), size):
+            batch = rows[first : first + size]
+            if beams:
+                samples += self._beam(batch)
+            else:
+                samples += self._decode(batch, streamer)
+        return samples
+
+    def _ids(self, prompt: str) -> list[int]:
+        return [self.eos, *self.tok(prompt, add_special_tokens=False)["input_ids"]]
+
+    @torch.inference_mode()
+    def _run(self, windows: list[list[int]], new: int, processors: list, n_return: int = 1, streamer=None):
+        """One generate call over left-padded windows; returns the new tokens of each row."""
+        width = max(len(w) for w in windows)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        ids = torch.tensor([[pad] * (width - len(w)) + w for w in windows])
+        mask = torch.tensor([[0] * (width - len(w)) + [1] * len(w) for w in windows])
+        s = self.settings
+        config = GenerationConfig(
+            max_new_tokens=new,
+            do_sample=False,
+            num_beams=s["num_beams"],
+            num_return_sequences=n_return,
+            repetition_penalty=s["repetition_penalty"],
+            no_repeat_ngram_size=s["no_repeat_ngram_size"],
+            stop_strings=self.cfg.stop or None,
+            eos_token_id=self.eos,
+            pad_token_id=pad,
+            bos_token_id=self.eos,
+        )
+        device = self.lm.device
+        out = self.lm.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            logits_processor=processors,
+            tokenizer=self.tok if self.cfg.stop else None,
+            streamer=streamer,
+        )
+        return out[:, width:].tolist()
+
+    def _finish(self, prompt: str, index: int, new_ids: list[int], ended: bool) -> tuple[Sample, bool]:
+        """Cut new_ids at EOS or the first stop string; returns the sample and whether it is done."""
+        finish = "length"
+        if self.eos in new_ids:
+            new_ids, finish = new_ids[: new_ids.index(self.eos)], "eos"
+        text = self.tok.decode(new_ids)
+        cuts = [text.find(s) for s in self.cfg.stop if s in text]
+        if cuts:
+            text, finish = text[: min(cuts)], "stop"
+        done = finish != "length" or ended
+        sample = Sample(prompt, text, self.cfg.seed + index, index, len(new_ids), finish)
+        return sample, done
+
+    def _decode(self, batch: list[tuple[str, int]], streamer) -> list[Sample]:
+        """Greedy or seeded sampling, sliding the window for a short context."""
+        history = {index: self._ids(prompt) for prompt, index in batch}
+        prompt_len = {index: len(ids) for index, ids in history.items()}
+        finished: dict[int, Sample] = {}
+        prompts = {index: prompt for prompt, index in batch}
+        sampling = self.settings["do_sample"]
+        while len(finished) < len(batch):
+            # A row's windows depend only on its own length, so batching never changes a sample;
+            # rows that generate the same number of tokens next run together, left-padded.
+            plans: dict[int, list[tuple[int, int]]] = {}
+            for index in prompts:
+                if index in finished:
+                    continue
+                remaining = self.cfg.max_new_tokens - (len(history[index]) - prompt_len[index])
+                keep, new = self._plan(len(history[index]), remaining)
+                plans.setdefault(new, []).append((index, keep))
+            for new, group in plans.items():
+                indices = [i for i, _ in group]
+                windows = [history[i][-keep:] for i, keep in group]
+                processors = []
+                if sampling:
+                    done = [len(history[i]) - prompt_len[i] for i in indices]
+                    seeds = [self.cfg.seed + i for i in indices]
+                    start = max(len(w) for w in windows)
+                    processors = [*warpers(self.settings), SeededGumbel(seeds, done, start)]
+                outputs = self._run(windows, new, processors, streamer=streamer)
+                for i, out in zip(indices, outputs, strict=True):
+                    history[i] += out
+                    generated = history[i][prompt_len[i] :]
+                    last = len(generated) >= self.cfg.max_new_tokens or len(out) < new
+                    sample, done_now = self._finish(prompts[i], i, generated, last)
+                    if done_now:
+                        finished[i] = sample
+        return [finished[index] for _, index in batch]
+
+    def _plan(self, length: int, remaining: int) -> tuple[int, int]:
+        """(tokens of history to keep, tokens to generate) for the next window."""
+        if length + remaining <= self.context:
+            return length, remaining
+        new = min(remaining, self.context // 2)
+        keep = min(length, self.context - new)
+        return keep, min(remaining, self.context - keep)
+
+    def _beam(self, batch: list[tuple[str, int]]) -> list[Sample]:
+        n = self.cfg.num_return_sequences
+        windows = [self._ids(prompt) for prompt, _ in batch]
+        longest = max(len(w) for w in windows)
+        if longest + self.cfg.max_new_tokens > self.context:
+            raise UserError(
+                f"generate: beam search cannot slide its window: prompt ({longest} tokens) + max_new_tokens "
+                f"({self.cfg.max_new_tokens}) must fit the model's context ({self.context}): lower "
+                f"generate.max_new_tokens, or use a sampling or greedy preset"
+            )
+        outputs = self._run(windows, self.cfg.max_new_tokens, [], n_return=n)
+        samples = []
+        for row, out in enumerate(outputs):
+            prompt, first = batch[row // n]
+            samples.append(self._finish(prompt, first + row % n, out, True)[0])
+        return samples
+
+
+def write_samples(samples: list[Sample], generator: Generator, model_name: str, path: Path, append: bool) -> None:
+    """JSONL records, one per sample: appended after earlier ones, or a new file put in place whole."""
+    lines = [json.dumps(generator.record(s, model_name), ensure_ascii=False) for s in samples]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if append:
+        append_lines(path, lines)
+    else:
+        write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def samples_markdown(samples: list[Sample], generator: Generator, title: str) -> str:
+    s = generator.settings
+    shown = ", ".join(f"{k} {v}" for k, v in s.items() if v != NEUTRAL[k])
+    lines = [
+        f"# {title}",
+        "",
+        f"Preset `{generator.cfg.preset}` ({shown or 'no filtering'}), max_new_tokens {generator.cfg.max_new_tokens}.",
+        "",
+    ]
+    for sample in samples:
+        lines += [
+            f"## Sample {sample.index} (seed {sample.seed}, {sample.new_tokens} tokens, ended by {sample.finish})",
+            "",
+            "```text",
+            sample.prompt + sample.completion,
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
