@@ -15,12 +15,15 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+import logging
 import math
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
+import datasets
 import torch
 import transformers
 from transformers import Trainer, set_seed
@@ -110,6 +113,8 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, resume is not None)
     main = args.process_index == 0
+    if not main:
+        quiet_replica(args)
 
     def say(*lines: str) -> None:
         if main:
@@ -157,6 +162,11 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         write_atomic(output_dir / "run_info.json", json.dumps(info, indent=2))
 
     result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_fsdp_enabled:
+        # Checkpoints may stay sharded (launch/fsdp.yaml), but the run directory must load with
+        # from_pretrained: gather the whole model for the final save (Trainer saves nothing here
+        # with a sharded state dict).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     metrics = dict(result.metrics)
     metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * recipe.data.block_size, 1)
@@ -172,6 +182,18 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         f"run directory: {output_dir}",
     )
     return {**metrics, **eval_metrics}
+
+
+def quiet_replica(args) -> None:
+    """Under several processes every one runs the same code, so whatever a replica would print
+    the first process prints too: replicas keep errors only (train.log_level_replica, `error` by
+    default), without progress bars."""
+    level = args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(level)
+    if level > logging.WARNING:
+        warnings.simplefilter("ignore")
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 def last_evaluation(trainer: Trainer) -> dict | None:
