@@ -108,7 +108,7 @@ def test_launch_config_is_one_accelerate_accepts(path):
         assert hasattr(args, key), f"{path.name}: fsdp_config.{key} is not an accelerate option"
 
 
-def test_one_process_configs(monkeypatch):
+def test_one_process_configs():
     from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
     cpu = accelerate_args(["--config_file", str(ROOT / "launch/cpu.yaml")])
