@@ -9,6 +9,10 @@ RECIPE ?= recipes/shakespeare/tiny.yaml
 MODEL ?= runs/shakespeare-tiny
 PROMPT ?= ROMEO:
 ARGS ?=
+# LAUNCH=launch/X.yaml runs `finetune` under `accelerate launch` with that config; NPROC=N sets
+# its number of processes. Unset, `finetune` is one plain process.
+LAUNCH ?=
+NPROC ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup finetune generate evaluate test lint clean-venv
@@ -22,8 +26,24 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+ifneq ($(NPROC),)
+ifeq ($(LAUNCH),)
+$(error NPROC=$(NPROC) needs a launch config: add LAUNCH=launch/multi_gpu.yaml (CPU processes where there is no GPU))
+endif
+ifneq ($(NPROC),1)
+ifneq ($(shell grep -E "^distributed_type: *'?NO'?$$" $(LAUNCH) 2>/dev/null),)
+$(error $(LAUNCH) runs one process whatever NPROC says: use LAUNCH=launch/multi_gpu.yaml (CPU processes where there is no GPU))
+endif
+endif
+endif
+
 finetune: setup
+ifeq ($(LAUNCH),)
 	$(BIN)/hftextgen finetune --config $(RECIPE) $(ARGS)
+else
+	$(BIN)/accelerate launch --config_file $(LAUNCH) $(if $(NPROC),--num_processes $(NPROC)) \
+		-m hftextgen finetune --config $(RECIPE) $(ARGS)
+endif
 
 generate: setup
 	$(BIN)/hftextgen generate --model $(MODEL) --prompt "$(PROMPT)" $(ARGS)

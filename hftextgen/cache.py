@@ -49,6 +49,12 @@ def writing(root: str | Path, entry: str):
         final = root / entry
         if lookup(root, entry) is None:  # else another process finished it first: keep theirs
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                # Another machine sharing this cache (multi-node runs prepare data once per
+                # machine) renamed its copy into place since the check: keep theirs.
+                if lookup(root, entry) is None:
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -474,9 +474,11 @@ class TrainArguments(TrainingArguments):
         import torch
 
         if not torch.accelerator.is_available():
-            # TrainingArguments refuses bf16 without a GPU unless use_cpu is set, and pinned
-            # memory only helps copies to an accelerator (torch warns on every loader).
-            self.use_cpu = self.use_cpu or bool(self.bf16)
+            # use_cpu: TrainingArguments refuses bf16 without a GPU unless it is set, and
+            # without it processes started by torchrun (accelerate's multi-GPU launcher) each
+            # train alone instead of joining one gloo process group. Pinned memory only helps
+            # copies to an accelerator (torch warns on every loader).
+            self.use_cpu = True
             self.dataloader_pin_memory = False
         super().__post_init__()
 
@@ -498,6 +500,12 @@ TRAIN_DEFAULTS = {
     "logging_first_step": True,
     "prediction_loss_only": True,  # else evaluation gathers every logit: GBs for a 50k vocabulary
     "report_to": "none",
+    # Several processes (accelerate launch): GPT-2 uses every parameter in every step, so DDP's
+    # search for unused ones only costs time; and every process runs the same code, so only the
+    # first one logs warnings (the others would repeat them once per process).
+    "ddp_find_unused_parameters": False,
+    "log_level_replica": "error",
+    "log_on_each_node": False,
 }
 
 

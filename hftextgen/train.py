@@ -15,10 +15,13 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 
+import datasets
 import torch
 import transformers
 from transformers import Trainer, TrainerCallback, set_seed
@@ -97,6 +100,8 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, resume is not None)
     main = args.process_index == 0
+    if not main:
+        quiet_replica(args)
 
     def say(*lines: str) -> None:
         if main:
@@ -123,8 +128,9 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         train_dataset=packed.train,
         eval_dataset=packed.validation,
         processing_class=tok,
-        callbacks=[SamplesCallback(recipe, tok, output_dir / "training_samples.jsonl")],
     )
+    if recipe.evaluate.sample_every and not trainer.is_fsdp_enabled:  # FSDP: rank 0 can't generate alone
+        trainer.add_callback(SamplesCallback(recipe, tok, output_dir / "training_samples.jsonl"))
     info = run_info(recipe, lm, packed)
     say(
         f"model: {info['parameters']:,} parameters; precision {info['precision']} on {info['device']}",
@@ -145,6 +151,11 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         write_atomic(output_dir / "run_info.json", json.dumps(info, indent=2))
 
     result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_fsdp_enabled:
+        # Checkpoints may stay sharded (launch/fsdp.yaml), but the run directory must load with
+        # from_pretrained: gather the whole model for the final save (Trainer saves nothing here
+        # with a sharded state dict).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     metrics = dict(result.metrics)
     metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * recipe.data.block_size, 1)
@@ -158,9 +169,12 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         f"held-out loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f} "
         f"over packed blocks ({packed.report['validation']['tokens']:,} validation tokens)"
     )
-    if recipe.evaluate.at_end_of_training and main:
-        result = evaluate_run(recipe, trainer.model, tok, corpus, output_dir)
-        eval_metrics.update({f"eval_{k}": result[k] for k in ("bits_per_byte", "word_perplexity")})
+    if recipe.evaluate.at_end_of_training and trainer.is_fsdp_enabled:
+        # The sharded model needs every process for a forward pass; the saved one does not.
+        say(f"evaluation: run `hftextgen evaluate --model {output_dir}` (not run inside an FSDP job)")
+    elif recipe.evaluate.at_end_of_training and main:
+        scores = evaluate_run(recipe, trainer.model, tok, corpus, output_dir)
+        eval_metrics.update({f"eval_{k}": scores[k] for k in ("bits_per_byte", "word_perplexity")})
     say(f"run directory: {output_dir}")
     return {**metrics, **eval_metrics}
 
@@ -195,8 +209,7 @@ class SamplesCallback(TrainerCallback):
         self.prompts = generate.read_prompts(recipe.generate)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        every = self.recipe.evaluate.sample_every
-        if not every or state.global_step % every or not state.is_world_process_zero:
+        if state.global_step % self.recipe.evaluate.sample_every or not state.is_world_process_zero:
             return
         was_training = model.training
         model.eval()
@@ -210,6 +223,18 @@ class SamplesCallback(TrainerCallback):
         print(f"samples at step {state.global_step}:", flush=True)
         for sample in samples[:3]:
             print(f"  {(sample.prompt + sample.completion)[:300]!r}", flush=True)
+
+
+def quiet_replica(args) -> None:
+    """Under several processes every one runs the same code, so whatever a replica would print
+    the first process prints too: replicas keep errors only (train.log_level_replica, `error` by
+    default), without progress bars."""
+    level = args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(level)
+    if level > logging.WARNING:
+        warnings.simplefilter("ignore")
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 def last_evaluation(trainer: Trainer) -> dict | None:
