@@ -326,6 +326,11 @@ class GenerateConfig:
     batch_size: int = 16
     """Prompts generated together (left-padded)."""
 
+    cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache. static: preallocated, and on a GPU transformers compiles the decoding step
+    (torch.compile): much faster per token once compiled, but the first call compiles for a
+    while. Same text either way."""
+
     def __post_init__(self) -> None:
         checks = {
             "temperature": lambda v: v > 0,

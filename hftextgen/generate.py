@@ -204,6 +204,7 @@ class Generator:
             eos_token_id=self.eos,
             pad_token_id=pad,
             bos_token_id=self.eos,
+            cache_implementation=None if self.cfg.cache == "dynamic" else self.cfg.cache,
         )
         device = self.lm.device
         out = self.lm.generate(

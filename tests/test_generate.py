@@ -141,3 +141,9 @@ def test_interactive_streams_and_records(trained_run, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["HAMLET:", "KING:"]
     assert "HAMLET:" + records[0]["completion"] in result.stdout
+
+
+def test_static_cache_gives_the_same_text(model):
+    dynamic = generate(model, preset="greedy", max_new_tokens=20)
+    static = generate(model, preset="greedy", max_new_tokens=20, cache="static")
+    assert texts(static) == texts(dynamic)
