@@ -6,8 +6,14 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from hftextgen import cli, hub
+
+# Tiny models gain nothing from a second thread, and OpenMP's waiting threads cost up to 10x
+# when the CPU is shared (a 15-step run: 1 s with one thread, 18 s with two while other jobs
+# ran on the 2-core machine). Subprocesses started by the tests get OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
 
 WORDS = (
     "thou art my lord and i shall love thee well the king doth speak of war and peace "
@@ -104,3 +110,4 @@ def trained_run(tmp_path_factory) -> Path:
         argv += flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8})
         assert cli.main(argv) == 0
     return root / "run"
+
