@@ -138,6 +138,10 @@ def explain(exc: Exception, parser) -> str:
             close = difflib.get_close_matches(key, recipe_keys(parser), n=1, cutoff=0.6)
             hint = f": did you mean {close[0]}?" if close else f": `{parser.prog} --help` lists the valid keys"
             return f"unknown recipe key {key}{hint}"
+    missing = re.search(r"argument (--[\w.\-]+): expected one argument", text)
+    if missing:
+        option = missing.group(1)
+        return f"{option} needs a value (one that starts with '-' goes after '=': {option}=-1e-3)"
     bad = re.match(r"Parser key \"([\w.\-]+)\":\s*(.*)", text, re.S)
     if bad:
         key, detail = bad.groups()
