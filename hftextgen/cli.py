@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 COMMANDS = {
     "finetune": "train a GPT-2 from scratch or fine-tune a pretrained model, from a recipe",
@@ -138,6 +138,10 @@ def explain(exc: Exception, parser) -> str:
             close = difflib.get_close_matches(key, recipe_keys(parser), n=1, cutoff=0.6)
             hint = f": did you mean {close[0]}?" if close else f": `{parser.prog} --help` lists the valid keys"
             return f"unknown recipe key {key}{hint}"
+    missing = re.search(r"argument (--[\w.\-]+): expected one argument", text)
+    if missing:
+        option = missing.group(1)
+        return f"{option} needs a value (one that starts with '-' goes after '=': {option}=-1e-3)"
     bad = re.match(r"Parser key \"([\w.\-]+)\":\s*(.*)", text, re.S)
     if bad:
         key, detail = bad.groups()
@@ -184,9 +188,12 @@ def run_finetune(argv: list[str]) -> int:
     except ValueError as exc:
         raise UserError(" ".join(str(exc).split())) from exc
     cfg.pop("config", None)
+    # How this command treats the directory, not part of the run: the saved recipe re-runs or
+    # continues it with either option given anew.
+    cfg.train.resume_from_checkpoint, cfg.train.overwrite_output_dir = None, False
     from .train import finetune
 
-    finetune(recipe, parser.dump(cfg, skip_unset=False))
+    finetune(recipe, parser.dump(cfg, skip_unset=False), argv)
     return 0
 
 
@@ -306,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hftextgen: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        if str(exc):
+            print(f"hftextgen: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("hftextgen: interrupted", file=sys.stderr)
         return 130

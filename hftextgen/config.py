@@ -457,9 +457,10 @@ def bf16_is_native() -> bool:
 class TrainArguments(TrainingArguments):
     """Training: every transformers.TrainingArguments field, with hftextgen's defaults.
 
-    The subclass earns its place with one field: bf16 defaults to "where the hardware runs it
-    natively", so one recipe is fast on a CPU and on a GPU without edits. It also rejects values
-    TrainingArguments lets through (a learning rate or batch size <= 0).
+    The subclass earns its place with a few fields: bf16 defaults to "where the hardware runs it
+    natively", so one recipe is fast on a CPU and on a GPU without edits; overwrite_output_dir
+    and on_nan are hftextgen's (see safety.py), and logging_nan_inf_filter follows on_nan. It
+    also rejects values TrainingArguments lets through (a learning rate or batch size <= 0).
     """
 
     bf16: bool | None = field(
@@ -470,8 +471,45 @@ class TrainArguments(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds an earlier run: its files are deleted once "
+            "the new run has its data and model ready (a mistake in the recipe deletes nothing). Only a "
+            "folder that looks like a run (recipe.yaml, run_info.json, trainer_state.json or checkpoint-N "
+            "inside) is ever deleted."
+        },
+    )
+
+    on_nan: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={
+            "help": "What a NaN or infinite loss or gradient does. stop: end the run with a message naming "
+            "the step and the likely cause; every checkpoint saved before it is good. skip: drop that step's "
+            "update (weights and optimizer state unchanged, the schedule moves on) and go on, stopping after "
+            "10 such steps in a row. stop checks at each logging step and before each evaluation and "
+            "checkpoint; skip checks every step (one device-to-host sync each)."
+        },
+    )
+
+    logging_nan_inf_filter: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Log a NaN or infinite loss as the average of the other losses. Unset: on with "
+            "on_nan=skip (a skipped step does not spoil the logged mean), off otherwise (a NaN shows as NaN)."
+        },
+    )
+
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate})")
+        _require(
+            not (
+                self.overwrite_output_dir and str(self.resume_from_checkpoint or "").lower() not in ("", "false", "no")
+            ),
+            "train.overwrite_output_dir deletes the run that train.resume_from_checkpoint would continue: drop one",
+        )
+        if self.logging_nan_inf_filter is None:
+            self.logging_nan_inf_filter = self.on_nan == "skip"
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1 (got {getattr(self, key)})")
         if self.bf16 is None:

@@ -25,9 +25,8 @@ import datasets
 import torch
 import transformers
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from . import __version__, data, evaluation, generate, model, tokenizer
+from . import __version__, data, evaluation, generate, model, safety, tokenizer
 from .config import Recipe
 from .errors import UserError
 from .files import append_lines, write_atomic
@@ -59,47 +58,82 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-def resolve_resume(value: str | None, output_dir: Path) -> str | None:
-    """train.resume_from_checkpoint: unset, `last` (the newest checkpoint-N in output_dir), or a path."""
+def resolve_resume(value: str | None, output_dir: Path, needs_optimizer: bool = True, main: bool = True) -> str | None:
+    """train.resume_from_checkpoint: unset, `last` (the newest complete checkpoint-N in
+    output_dir; newer incomplete ones are skipped, and said so), or a checkpoint folder."""
     if value is None or value.lower() in ("", "false", "no"):
         return None
     if value.lower() in ("last", "latest", "true"):
-        last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
-        if last is None:
+        last, skipped = safety.newest_complete(output_dir, needs_optimizer)
+        if main:
+            for folder, problem in skipped:
+                safety.warn(f"{folder} is incomplete or damaged ({problem}): skipped")
+        if last is not None:
+            return str(last)
+        if skipped:
+            folder, problem = skipped[0]
             raise UserError(
-                f"train.resume_from_checkpoint={value}: {output_dir} holds no checkpoint-N folder to resume "
-                f"from: drop the option to start a new run"
+                f"train.resume_from_checkpoint={value}: {output_dir} holds no complete checkpoint ({folder.name}: "
+                f"{problem}): start the run over with --train.overwrite_output_dir true instead"
             )
-        return last
-    if not (Path(value) / "trainer_state.json").is_file():
+        if output_dir.is_dir() and any(output_dir.iterdir()):
+            raise UserError(
+                f"train.resume_from_checkpoint={value}: {output_dir} holds no checkpoint-N folder to resume from "
+                f"(the run stopped before its first save): start it over with --train.overwrite_output_dir true instead"
+            )
+        raise UserError(
+            f"train.resume_from_checkpoint={value}: {output_dir} holds no checkpoint-N folder to resume from: "
+            f"drop the option to start a new run"
+        )
+    path = Path(value)
+    step = safety.checkpoint_step(path)
+    if step is None and not (path / "trainer_state.json").is_file():
         raise UserError(
             f"train.resume_from_checkpoint: {value} is not a Trainer checkpoint (no trainer_state.json): "
             f"give a checkpoint-N folder, or `last`"
         )
+    if not path.is_dir():
+        raise UserError(f"train.resume_from_checkpoint: no such folder: {value}: give a checkpoint-N folder, or `last`")
+    problem = safety.checkpoint_problem(path, needs_optimizer)
+    if problem:
+        earlier = [c for c in safety.checkpoints(path.parent) if step is None or safety.checkpoint_step(c) < step]
+        good = next((c for c in earlier if safety.checkpoint_problem(c, needs_optimizer) is None), None)
+        instead = f"resume from {good} instead" if good else "no earlier checkpoint is complete: start the run over"
+        raise UserError(f"train.resume_from_checkpoint: {value} is incomplete or damaged ({problem}): {instead}")
     return value
 
 
-def check_output_dir(output_dir: Path, resuming: bool) -> None:
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool = False) -> None:
+    """A run directory that holds anything is never written into, unless the run continues
+    (resume) or is started over on request (overwrite: only a folder that looks like a run)."""
     if resuming or not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise UserError(f"train.output_dir: {output_dir} is a file: choose a directory")
     present = sorted(p.name for p in output_dir.iterdir())
-    if present:
+    if present and overwrite and not safety.looks_like_run(output_dir):
+        raise UserError(
+            f"train.overwrite_output_dir: {output_dir} does not look like a run directory (no "
+            f"{', '.join(safety.RUN_MARKERS)} or checkpoint-N inside), and only runs are deleted: choose another "
+            f"--train.output_dir"
+        )
+    if present and not overwrite:
         shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
         raise UserError(
             f"train.output_dir: {output_dir} is not empty ({shown}): continue that run with "
-            f"--train.resume_from_checkpoint last, or choose another --train.output_dir (or delete it)"
+            f"--train.resume_from_checkpoint last, start it over with --train.overwrite_output_dir true, or "
+            f"choose another --train.output_dir"
         )
 
 
-def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
-    """Run a recipe end to end; returns the final train and eval metrics."""
+def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str] | None = None) -> dict:
+    """Run a recipe end to end; returns the final train and eval metrics. `command`: the
+    arguments of `hftextgen finetune`, to say how to continue a run that is stopped."""
     args = recipe.train
     output_dir = Path(args.output_dir)
-    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
-    check_output_dir(output_dir, resume is not None)
     main = args.process_index == 0
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir, not args.save_only_model, main)
+    check_output_dir(output_dir, resume is not None, args.overwrite_output_dir)
     if not main:
         quiet_replica(args)
 
@@ -120,6 +154,8 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
     )
 
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
+    if resume is not None:
+        safety.check_same_model(Path(resume), lm)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     trainer = Trainer(
         model=lm,
@@ -139,7 +175,21 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         f"({info['tokens_per_step']:,} tokens per step)",
     )
     if main:
+        low_disk = safety.disk_warning(
+            output_dir, info["parameters"], safety.planned_saves(args, len(packed.train)), args.save_total_limit
+        )
+        if low_disk:
+            safety.warn(low_disk)
+        if args.overwrite_output_dir and output_dir.is_dir() and any(output_dir.iterdir()):
+            # Only now, with the data and model ready: a mistake in the recipe deletes nothing.
+            safety.clear_run(output_dir)
+            say(f"train.overwrite_output_dir: deleted the earlier run in {output_dir}")
         output_dir.mkdir(parents=True, exist_ok=True)
+        if resume is not None and resolved_yaml is not None and (output_dir / "recipe.yaml").is_file():
+            for note in safety.changed_on_resume(
+                (output_dir / "recipe.yaml").read_text(encoding="utf-8"), resolved_yaml
+            ):
+                safety.warn(note)
         if resolved_yaml is not None:
             header = (
                 f"# hftextgen finetune --config {output_dir / 'recipe.yaml'} --train.output_dir NEW_DIR\n"
@@ -150,13 +200,13 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
         write_atomic(output_dir / "validation_documents.json", json.dumps(packed.validation_ids, indent=1))
         write_atomic(output_dir / "run_info.json", json.dumps(info, indent=2))
 
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = safety.train(trainer, resume, output_dir, command)
     if trainer.is_fsdp_enabled:
         # Checkpoints may stay sharded (launch/fsdp.yaml), but the run directory must load with
         # from_pretrained: gather the whole model for the final save (Trainer saves nothing here
         # with a sharded state dict).
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
+    safety.save_final_model(trainer, output_dir)
     metrics = dict(result.metrics)
     metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * recipe.data.block_size, 1)
     trainer.save_metrics("train", metrics)

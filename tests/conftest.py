@@ -6,8 +6,14 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from hftextgen import cli, hub
+
+# Tiny models gain nothing from a second thread, and OpenMP's waiting threads cost up to 10x
+# when the CPU is shared (a 15-step run: 1 s with one thread, 18 s with two while other jobs
+# ran on the 2-core machine). Subprocesses started by the tests get OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
 
 WORDS = (
     "thou art my lord and i shall love thee well the king doth speak of war and peace "
@@ -104,3 +110,43 @@ def trained_run(tmp_path_factory) -> Path:
         argv += flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8})
         assert cli.main(argv) == 0
     return root / "run"
+
+
+# A run without GPT-2's 50k vocabulary (whose logits are most of a tiny model's work: a step
+# takes ~50x longer) and without the evaluation at the end: a 300-token BPE trained on the corpus.
+FAST = flags(
+    {
+        "tokenizer.source": "train",
+        "tokenizer.vocab_size": 300,
+        "evaluate.at_end_of_training": "false",
+        "train.eval_steps": 1000,
+    }
+)
+
+
+class SmallRun:
+    """A finished run of 40 steps with a checkpoint every 10 (dropout on, GPT-2's default), its
+    corpus and its data cache. `argv` gives the command that made it, for another directory."""
+
+    STEPS = ("--train.max_steps", "40", "--train.save_steps", "10")
+
+    def __init__(self, root: Path):
+        self.root, self.corpus, self.run_dir, self.cache = root, root / "corpus", root / "run", root / "cache"
+
+    def argv(self, run_dir: Path, *extra: str) -> list[str]:
+        return files_args(self.corpus, run_dir, *FAST, *self.STEPS, *extra)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> SmallRun:
+    """Trained once for the session; tests copy its run directory and never write into it."""
+    run = SmallRun(tmp_path_factory.mktemp("small"))
+    write_corpus(run.corpus)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HFTEXTGEN_CACHE", str(run.cache))
+        import huggingface_hub.constants
+
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        hub.hub_reachable.cache_clear()
+        assert cli.main(run.argv(run.run_dir)) == 0
+    return run

@@ -1,0 +1,261 @@
+"""Every bad input, through the command line, in one place: what the user sees (one line naming
+the fix, exit code 2, no traceback) and that nothing was half-written (the run directory does
+not exist afterwards, or is exactly as it was).
+
+The data layer's own tests (test_data.py) and the other commands' (test_generate.py,
+test_evaluation.py) check more variants of some of these; this list is the user's view.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import files_args
+
+from hftextgen import safety
+
+N = "<N>"  # any number in an expected message
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    run: Path
+    small: object  # conftest.SmallRun
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def finetune(self, *extra: str) -> list[str]:
+        return self.small.argv(self.run, *extra)
+
+    def with_data(self, *paths: Path, extra: tuple[str, ...] = ()) -> list[str]:
+        return self.finetune("--data.paths", f"[{','.join(map(str, paths))}]", *extra)
+
+    def pretrained(self, name: str, *extra: str) -> list[str]:
+        return files_args(self.small.corpus, self.run, *extra, model=["--model.name_or_path", name])
+
+    def copy_run(self) -> Path:
+        shutil.copytree(self.small.run_dir, self.run)
+        return self.run
+
+
+def short_documents(c: Ctx) -> list[str]:
+    paths = [c.write(f"short{i}.txt", f"A few words, number {i}.") for i in range(4)]
+    return c.with_data(*paths, extra=("--data.block_size", "256"))
+
+
+def not_a_run(c: Ctx) -> list[str]:
+    c.run.mkdir()
+    (c.run / "notes.txt").write_text("mine")
+    return c.finetune("--train.overwrite_output_dir", "true")
+
+
+def stopped_before_first_save(c: Ctx) -> list[str]:
+    c.run.mkdir()
+    for name in ("recipe.yaml", "run_info.json", "data_report.json"):
+        (c.run / name).write_text("{}")
+    return c.finetune("--train.resume_from_checkpoint", "last")
+
+
+def damaged_checkpoint(c: Ctx) -> list[str]:
+    c.copy_run()
+    os.truncate(c.run / "checkpoint-40" / "optimizer.pt", 1000)
+    return c.finetune("--train.resume_from_checkpoint", str(c.run / "checkpoint-40"))
+
+
+def every_checkpoint_damaged(c: Ctx) -> list[str]:
+    for checkpoint in safety.checkpoints(c.copy_run()):
+        os.truncate(checkpoint / "trainer_state.json", 10)
+    return c.finetune("--train.resume_from_checkpoint", "last")
+
+
+CASES = {
+    # ---- data
+    "missing data file": (
+        lambda c: c.with_data(c.tmp / "missing.txt"),
+        "data.paths: no such file or directory: {tmp}/missing.txt",
+    ),
+    "empty file": (
+        lambda c: c.with_data(c.write("empty.txt", " \n")),
+        "data file {tmp}/empty.txt is empty: remove it from data.paths, or fill it",
+    ),
+    "glob that matches nothing": (
+        lambda c: c.with_data(c.tmp / "*.nothing"),
+        "data.paths: '{tmp}/*.nothing' matches no .txt/.md/.text/.json/.jsonl/.csv/.parquet files: check the "
+        "pattern (** needs a directory part, e.g. data/**/*.txt)",
+    ),
+    "file that is not UTF-8": (
+        lambda c: c.with_data(c.write("latin.txt", "café au lait".encode("latin-1"))),
+        "{tmp}/latin.txt is not valid utf-8 (byte 3): set data.encoding to the file's encoding (e.g. latin-1), "
+        "or re-save it as UTF-8",
+    ),
+    "JSONL with a broken line": (
+        lambda c: c.with_data(c.write("bad.jsonl", '{"text": "one"}\n{"text": "two"\n')),
+        "{tmp}/bad.jsonl:2: not valid JSON (Expecting ',' delimiter): fix or remove that line",
+    ),
+    "text field that does not exist": (
+        lambda c: c.with_data(c.write("rows.jsonl", '{"body": "one", "id": 1}\n')),
+        "{tmp}/rows.jsonl:1 has no field 'text' (fields: body, id): set data.text_field to the one holding the text",
+    ),
+    "every document shorter than one block, and all of them too": (
+        short_documents,
+        "the train split holds <N> tokens, fewer than one block of data.block_size=256: lower data.block_size, "
+        "or give it more text",
+    ),
+    # ---- the recipe
+    "unknown recipe key": (
+        lambda c: c.finetune("--train.learnin_rate", "1e-3"),
+        "unknown recipe key train.learnin_rate: did you mean train.learning_rate?",
+    ),
+    "wrong type": (
+        lambda c: c.finetune("--data.block_size", "x"),
+        "data.block_size: expected int, got 'x'",
+    ),
+    "block_size larger than n_positions": (
+        lambda c: c.finetune("--model.n_positions", "16"),
+        "data.block_size (32) is larger than model.n_positions (16): lower data.block_size or raise model.n_positions",
+    ),
+    "block_size longer than a pretrained model's context": (
+        lambda c: c.pretrained(str(c.small.run_dir), "--data.block_size", "64"),
+        "data.block_size (64) is longer than the model's context (32 positions): set data.block_size to 32 or less",
+    ),
+    "vocab smaller than the tokenizer": (
+        lambda c: c.finetune("--model.vocab_size", "100"),
+        "model.vocab_size (100) is smaller than the tokenizer (<N> tokens): raise it to at least <N>, or leave it "
+        "unset",
+    ),
+    "learning rate 0": (
+        lambda c: c.finetune("--train.learning_rate", "0"),
+        "train.learning_rate must be > 0 (got 0.0)",
+    ),
+    "learning rate < 0": (
+        lambda c: c.finetune("--train.learning_rate=-1e-3"),
+        "train.learning_rate must be > 0 (got -0.001)",
+    ),
+    "a value that starts with '-' without '='": (
+        lambda c: c.finetune("--train.learning_rate", "-1e-3"),
+        "--train.learning_rate needs a value (one that starts with '-' goes after '=': --train.learning_rate=-1e-3)",
+    ),
+    "top_p > 1": (
+        lambda c: c.finetune("--generate.top_p", "1.5"),
+        "generate.top_p must be in (0, 1] (got 1.5)",
+    ),
+    "temperature 0": (
+        lambda c: c.finetune("--generate.temperature", "0"),
+        "generate.temperature must be > 0 (got 0.0)",
+    ),
+    "top_p > 1 in generate": (
+        lambda c: ["generate", "--model", str(c.copy_run()), "--generate.top_p", "1.5"],
+        "generate.top_p must be in (0, 1] (got 1.5)",
+    ),
+    # ---- models
+    "model path that is not a model": (
+        lambda c: c.pretrained(str(c.small.corpus)),
+        "model.name_or_path: {corpus} is not a model (no config.json): point it at a directory written by "
+        "save_pretrained, such as a run directory or a checkpoint-N folder inside one",
+    ),
+    "model path that is not a model, in generate": (
+        lambda c: ["generate", "--model", str(c.small.corpus)],
+        "--model: {corpus} is not a model (no config.json): give a run directory, a checkpoint-N folder or a hub name",
+    ),
+    "hub name while offline": (
+        lambda c: c.pretrained("gpt2"),
+        "model.name_or_path: the tokenizer 'gpt2' is not a local directory and the Hugging Face Hub cannot be "
+        "reached (no network, or HF_HUB_OFFLINE=1): save_pretrained it where there is internet and set "
+        "model.name_or_path to that directory",
+    ),
+    # ---- the run directory
+    "output directory that holds another run": (
+        lambda c: c.copy_run() and c.finetune(),
+        "train.output_dir: {run} is not empty (all_results.json, checkpoint-20, checkpoint-30, ...): continue "
+        "that run with --train.resume_from_checkpoint last, start it over with --train.overwrite_output_dir true, "
+        "or choose another --train.output_dir",
+    ),
+    "overwrite a folder that is not a run": (
+        not_a_run,
+        "train.overwrite_output_dir: {run} does not look like a run directory (no recipe.yaml, run_info.json, "
+        "trainer_state.json or checkpoint-N inside), and only runs are deleted: choose another --train.output_dir",
+    ),
+    "overwrite with a mistake in the recipe": (
+        lambda c: c.copy_run() and c.with_data(c.tmp / "missing.txt", extra=("--train.overwrite_output_dir", "true")),
+        "data.paths: no such file or directory: {tmp}/missing.txt",
+    ),
+    "overwrite and resume at once": (
+        lambda c: (
+            c.copy_run()
+            and c.finetune("--train.overwrite_output_dir", "true", "--train.resume_from_checkpoint", "last")
+        ),
+        "train.overwrite_output_dir deletes the run that train.resume_from_checkpoint would continue: drop one",
+    ),
+    "resume a run that stopped before its first checkpoint": (
+        stopped_before_first_save,
+        "train.resume_from_checkpoint=last: {run} holds no checkpoint-N folder to resume from (the run stopped "
+        "before its first save): start it over with --train.overwrite_output_dir true instead",
+    ),
+    "corrupt checkpoint": (
+        damaged_checkpoint,
+        "train.resume_from_checkpoint: {run}/checkpoint-40 is incomplete or damaged (optimizer.pt is cut short): "
+        "resume from {run}/checkpoint-30 instead",
+    ),
+    "every checkpoint corrupt": (
+        every_checkpoint_damaged,
+        "train.resume_from_checkpoint=last: {run} holds no complete checkpoint (checkpoint-40: trainer_state.json "
+        "is cut short): start the run over with --train.overwrite_output_dir true instead",
+    ),
+    "resume with another model": (
+        lambda c: c.copy_run() and c.finetune("--train.resume_from_checkpoint", "last", "--model.n_embd", "32"),
+        "train.resume_from_checkpoint: {run}/checkpoint-40 holds a model with n_embd=16, but this recipe builds "
+        "n_embd=32: resume with the run's own recipe: hftextgen finetune --config {run}/recipe.yaml "
+        "--train.resume_from_checkpoint last",
+    ),
+}
+
+
+def snapshot(folder: Path) -> dict | None:
+    """Every file's size and modification time, or None when the folder does not exist."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, small_run, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("HFTEXTGEN_CACHE", str(small_run.cache))  # the small run's tokenizer and data
+    build, message = CASES[case]
+    c = Ctx(tmp_path, tmp_path / "run", small_run)
+    argv = build(c)
+    before = snapshot(c.run)
+    code, _, err = run_cli(*argv)
+    assert code == 2
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("hftextgen: error: ")]
+    assert len(errors) == 1, err
+    expected = message.format(tmp=tmp_path, run=c.run, corpus=small_run.corpus)
+    pattern = re.escape(expected).replace(re.escape(N), r"[\d,]+")
+    assert re.fullmatch(pattern, errors[0].removeprefix("hftextgen: error: ")), errors[0]
+    assert snapshot(c.run) == before, "the run directory changed"
+
+
+def test_overwrite_starts_the_run_over(small_run, tmp_path, run_cli, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run.run_dir, run_dir)
+    (run_dir / "checkpoint-40" / "marker").write_text("from the earlier run")
+    monkeypatch.setenv("HFTEXTGEN_CACHE", str(small_run.cache))
+    code, out, err = run_cli(*small_run.argv(run_dir, "--train.max_steps", "10"))
+    assert code == 2 and "is not empty" in err
+    code, out, err = run_cli(
+        *small_run.argv(run_dir, "--train.max_steps", "10", "--train.overwrite_output_dir", "true")
+    )
+    assert code == 0, err
+    assert f"train.overwrite_output_dir: deleted the earlier run in {run_dir}" in out
+    assert [p.name for p in safety.checkpoints(run_dir)] == ["checkpoint-10"]
+    # The saved recipe continues this run as it is, without deleting it again.
+    assert "overwrite_output_dir: false" in (run_dir / "recipe.yaml").read_text()
