@@ -8,6 +8,7 @@ stderr naming the key and the fix, exit code 2; `--debug` shows the traceback in
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ COMMANDS = {
     "finetune": "train a GPT-2 from scratch or fine-tune a pretrained model, from a recipe",
     "generate": "continue prompts with a model: from the command line, a file, or interactively",
     "evaluate": "perplexity, bits-per-byte and samples of a model on held-out documents",
+    "validate": "check a finetune recipe, estimate its steps, tokens, time, memory and disk; writes nothing",
 }
 
 USAGE = f"""usage: hftextgen <command> [--config RECIPE] [--section.key VALUE ...] [--progress MODE] [--debug]
@@ -76,6 +78,18 @@ def finetune_parser():
         "Train a GPT-2 from scratch or fine-tune a pretrained model, as a recipe describes.",
         RECIPE_SECTIONS,
     )
+
+
+def validate_parser():
+    parser = _parser(
+        "validate",
+        "Check a finetune recipe as finetune would (same errors), prepare its data (cached for finetune), time a "
+        "few training steps on this hardware, and print the steps, tokens, time, memory and disk the run will "
+        "take. Writes nothing to train.output_dir.",
+        RECIPE_SECTIONS,
+    )
+    parser.add_argument("--json", action="store_true", help="Print the estimate as JSON.")
+    return parser
 
 
 def _add_model(parser) -> None:
@@ -209,6 +223,19 @@ def run_finetune(argv: list[str]) -> int:
     return 0
 
 
+def run_validate(argv: list[str]) -> int:
+    from . import progress
+
+    cfg, s = parse(validate_parser(), argv)
+    recipe = _recipe(s)
+    progress.configure(cfg.progress, no_bars=bool(s.train.disable_tqdm))
+    from .validate import describe, validate
+
+    estimate = validate(recipe)
+    print(json.dumps(estimate, indent=2) if cfg.json else describe(estimate))
+    return 0
+
+
 def run_defaults(build, argv: list[str]) -> tuple:
     """Parse (twice: first to find --model, then with the defaults its run directory's
     recipe.yaml gives) and set the progress mode."""
@@ -309,7 +336,7 @@ def run_evaluate(argv: list[str]) -> int:
     return 0
 
 
-RUNNERS = {"finetune": run_finetune, "generate": run_generate, "evaluate": run_evaluate}
+RUNNERS = {"finetune": run_finetune, "generate": run_generate, "evaluate": run_evaluate, "validate": run_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

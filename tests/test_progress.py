@@ -75,7 +75,7 @@ def test_bad_progress_mode_is_one_line(run_cli, tmp_path):
 
 def test_push_to_hub_offline_fails_before_any_work(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
-    for command in ("finetune",):
+    for command in ("finetune", "validate"):
         argv = files_args(corpus, run_dir, "--train.max_steps", "2", "--train.push_to_hub", "true")
         code, out, err = run_cli(command, *argv[1:])
         assert code == 2 and len(err.splitlines()) == 1, err
