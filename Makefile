@@ -15,7 +15,7 @@ LAUNCH ?=
 NPROC ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup finetune generate evaluate test lint clean-venv
+.PHONY: setup finetune validate generate evaluate test lint clean-venv
 .DEFAULT_GOAL := finetune
 
 $(VENV)/.installed: pyproject.toml
@@ -44,6 +44,9 @@ else
 	$(BIN)/accelerate launch --config_file $(LAUNCH) $(if $(NPROC),--num_processes $(NPROC)) \
 		-m hftextgen finetune --config $(RECIPE) $(ARGS)
 endif
+
+validate: setup
+	$(BIN)/hftextgen validate --config $(RECIPE) $(ARGS)
 
 generate: setup
 	$(BIN)/hftextgen generate --model $(MODEL) --prompt "$(PROMPT)" $(ARGS)

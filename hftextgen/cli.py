@@ -8,9 +8,11 @@ stderr naming the key and the fix, exit code 2; `--debug` shows the traceback in
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import sys
 from pathlib import Path
+from typing import Literal
 
 from . import __version__
 from .errors import RunStopped, UserError
@@ -19,9 +21,10 @@ COMMANDS = {
     "finetune": "train a GPT-2 from scratch or fine-tune a pretrained model, from a recipe",
     "generate": "continue prompts with a model: from the command line, a file, or interactively",
     "evaluate": "perplexity, bits-per-byte and samples of a model on held-out documents",
+    "validate": "check a finetune recipe, estimate its steps, tokens, time, memory and disk; writes nothing",
 }
 
-USAGE = f"""usage: hftextgen <command> [--config RECIPE] [--section.key VALUE ...] [--debug]
+USAGE = f"""usage: hftextgen <command> [--config RECIPE] [--section.key VALUE ...] [--progress MODE] [--debug]
 
 commands:
 {chr(10).join(f"  {name:<10} {text}" for name, text in COMMANDS.items())}
@@ -38,6 +41,14 @@ def _parser(command: str, description: str, sections: tuple[str, ...]):
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=f"hftextgen {command}", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe file, YAML or JSON.")
+    parser.add_argument(
+        "--progress",
+        type=Literal["auto", "bars", "plain", "quiet"],
+        default="auto",
+        help="How progress shows: bars (on a terminal), plain lines without carriage returns (for logs: CI, "
+        "Slurm), or quiet (no progress, only what the command found). auto: bars when stderr is a terminal, "
+        "else plain. Not part of the recipe.",
+    )
     classes = {
         "model": config.ModelConfig,
         "tokenizer": config.TokenizerConfig,
@@ -58,12 +69,27 @@ def _parser(command: str, description: str, sections: tuple[str, ...]):
     return parser
 
 
+RECIPE_SECTIONS = ("model", "tokenizer", "data", "train", "generate", "evaluate")
+
+
 def finetune_parser():
     return _parser(
         "finetune",
         "Train a GPT-2 from scratch or fine-tune a pretrained model, as a recipe describes.",
-        ("model", "tokenizer", "data", "train", "generate", "evaluate"),
+        RECIPE_SECTIONS,
     )
+
+
+def validate_parser():
+    parser = _parser(
+        "validate",
+        "Check a finetune recipe as finetune would (same errors), prepare its data (cached for finetune), time a "
+        "few training steps on this hardware, and print the steps, tokens, time, memory and disk the run will "
+        "take. Writes nothing to train.output_dir.",
+        RECIPE_SECTIONS,
+    )
+    parser.add_argument("--json", action="store_true", help="Print the estimate as JSON.")
+    return parser
 
 
 def _add_model(parser) -> None:
@@ -178,15 +204,22 @@ def parse(parser, argv: list[str], defaults: dict | None = None):
         raise UserError(" ".join(str(exc).split())) from exc
 
 
-def run_finetune(argv: list[str]) -> int:
+def _recipe(s):
     from .config import Recipe
+
+    try:
+        return Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate)
+    except ValueError as exc:
+        raise UserError(" ".join(str(exc).split())) from exc
+
+
+def run_finetune(argv: list[str]) -> int:
+    from . import progress
 
     parser = finetune_parser()
     cfg, s = parse(parser, argv)
-    try:
-        recipe = Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate)
-    except ValueError as exc:
-        raise UserError(" ".join(str(exc).split())) from exc
+    recipe = _recipe(s)
+    progress.configure(cfg.pop("progress"), no_bars=bool(s.train.disable_tqdm))
     cfg.pop("config", None)
     # How this command treats the directory, not part of the run: the saved recipe re-runs or
     # continues it with either option given anew.
@@ -197,9 +230,32 @@ def run_finetune(argv: list[str]) -> int:
     return 0
 
 
+def run_validate(argv: list[str]) -> int:
+    from . import progress
+
+    cfg, s = parse(validate_parser(), argv)
+    recipe = _recipe(s)
+    progress.configure(cfg.progress, no_bars=bool(s.train.disable_tqdm))
+    from .validate import describe, validate
+
+    estimate = validate(recipe)
+    print(json.dumps(estimate, indent=2) if cfg.json else describe(estimate))
+    return 0
+
+
 def run_defaults(build, argv: list[str]) -> tuple:
-    """Parse twice: first to find --model, then with the defaults its run directory's recipe.yaml
-    gives the sections this command has (what the model was trained and sampled with)."""
+    """Parse (twice: first to find --model, then with the defaults its run directory's
+    recipe.yaml gives) and set the progress mode."""
+    from . import progress
+
+    cfg, s = _with_run_defaults(build, argv)
+    progress.configure(cfg.progress)
+    return cfg, s
+
+
+def _with_run_defaults(build, argv: list[str]) -> tuple:
+    """The defaults of the sections this command has come from the run directory's recipe.yaml:
+    what the model was trained and sampled with."""
     import yaml
 
     model = parse_args(build(), argv).model
@@ -230,7 +286,7 @@ def run_generate(argv: list[str]) -> int:
     if cfg.interactive:
         return _interactive(generator, cfg.model, output)
     prompts = cfg.prompt or generate.read_prompts(s.generate)
-    samples = generator(prompts)
+    samples = generator(prompts, desc="Generating")
     for sample in samples:
         print(f"--- sample {sample.index} (seed {sample.seed}, ended by {sample.finish}) ---")
         print(sample.prompt + sample.completion)
@@ -287,7 +343,7 @@ def run_evaluate(argv: list[str]) -> int:
     return 0
 
 
-RUNNERS = {"finetune": run_finetune, "generate": run_generate, "evaluate": run_evaluate}
+RUNNERS = {"finetune": run_finetune, "generate": run_generate, "evaluate": run_evaluate, "validate": run_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

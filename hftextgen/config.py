@@ -542,7 +542,9 @@ TRAIN_DEFAULTS = {
     "logging_steps": 10,
     "logging_first_step": True,
     "prediction_loss_only": True,  # else evaluation gathers every logit: GBs for a 50k vocabulary
-    "report_to": "none",
+    # TensorBoard events in <output_dir>/tensorboard (`tensorboard --logdir runs/`); any other
+    # reporter (wandb, mlflow, ...) or "none" replaces it.
+    "report_to": "tensorboard",
     # Several processes (accelerate launch): GPT-2 uses every parameter in every step, so DDP's
     # search for unused ones only costs time; and every process runs the same code, so only the
     # first one logs warnings (the others would repeat them once per process).

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import tokenizers
 
-from . import cache
+from . import cache, progress
 from .config import DataConfig
 from .errors import UserError
 from .hub import load_from_hub
@@ -441,7 +441,8 @@ def _build(corpus: Corpus, tokenizer, key: str, out: Path) -> None:
     report = {"block_size": cfg.block_size, "add_eos": cfg.add_eos}
     for split in SPLITS:
         split_docs = getattr(docs, split)
-        tokenized = tokenize(split_docs, tokenizer, cfg, key, split)
+        with progress.stage(len(split_docs), f"Tokenizing {split}", "documents"):  # bars: datasets.map's own
+            tokenized = tokenize(split_docs, tokenizer, cfg, key, split)
         blocks, n_tokens = pack(tokenized, cfg.block_size)
         if len(blocks) == 0:
             raise UserError(

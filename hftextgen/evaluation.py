@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from . import __version__
+from . import __version__, progress
 from . import model as model_stage
 from .config import DataConfig, EvaluateConfig, GenerateConfig
 from .errors import UserError
@@ -73,6 +73,7 @@ def score(
     counts = [0] * len(docs)
     device = lm.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    shown = progress.bar(len(work), "Scoring", "windows")
     for start in range(0, len(work), batch_size):
         batch = work[start : start + batch_size]
         width = batch[0].stop - 1 - batch[0].begin
@@ -93,6 +94,8 @@ def score(
         targets = torch.tensor(targets, device=device)
         losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
         nll.index_add_(0, torch.tensor(owner), losses.double().cpu())
+        shown.update(len(batch))
+    shown.close()
     return list(zip(nll.tolist(), counts, strict=True))
 
 
@@ -226,7 +229,7 @@ def run(
     samples_info, sample_texts = None, []
     if cfg.samples:
         generator = Generator(lm, tok, generate_cfg)
-        samples = generator(prompts)
+        samples = generator(prompts, desc="Sampling")
         write_samples(samples, generator, model_name, out_dir / "samples.jsonl", append=False)
         write_atomic(out_dir / "samples.md", samples_markdown(samples, generator, f"Samples of {model_name}"))
         samples_info = {

@@ -29,6 +29,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import logging as hf_logging
 
 from . import model as model_stage
+from . import progress
 from . import tokenizer as tokenizer_stage
 from .config import NEUTRAL, GenerateConfig
 from .errors import UserError
@@ -168,18 +169,23 @@ class Generator:
             "stop": self.cfg.stop,
         }
 
-    def __call__(self, prompts: list[str], streamer=None) -> list[Sample]:
+    def __call__(self, prompts: list[str], streamer=None, desc: str | None = None) -> list[Sample]:
+        """Samples of the prompts, in order; `desc` names a progress bar over them."""
         n = self.cfg.num_return_sequences
         beams = self.settings["num_beams"] > 1
         rows = [(p, i * n + j) for i, p in enumerate(prompts) for j in range(1 if beams else n)]
         samples: list[Sample] = []
         size = self.cfg.batch_size
+        # A bar only when there is more than one batch to watch.
+        shown = progress.bar(len(rows), desc or "", "samples", show=bool(desc) and len(rows) > size)
         for first in range(0, len(rows), size):
             batch = rows[first : first + size]
             if beams:
                 samples += self._beam(batch)
             else:
                 samples += self._decode(batch, streamer)
+            shown.update(len(batch))
+        shown.close()
         return samples
 
     def _ids(self, prompt: str) -> list[int]:

@@ -67,3 +67,45 @@ def load_from_hub(load: Callable[..., T], name: str, what: str, key: str, /, **k
     except (OSError, ValueError) as exc:  # the hub answered, but not with this repo
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{key}: could not load the {what} {name!r} from the Hugging Face Hub: {reason}") from exc
+
+
+def check_push(args) -> None:
+    """train.push_to_hub: fail before any work, not after hours of training, when the upload
+    could not happen."""
+    if not args.push_to_hub:
+        return
+    if not hub_reachable():
+        raise UserError(
+            "train.push_to_hub: the Hugging Face Hub cannot be reached (no network, or HF_HUB_OFFLINE=1): run where "
+            "it can be reached, or drop train.push_to_hub and upload the run directory later with "
+            "`hf upload <user>/<name> <run directory>`"
+        )
+    from huggingface_hub import get_token
+
+    if not (args.hub_token or get_token()):
+        raise UserError(
+            "train.push_to_hub needs a Hugging Face token with write access: run `hf auth login`, or set HF_TOKEN "
+            "(or train.hub_token)"
+        )
+
+
+def push_run(trainer, output_dir) -> str:
+    """The final upload of a run directory, model card and plot included, to the repo the Trainer
+    created (train.hub_model_id, or the run directory's name). Trainer.push_to_hub would write
+    its own README.md over the model card first, so this uploads the folder as it stands, with
+    the same exclusions (checkpoints are pushed by train.hub_strategy, not here)."""
+    from transformers.utils import hub as hf_hub_utils
+
+    pending = getattr(trainer, "push_in_progress", None)
+    if pending is not None and not pending.is_done():
+        pending.wait_until_done()  # a checkpoint upload of train.hub_strategy still running
+    args = trainer.args
+    hf_hub_utils.hf_api().upload_folder(
+        repo_id=trainer.hub_model_id,
+        folder_path=str(output_dir),
+        commit_message="End of training",
+        token=args.hub_token,
+        ignore_patterns=["_*", "checkpoint-*"],
+        revision=args.hub_revision,
+    )
+    return trainer.hub_model_id

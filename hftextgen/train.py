@@ -8,6 +8,8 @@ The run directory (train.output_dir) ends up holding:
   run_info.json           versions, device, precision, effective batch, parameters
   train_results.json, eval_results.json, all_results.json, trainer_state.json   metrics
   checkpoint-N/           Trainer checkpoints (the newest save_total_limit)
+  tensorboard/            TensorBoard events (train.report_to includes tensorboard)
+  loss.png, README.md     the loss curves and a Hugging Face model card (report.py)
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import ctypes
 import datetime
 import json
 import logging
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 
-from . import __version__, data, evaluation, generate, model, safety, tokenizer
+from . import __version__, callbacks, data, evaluation, generate, hub, model, progress, report, safety, tokenizer
+from .callbacks import perplexity
 from .config import Recipe
 from .errors import UserError
 from .files import append_lines, write_atomic
@@ -126,14 +128,30 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool = False) 
         )
 
 
+def preflight(recipe: Recipe) -> str | None:
+    """The checks that stop a run before any work (finetune and validate make the same ones).
+    Returns the checkpoint to resume from, if any."""
+    args = recipe.train
+    output_dir = Path(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir, not args.save_only_model, args.process_index == 0)
+    check_output_dir(output_dir, resume is not None, args.overwrite_output_dir)
+    model.check_source(recipe.model)
+    if "tensorboard" in args.report_to and not callbacks.tensorboard_available():
+        raise UserError(
+            "train.report_to includes tensorboard, which is not installed: pip install tensorboard, or set "
+            "train.report_to none"
+        )
+    hub.check_push(args)
+    return resume
+
+
 def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str] | None = None) -> dict:
     """Run a recipe end to end; returns the final train and eval metrics. `command`: the
     arguments of `hftextgen finetune`, to say how to continue a run that is stopped."""
     args = recipe.train
     output_dir = Path(args.output_dir)
+    resume = preflight(recipe)
     main = args.process_index == 0
-    resume = resolve_resume(args.resume_from_checkpoint, output_dir, not args.save_only_model, main)
-    check_output_dir(output_dir, resume is not None, args.overwrite_output_dir)
     if not main:
         quiet_replica(args)
 
@@ -141,7 +159,6 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
         if main:
             print(*lines, sep="\n", flush=True)
 
-    model.check_source(recipe.model)
     reuse_freed_memory()
     set_seed(args.seed)
     corpus = data.Corpus(recipe.data)
@@ -157,6 +174,7 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     if resume is not None:
         safety.check_same_model(Path(resume), lm)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
+    args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
     trainer = Trainer(
         model=lm,
         args=args,
@@ -165,9 +183,16 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
         eval_dataset=packed.validation,
         processing_class=tok,
     )
-    if recipe.evaluate.sample_every and not trainer.is_fsdp_enabled:  # FSDP: rank 0 can't generate alone
-        trainer.add_callback(SamplesCallback(recipe, tok, output_dir / "training_samples.jsonl"))
     info = run_info(recipe, lm, packed)
+    validation = packed.report["validation"]
+    tensorboard = callbacks.install(
+        trainer,
+        tokens_per_step=info["tokens_per_step"],
+        tokens_per_byte=validation["tokens"] / validation["bytes"] if validation.get("bytes") else None,
+        log_dir=output_dir / "tensorboard",
+    )
+    if recipe.evaluate.sample_every and not trainer.is_fsdp_enabled:  # FSDP: rank 0 can't generate alone
+        trainer.add_callback(SamplesCallback(recipe, tok, output_dir / "training_samples.jsonl", tensorboard))
     say(
         f"model: {info['parameters']:,} parameters; precision {info['precision']} on {info['device']}",
         f"batch: {info['effective_batch_size']} blocks = {info['per_device_batch_size']} per device x "
@@ -209,6 +234,7 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     safety.save_final_model(trainer, output_dir)
     metrics = dict(result.metrics)
     metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * recipe.data.block_size, 1)
+    metrics["train_tokens"] = trainer.state.global_step * info["tokens_per_step"]
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
@@ -225,6 +251,15 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     elif recipe.evaluate.at_end_of_training and main:
         scores = evaluate_run(recipe, trainer.model, tok, corpus, output_dir)
         eval_metrics.update({f"eval_{k}": scores[k] for k in ("bits_per_byte", "word_perplexity")})
+        if tensorboard is not None:
+            final = {f"final/{k}": scores[k] for k in ("perplexity", "bits_per_byte", "word_perplexity", "loss")}
+            tensorboard.log_final(trainer.state.global_step, final, {"final/samples": samples_text(output_dir)})
+    if main:
+        model_id = trainer.hub_model_id if args.push_to_hub else None
+        written = report.write(output_dir, model_id=model_id)
+        say(f"report: {', '.join(str(p) for p in written)}")
+    if args.push_to_hub and main:
+        say(f"pushed to https://huggingface.co/{hub.push_run(trainer, output_dir)}")
     say(f"run directory: {output_dir}")
     return {**metrics, **eval_metrics}
 
@@ -252,10 +287,12 @@ def evaluate_run(recipe: Recipe, lm, tok, corpus: data.Corpus, output_dir: Path)
 
 class SamplesCallback(TrainerCallback):
     """Every `evaluate.sample_every` steps, print samples of the generate prompts and append them
-    to training_samples.jsonl, so a long run shows its text improving."""
+    to training_samples.jsonl (and to TensorBoard's text tab), so a long run shows its text
+    improving."""
 
-    def __init__(self, recipe: Recipe, tok, path: Path):
+    def __init__(self, recipe: Recipe, tok, path: Path, tensorboard: callbacks.TensorBoard | None = None):
         self.recipe, self.tok, self.path = recipe, tok, path
+        self.tensorboard = tensorboard
         self.prompts = generate.read_prompts(recipe.generate)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -270,9 +307,25 @@ class SamplesCallback(TrainerCallback):
             model.train(was_training)
         run = str(self.path.parent)
         append_lines(self.path, [json.dumps({"step": state.global_step, **generator.record(s, run)}) for s in samples])
-        print(f"samples at step {state.global_step}:", flush=True)
-        for sample in samples[:3]:
-            print(f"  {(sample.prompt + sample.completion)[:300]!r}", flush=True)
+        shown = [f"  {(sample.prompt + sample.completion)[:300]!r}" for sample in samples[:3]]
+        progress.write("\n".join([f"samples at step {state.global_step}:", *shown]))
+        if self.tensorboard is not None:
+            self.tensorboard.add_text(
+                "samples", tensorboard_text(s.prompt + s.completion for s in samples), state.global_step
+            )
+
+
+def tensorboard_text(texts) -> str:
+    """Samples as TensorBoard markdown: each an indented block, so its line breaks survive."""
+    return "\n\n---\n\n".join("\n".join("    " + line for line in text.splitlines() or [""]) for text in texts)
+
+
+def samples_text(output_dir: Path) -> str:
+    path = output_dir / "samples.jsonl"
+    if not path.is_file():
+        return ""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tensorboard_text(r["prompt"] + r["completion"] for r in records)
 
 
 def quiet_replica(args) -> None:
@@ -299,10 +352,6 @@ def last_evaluation(trainer: Trainer) -> dict | None:
                 return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
             return None
     return None
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def run_info(recipe: Recipe, lm, packed: data.Packed) -> dict:

@@ -1,0 +1,224 @@
+"""Trainer callbacks that make a run visible while it trains.
+
+RunMetrics   adds tokens seen, tokens/s, eval perplexity and eval bits-per-byte to every log,
+             ahead of every reporter (TensorBoard, wandb, ...) and of the progress display
+TrainingBar  a tqdm bar with the loss and tokens/s (progress `bars`)
+PlainLines   one line per logging step: step/total, loss, lr, tokens/s, elapsed, ETA (`plain`)
+TensorBoard  the stock TensorBoard reporter, writing to <run>/tensorboard and purging the steps a
+             resumed run repeats; also takes samples as text and the final evaluation
+
+`install` puts them on a stock Trainer in place of its PrinterCallback/ProgressCallback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from . import progress
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+class RunMetrics(TrainerCallback):
+    """Adds to each training log `tokens` (seen so far) and `tokens_per_second` (over the steps
+    since the last log, counting only the time inside steps, so evaluations, checkpoints and
+    samples do not drag it down), and to each evaluation log `eval_perplexity` and
+    `eval_bits_per_byte`.
+
+    Blocks are packed, never padded, so every step trains exactly tokens_per_step tokens.
+    eval_bits_per_byte converts the loss over packed blocks with the validation split's tokens
+    per UTF-8 byte; the end-of-training evaluator's bits-per-byte is the exact figure.
+    """
+
+    def __init__(self, tokens_per_step: int, tokens_per_byte: float | None = None):
+        self.tokens_per_step = tokens_per_step
+        self.tokens_per_byte = tokens_per_byte
+        self.busy = 0.0
+        self.steps = 0
+        self.began: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.began is not None:
+            self.busy += time.perf_counter() - self.began
+            self.steps += 1
+            self.began = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        if "loss" in logs:
+            logs["tokens"] = state.global_step * self.tokens_per_step
+            if self.busy > 0:
+                logs["tokens_per_second"] = round(self.steps * self.tokens_per_step / self.busy, 1)
+            self.busy, self.steps = 0.0, 0
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+            if self.tokens_per_byte:
+                logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) * self.tokens_per_byte
+
+
+def eval_line(state, logs: dict) -> str:
+    line = (
+        f"eval at step {state.global_step:,}/{state.max_steps:,}: loss {logs['eval_loss']:.4f}, "
+        f"perplexity {logs.get('eval_perplexity', perplexity(logs['eval_loss'])):.2f}"
+    )
+    if "eval_bits_per_byte" in logs:
+        line += f", ~{logs['eval_bits_per_byte']:.3f} bits per byte"
+    return line
+
+
+class TrainingBar(ProgressCallback):
+    """The stock bar (and its evaluation bar), with the loss and tokens/s beside it and one line
+    per evaluation above it, instead of every log printed as a dict.
+
+    transformers' own bars stay off from here on: each checkpoint would leave a "Writing model
+    shards 1/1" line under the training bar.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.training_bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="Training", unit=" steps", dynamic_ncols=True
+            )
+        self.current_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or logs is None:
+            return
+        if "loss" in logs:
+            shown = f"loss {logs['loss']:.4f}"
+            if "tokens_per_second" in logs:
+                shown += f", {logs['tokens_per_second']:,.0f} tokens/s"
+            self.training_bar.set_postfix_str(shown, refresh=False)
+        if "eval_loss" in logs:
+            self.training_bar.write(eval_line(state, logs))
+
+
+class PlainLines(TrainerCallback):
+    """One line per logging step, for logs that keep every character (CI, Slurm):
+    `step 120/600 (20%) | loss 5.1234 | lr 1.9e-03 | 2,871 tokens/s | 0:41 elapsed, ETA 2:46`.
+    The ETA extrapolates the wall time per step so far, evaluations and checkpoints included."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        self.first_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or logs is None or self.started is None:
+            return
+        if "loss" in logs:
+            print(self.line(state, logs), flush=True)
+        if "eval_loss" in logs:
+            print(eval_line(state, logs), flush=True)
+
+    def line(self, state, logs: dict) -> str:
+        step, total = state.global_step, state.max_steps
+        parts = [f"step {step:,}/{total:,} ({100 * step / max(total, 1):.0f}%)", f"loss {logs['loss']:.4f}"]
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.2e}")
+        if "grad_norm" in logs:
+            parts.append(f"grad norm {logs['grad_norm']:.3g}")
+        if "tokens_per_second" in logs:
+            parts.append(f"{logs['tokens_per_second']:,.0f} tokens/s")
+        elapsed = time.monotonic() - self.started
+        done = step - self.first_step
+        timing = f"{progress.duration(elapsed)} elapsed"
+        if done > 0 and total > step:
+            timing += f", ETA {progress.duration(elapsed / done * (total - step))}"
+        parts.append(timing)
+        return " | ".join(parts)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.started is not None:
+            elapsed = time.monotonic() - self.started
+            print(
+                f"training: {state.global_step - self.first_step:,} steps in {progress.duration(elapsed)}", flush=True
+            )
+
+
+class TensorBoard(TensorBoardCallback):
+    """The stock reporter, logging to `log_dir` (unless TENSORBOARD_LOGGING_DIR says otherwise).
+
+    A resumed run starts again after its checkpoint's step: the events the interrupted run
+    logged after that step are purged (SummaryWriter's purge_step), so its curves do not double
+    back. Samples and the final evaluation go through `add_text` and `log_final`.
+    """
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.logging_dir = self.logging_dir or str(log_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(
+                log_dir=self.logging_dir, purge_step=state.global_step + 1 if state.global_step else None
+            )
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        if self.tb_writer is not None:
+            self.tb_writer.add_text(tag, text, step)
+            self.tb_writer.flush()
+
+    def log_final(self, step: int, scalars: dict[str, float], texts: dict[str, str]) -> None:
+        """After training (the stock writer is closed by then): a writer of its own, same folder."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=self.logging_dir) as writer:
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, step)
+            for tag, text in texts.items():
+                writer.add_text(tag, text, step)
+
+
+def install(trainer, *, tokens_per_step: int, tokens_per_byte: float | None, log_dir: Path) -> TensorBoard | None:
+    """Put the progress display of the current mode, RunMetrics and our TensorBoard reporter on
+    a stock Trainer. Returns the TensorBoard reporter when train.report_to includes it."""
+    handler = trainer.callback_handler
+    # First in line: the logs it extends are the same dict every later callback receives, and
+    # the reporters (stock ones included, e.g. wandb) are added before any callback we could add.
+    handler.callbacks.insert(0, RunMetrics(tokens_per_step, tokens_per_byte))
+    for stock in (PrinterCallback, ProgressCallback):
+        trainer.pop_callback(stock)
+    shown = progress.mode()
+    if shown == "bars":
+        trainer.add_callback(TrainingBar())
+    elif shown == "plain":
+        trainer.add_callback(PlainLines())
+    reporter = next((cb for cb in handler.callbacks if type(cb) is TensorBoardCallback), None)
+    if reporter is None:
+        return None
+    trainer.remove_callback(reporter)
+    tensorboard = TensorBoard(log_dir)
+    trainer.add_callback(tensorboard)
+    return tensorboard
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True

