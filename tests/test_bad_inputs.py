@@ -175,7 +175,7 @@ CASES = {
     # ---- the run directory
     "output directory that holds another run": (
         lambda c: c.copy_run() and c.finetune(),
-        "train.output_dir: {run} is not empty (all_results.json, checkpoint-20, checkpoint-30, ...): continue "
+        "train.output_dir: {run} is not empty (README.md, all_results.json, checkpoint-20, ...): continue "
         "that run with --train.resume_from_checkpoint last, start it over with --train.overwrite_output_dir true, "
         "or choose another --train.output_dir",
     ),
