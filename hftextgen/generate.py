@@ -73,9 +73,7 @@ def load(name_or_path: str, key: str = "--model", device: torch.device | str | N
         if bars:
             hf_logging.enable_progress_bar()
     tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(name_or_path, key), name_or_path)
-    # Only generation reads the pad id (from generation_config). In config.json it makes every
-    # forward that starts with EOS -- each of our documents -- warn about a missing attention mask.
-    lm.config.pad_token_id = None
+    model_stage.ignore_padding_warning()
     lm.to(device or default_device()).eval()
     return lm, tok
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -27,10 +28,27 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size
             f"use the model's own tokenizer (tokenizer.source=auto)"
         )
     model.loss_type = "ForCausalLM"  # transformers can't infer it from the name GPT2LMHeadModel, and warns
+    model.config.pad_token_id = tokenizer.pad_token_id  # else the Trainer sets it, with a warning
+    ignore_padding_warning()
     generation = model.generation_config
     generation.eos_token_id = tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+class _NoPaddingWarning(logging.Filter):
+    """transformers warns that input starting or ending with the pad id may be padded and wants
+    an attention mask. Our pad id is EOS, which starts and ends documents inside packed blocks;
+    they are never padded, and a mask of ones would only slow every step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask` since your input_ids may be padded" not in record.getMessage()
+
+
+def ignore_padding_warning() -> None:
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _NoPaddingWarning) for f in logger.filters):
+        logger.addFilter(_NoPaddingWarning())
 
 
 def context_length(model: PreTrainedModel) -> int | None:
