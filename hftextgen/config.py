@@ -282,6 +282,15 @@ class TrainArguments(TrainingArguments):
             "GPUs with bf16, CPUs with AVX512-BF16 or AMX), off elsewhere."
         },
     )
+    fused_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute a GPT-2's training loss with lm_head and cross-entropy fused, a chunk of rows at a "
+            "time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
+            "in far less memory, e.g. for larger micro-batches on a GPU. Off: on a CPU it is no faster "
+            "(bench/RESULTS.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate})")

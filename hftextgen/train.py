@@ -26,7 +26,7 @@ import transformers
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import __version__, data, model, tokenizer
+from . import __version__, data, fused_loss, model, tokenizer
 from .config import Recipe
 from .errors import UserError
 
@@ -129,6 +129,8 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None) -> dict:
 
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
+    if args.fused_loss and not fused_loss.install(lm):
+        say("train.fused_loss: only GPT-2 models have it; this one trains with the stock loss")
     trainer = Trainer(
         model=lm,
         args=args,
