@@ -7,9 +7,10 @@ recipe's>, report_to="none")) - fp32, AdamW (adamw_torch) - on the recipe's GPT-
 Shakespeare blocks. Ours: `hftextgen finetune --config <recipe>`, everything as the recipe and
 hftextgen's defaults set it (bf16 autocast where the CPU has native bf16, glibc allocator
 settings, ...). Each run is a child process of its own, one after the other, never two at
-once; --repeats alternates baseline and ours and reports medians. Two figures per run:
-tokens/s over the whole timed interval, and tokens per step over the median step time (the
-one least moved by other processes when the machine is shared).
+once; --repeats alternates baseline and ours and reports medians. Three figures per run:
+tokens/s over the whole timed interval; tokens per step over the median step time; tokens per
+CPU-second of the process. The last two are the ones least moved by other processes when the
+machine is shared.
 
 --explore adds variants of ours, each against the same baseline, to show what each setting
 is worth: fp32, the fused loss, torch.compile, dropout off. See bench/training.py for how
@@ -82,10 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in variants:
         first = median(name, "first_step_s")
         span = f"steps {warmup + 1}-{warmup + steps}" + (f"; first step {first:.1f} s" if first else "")
-        for key, how in (("tokens_per_s", "over the timed steps"), ("tokens_per_s_median_step", "median step")):
-            rows.append(
-                common.Row(f"{name}, {how}", median("baseline", key), median(name, key), "tokens/s", True, span)
-            )
+        for key, how, unit in (
+            ("tokens_per_s", "over the timed steps", "tokens/s"),
+            ("tokens_per_s_median_step", "median step", "tokens/s"),
+            ("tokens_per_cpu_s", "per CPU-second", "tokens/CPU-s"),
+        ):
+            rows.append(common.Row(f"{name}, {how}", median("baseline", key), median(name, key), unit, True, span))
     common.report(
         "train_cpu",
         f"CPU training, {args.recipe.name} vs a plain Trainer; tokens/s, higher is better",

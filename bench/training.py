@@ -94,6 +94,7 @@ def make_clock(warmup: int, steps: int):
                 self.result["first_step_s"] = now() - self.begin  # compile and warm-up show here
             if step == warmup:
                 self.start = self.last = now()
+                self.cpu_start = time.process_time()
             elif warmup < step <= warmup + steps and not on_gpu:
                 # Per-step times (CPU only: on a GPU they would time the launch queue): their median
                 # is the figure least moved by other processes on a shared machine.
@@ -104,6 +105,10 @@ def make_clock(warmup: int, steps: int):
                 elapsed = now() - self.start
                 r = self.result
                 r["timed_s"] = elapsed
+                # CPU seconds of this process (all its threads): what the steps cost in work, which
+                # other processes on a shared machine stretch far less than they stretch wall time.
+                r["cpu_s"] = time.process_time() - self.cpu_start
+                r["tokens_per_cpu_s"] = steps * r["tokens_per_step"] / r["cpu_s"]
                 r["tokens_per_s"] = steps * r["tokens_per_step"] / elapsed
                 r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
                 if self.step_times:

@@ -216,7 +216,8 @@ class DataConfig:
     preprocessing field, so a stale cache is never reused."""
 
     num_proc: int | None = None
-    """Processes for tokenization (datasets.map). Unset: one, which is fastest below ~50 MB."""
+    """Processes for tokenization (datasets.map). Unset: one process, whose tokenizer already uses
+    every core."""
 
     def __post_init__(self) -> None:
         _require(

@@ -399,11 +399,11 @@ def _tokenize(batch, encode, eos_id: int | None):
     return {"input_ids": ids, "chars": [len(t) for t in texts], "bytes": [len(t.encode("utf-8")) for t in texts]}
 
 
-def tokenize(docs: datasets.Dataset, tokenizer, cfg: DataConfig, fingerprint: str, split: str) -> Tokens:
-    """Token ids of a split's documents, exactly as `tokenizer(text)` gives them (see
-    tokenizer.batch_encoder for the faster routes), straight into one numpy array."""
-    encode = batch_encoder(tokenizer)
-    eos_id = tokenizer.eos_token_id if cfg.add_eos else None
+def tokenize(
+    docs: datasets.Dataset, encode, eos_id: int | None, cfg: DataConfig, fingerprint: str, split: str
+) -> Tokens:
+    """Token ids of a split's documents by `encode` (tokenizer.batch_encoder: exactly what
+    `tokenizer(text)` gives, by a faster route), straight into one numpy array."""
     if (cfg.num_proc or 1) > 1:
         tokenized = docs.map(
             _tokenize,
@@ -487,9 +487,11 @@ def _build(corpus: Corpus, tokenizer, key: str, out: Path) -> None:
     cfg = corpus.cfg
     docs = corpus.documents
     report = {"block_size": cfg.block_size, "add_eos": cfg.add_eos}
+    encode = batch_encoder(tokenizer)
+    eos_id = tokenizer.eos_token_id if cfg.add_eos else None
     for split in SPLITS:
         split_docs = getattr(docs, split)
-        tokens = tokenize(split_docs, tokenizer, cfg, key, split)
+        tokens = tokenize(split_docs, encode, eos_id, cfg, key, split)
         blocks, n_tokens = pack(tokens.ids, cfg.block_size), len(tokens.ids)
         if len(blocks) == 0:
             raise UserError(

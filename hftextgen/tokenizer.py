@@ -202,9 +202,13 @@ def _tiktoken_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
         import tiktoken
     except ImportError:
         return None
-    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
     special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
-    ranks = {bytes(to_byte[c] for c in token): i for token, i in _gpt2_vocab().items() if token not in special}
+    # Vocabulary strings back to bytes: each character stands for one byte (translate, then
+    # latin-1 turns code points 0-255 into those bytes).
+    to_byte = {ord(c): b for b, c in _bytes_to_unicode().items()}
+    ranks = {
+        token.translate(to_byte).encode("latin-1"): i for token, i in _gpt2_vocab().items() if token not in special
+    }
     encoding = tiktoken.Encoding("gpt2-hftextgen", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
