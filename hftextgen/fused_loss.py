@@ -2,12 +2,15 @@
 
 A GPT-2's stock loss projects every position onto the whole vocabulary and keeps the result
 for the backward pass: batch x block x 50257 floats, in bf16 and again in fp32, then as many
-again for their gradients. On a CPU that array, not the transformer, is most of a step's
-time for a small model; on a GPU it is most of the memory traffic. Here the logits of a few
-hundred rows at a time are made, turned at once into the loss and into the gradients of the
-hidden states and of the output matrix, and dropped: the backward pass only scales the saved
-gradients. The numbers are those of the stock path (same bf16 matmuls under autocast, same
-fp32 softmax), up to summation order.
+again for their gradients; at GPT-2 small's micro-batch 32 x 1024 that is over 10 GB. Here
+the logits of a few thousand rows at a time are made, turned at once into the loss and into
+the gradients of the hidden states and of the output matrix, and dropped: the backward pass
+only scales the saved gradients. The numbers are those of the stock path (same bf16 matmuls
+under autocast, same fp32 log-softmax), up to summation order.
+
+What it buys is memory (larger micro-batches on a GPU) and, on a GPU, memory traffic. It is
+not faster on a CPU: there the three vocabulary-sized matrix products dominate a step, and
+chunks small enough for the caches re-read the output matrix once each (bench/RESULTS.md).
 
 `install(model)` puts it into a GPT-2's forward for training steps with labels, the way
 liger-kernel patches models: evaluation, generation and every other call run the stock
@@ -24,10 +27,10 @@ from torch import nn
 
 IGNORE_INDEX = -100
 
-# Rows of logits per chunk, as a budget of elements. On a CPU a chunk that stays in the caches
-# beats one big matmul (measured in bench/train_cpu.py); on a GPU fewer, larger chunks keep the
-# matmuls efficient and the unrolled graph that torch.compile builds short.
-CPU_CHUNK_ELEMENTS = 2**23
+# Rows of logits per chunk, as a budget of elements. Large enough that each chunk's matmuls
+# stay efficient and the graph torch.compile unrolls stays short (2^28 fp32 = 1 GiB: 8 chunks
+# at GPT-2 small's 32 x 1024); on a CPU smaller chunks measured slower, not faster.
+CPU_CHUNK_ELEMENTS = 2**26
 GPU_CHUNK_ELEMENTS = 2**28
 
 
