@@ -3,7 +3,10 @@ running one configuration in a child process.
 
 A benchmark script builds rows of (what, baseline, ours) and hands them to `report`, which
 prints the table and writes the JSON (bench/results/<name>.json unless --out says otherwise)
-together with the machine, the versions and the load average before and after.
+together with the machine, the versions and the load average before and after. A new
+benchmark (generation, evaluation) is one more bench/<name>.py of that shape: `parser()` for
+--quick and --out, its baseline and ours measured in the same run (through `run_child` when
+either sets anything process-wide), `report()` at the end, and a line in the Makefile's bench.
 """
 
 from __future__ import annotations
