@@ -15,7 +15,7 @@ LAUNCH ?=
 NPROC ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup finetune validate generate evaluate test lint clean-venv
+.PHONY: setup finetune validate generate evaluate test lint bench clean-venv
 .DEFAULT_GOAL := finetune
 
 $(VENV)/.installed: pyproject.toml
@@ -60,6 +60,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check hftextgen tests
 	$(BIN)/ruff format --check hftextgen tests
+
+# CPU benchmarks, each against its baseline in the same run; tables on stdout, JSON in
+# bench/results/. ARGS="--quick" for a smoke run. The GPU one: see bench/RESULTS.md.
+bench: setup
+	$(BIN)/python -m bench.preprocess $(ARGS)
+	$(BIN)/python -m bench.train_cpu $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

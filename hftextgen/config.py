@@ -216,7 +216,8 @@ class DataConfig:
     preprocessing field, so a stale cache is never reused."""
 
     num_proc: int | None = None
-    """Processes for tokenization (datasets.map). Unset: one, which is fastest below ~50 MB."""
+    """Processes for tokenization (datasets.map). Unset: one process, whose tokenizer already uses
+    every core."""
 
     def __post_init__(self) -> None:
         _require(
@@ -468,6 +469,15 @@ class TrainArguments(TrainingArguments):
         metadata={
             "help": "bf16 mixed precision. Unset: on when the hardware runs bf16 natively (CUDA "
             "GPUs with bf16, CPUs with AVX512-BF16 or AMX), off elsewhere."
+        },
+    )
+    fused_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute a GPT-2's training loss with lm_head and cross-entropy fused, a chunk of rows at a "
+            "time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
+            "in far less memory, e.g. for larger micro-batches on a GPU. Off: on a CPU it is no faster "
+            "(bench/RESULTS.md)."
         },
     )
 

@@ -33,6 +33,10 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size
     generation = model.generation_config
     generation.eos_token_id = tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
+    if rows > len(tokenizer):
+        # Rows past the tokenizer (model.vocab_size padded for speed) are never targets, and an id
+        # the tokenizer cannot decode must never be generated.
+        generation.suppress_tokens = list(range(len(tokenizer), rows))
     return model
 
 

