@@ -66,6 +66,8 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench.preprocess $(ARGS)
 	$(BIN)/python -m bench.train_cpu $(ARGS)
+	$(BIN)/python -m bench.generate $(ARGS)
+	$(BIN)/python -m bench.evaluate $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

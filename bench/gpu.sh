@@ -26,4 +26,9 @@ if int(version("pyarrow").split(".")[0]) < 24:
     raise SystemExit("pyarrow < 24 is too old for datasets 5.2: refill .whl with bench/gpu_wheels.sh --pyarrow")
 PY
 set -o pipefail
+if [[ "${1:-}" == "--generation" ]]; then  # a second device call: generation and evaluation
+  PYTHONUNBUFFERED=1 python3 -m bench.generate --out "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log"
+  PYTHONUNBUFFERED=1 python3 -m bench.evaluate --out "$OUT/evaluate.json" 2>&1 | tee "$OUT/evaluate.log"
+  exit 0
+fi
 PYTHONUNBUFFERED=1 python3 -m bench.gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"

@@ -491,8 +491,9 @@ def _build(corpus: Corpus, tokenizer, key: str, out: Path) -> None:
     eos_id = tokenizer.eos_token_id if cfg.add_eos else None
     for split in SPLITS:
         split_docs = getattr(docs, split)
-        with progress.stage(len(split_docs), f"Tokenizing {split}", "documents"):
+        with progress.bar(len(split_docs), f"Tokenizing {split}", "documents") as shown:
             tokens = tokenize(split_docs, encode, eos_id, cfg, key, split)
+            shown.update(len(split_docs))
         blocks, n_tokens = pack(tokens.ids, cfg.block_size), len(tokens.ids)
         if len(blocks) == 0:
             raise UserError(

@@ -164,8 +164,3 @@ def bar(total: int, desc: str, unit: str = "it", show: bool = True):
     if current == "plain":
         return _PlainBar(total, desc, unit)
     return _Silent()
-
-
-def stage(total: int, desc: str, unit: str):
-    """Plain lines around a stage that draws its own bar in bars mode (datasets.map)."""
-    return _PlainBar(total, desc, unit) if mode() == "plain" else _Silent()
