@@ -279,6 +279,9 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
 def run_generate(argv: list[str]) -> int:
     cfg, s = run_defaults(generate_parser, argv)
     from . import generate
+    from .train import reuse_freed_memory
+
+    reuse_freed_memory()
 
     lm, tok = generate.load(cfg.model, device=cfg.device)
     generator = generate.Generator(lm, tok, s.generate)
@@ -325,6 +328,9 @@ def _model_dir(model: str, otherwise: Path) -> Path:
 def run_evaluate(argv: list[str]) -> int:
     cfg, s = run_defaults(evaluate_parser, argv)
     from . import data, evaluation, generate
+    from .train import reuse_freed_memory
+
+    reuse_freed_memory()
 
     lm, tok = generate.load(cfg.model, device=cfg.device)
     corpus = data.Corpus(s.data)
