@@ -26,7 +26,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
-from transformers.utils import logging as hf_logging
 
 from . import model as model_stage
 from . import progress
@@ -63,15 +62,11 @@ def load(name_or_path: str, key: str = "--model", device: torch.device | str | N
             f"{key}: {name_or_path} is not a model (no config.json): give a run directory, a checkpoint-N "
             f"folder or a hub name"
         )
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar per load of a few tensors is noise
     try:
-        lm = load_from_hub(AutoModelForCausalLM.from_pretrained, name_or_path, "model", key)
+        with progress.transformers_bars_off():  # a bar per load of a few tensors is noise
+            lm = load_from_hub(AutoModelForCausalLM.from_pretrained, name_or_path, "model", key)
     except (OSError, ValueError, KeyError) as exc:  # a local folder with broken files
         raise UserError(f"{key}: cannot load {name_or_path} as a causal language model ({exc})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(name_or_path, key), name_or_path)
     model_stage.ignore_padding_warning()
     lm.to(device or default_device()).eval()

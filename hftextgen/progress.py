@@ -164,3 +164,18 @@ def bar(total: int, desc: str, unit: str = "it", show: bool = True):
     if current == "plain":
         return _PlainBar(total, desc, unit)
     return _Silent()
+
+
+@contextlib.contextmanager
+def transformers_bars_off():
+    """No transformers bars for a while (loading or writing a few tensors, a probe), whatever the
+    mode; the earlier setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -44,7 +44,7 @@ from . import (
 from .callbacks import perplexity
 from .config import Recipe
 from .errors import UserError
-from .files import append_lines, write_atomic
+from .files import append_lines, write_atomic, write_json
 
 
 def reuse_freed_memory() -> None:
@@ -236,9 +236,9 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
                 f"# The resolved recipe of this run: every key, defaults included.\n"
             )
             write_atomic(output_dir / "recipe.yaml", header + resolved_yaml)
-        write_atomic(output_dir / "data_report.json", json.dumps(packed.report, indent=2))
-        write_atomic(output_dir / "validation_documents.json", json.dumps(packed.validation_ids, indent=1))
-        write_atomic(output_dir / "run_info.json", json.dumps(info, indent=2))
+        write_json(output_dir / "data_report.json", packed.report)
+        write_json(output_dir / "validation_documents.json", packed.validation_ids)
+        write_json(output_dir / "run_info.json", info)
 
     result = safety.train(trainer, resume, output_dir, command)
     if trainer.is_fsdp_enabled:

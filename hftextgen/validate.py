@@ -166,7 +166,7 @@ def validate(recipe: Recipe) -> dict:
         )
         timer = StepTimer()
         trainer.add_callback(timer)
-        with _bars_off():
+        with progress.transformers_bars_off():  # the probe's bars are not the run's
             trainer.train()
             memory_what, memory_peak = _peak_memory(device)
             checkpoint = get_last_checkpoint(tmp)
@@ -275,22 +275,6 @@ def validate(recipe: Recipe) -> dict:
             "total_bytes": checkpoint_bytes * kept + final_bytes,
         },
     }
-
-
-class _bars_off:
-    """No weight-writing bars while probing, whatever the mode: they are not the run's."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self.was = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
-        if self.was:
-            hf_logging.enable_progress_bar()
 
 
 def _resumed_step(resume: str | None) -> int:
