@@ -174,8 +174,8 @@ def _plain(config: dict) -> None:
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, set_seed
 
     from hftextgen import data, tokenizer
+    from hftextgen.build import collate_blocks
     from hftextgen.config import DataConfig
-    from hftextgen.train import collate_blocks
 
     block = config["block_size"]
     tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")

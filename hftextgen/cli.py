@@ -278,12 +278,10 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
 
 def run_generate(argv: list[str]) -> int:
     cfg, s = run_defaults(generate_parser, argv)
-    from . import generate
-    from .train import reuse_freed_memory
+    from . import generate, model, runtime
 
-    reuse_freed_memory()
-
-    lm, tok = generate.load(cfg.model, device=cfg.device)
+    runtime.reuse_freed_memory()
+    lm, tok = model.load(cfg.model, device=cfg.device)
     generator = generate.Generator(lm, tok, s.generate)
     output = Path(cfg.output) if cfg.output else _model_dir(cfg.model, Path(".")) / "generations.jsonl"
     if cfg.interactive:
@@ -327,12 +325,10 @@ def _model_dir(model: str, otherwise: Path) -> Path:
 
 def run_evaluate(argv: list[str]) -> int:
     cfg, s = run_defaults(evaluate_parser, argv)
-    from . import data, evaluation, generate
-    from .train import reuse_freed_memory
+    from . import data, evaluation, generate, model, runtime
 
-    reuse_freed_memory()
-
-    lm, tok = generate.load(cfg.model, device=cfg.device)
+    runtime.reuse_freed_memory()
+    lm, tok = model.load(cfg.model, device=cfg.device)
     corpus = data.Corpus(s.data)
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
     evaluation.run(

@@ -4,6 +4,8 @@ jsonargparse turns these into the YAML sections, the ``--section.key`` options a
 Checks that involve one section live in its ``__post_init__``; checks across sections live in
 ``Recipe.__post_init__``; checks that need the tokenizer or a loaded model live where those are
 built (tokenizer.py, model.py). Every check raises ``ConfigError`` naming the key and the fix.
+Values derived from several sections (the batch, tokens per step, the schedule) are computed
+once, on the Recipe.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-
-class ConfigError(ValueError):
-    """An impossible recipe value; the message names the key and what to set instead."""
+from . import plan
+from .errors import ConfigError
 
 
 def _require(condition: bool, message: str) -> None:
@@ -151,6 +152,13 @@ class TokenizerConfig:
         )
         _require(self.vocab_size >= 257, "tokenizer.vocab_size must be >= 257 (256 bytes + EOS)")
         _require(self.min_frequency >= 1, "tokenizer.min_frequency must be >= 1")
+
+    def resolved_source(self, model_from_scratch: bool) -> str:
+        """The source with auto resolved: bundled for a model built from scratch, else the
+        pretrained model's own."""
+        if self.source != "auto":
+            return self.source
+        return "bundled" if model_from_scratch else "pretrained"
 
 
 @dataclass
@@ -460,7 +468,7 @@ class TrainArguments(TrainingArguments):
 
     The subclass earns its place with a few fields: bf16 defaults to "where the hardware runs it
     natively", so one recipe is fast on a CPU and on a GPU without edits; overwrite_output_dir
-    and on_nan are hftextgen's (see safety.py), and logging_nan_inf_filter follows on_nan. It
+    and on_nan are hftextgen's (see rundir.py and guards.py), and logging_nan_inf_filter follows on_nan. It
     also rejects values TrainingArguments lets through (a learning rate or batch size <= 0).
     """
 
@@ -595,11 +603,19 @@ class Recipe:
             )
 
     @property
-    def tokenizer_source(self) -> str:
-        """The tokenizer source with auto resolved."""
-        if self.tokenizer.source != "auto":
-            return self.tokenizer.source
-        return "bundled" if self.model.from_scratch else "pretrained"
+    def effective_batch_size(self) -> int:
+        """Blocks per optimizer step, over every process."""
+        args = self.train
+        return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Blocks are packed, never padded: every step trains exactly this many tokens."""
+        return self.effective_batch_size * self.data.block_size
+
+    def schedule(self, train_blocks: int, first_step: int = 0) -> plan.Schedule:
+        """Steps, evaluations and checkpoints of this run over `train_blocks` training blocks."""
+        return plan.schedule(self.train, train_blocks, first_step)
 
 
 def training_field_help() -> dict[str, str]:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -29,11 +29,9 @@ from transformers.generation.logits_process import (
 
 from . import model as model_stage
 from . import progress
-from . import tokenizer as tokenizer_stage
 from .config import NEUTRAL, GenerateConfig
 from .errors import UserError
 from .files import append_lines, write_atomic
-from .hub import load_from_hub
 
 
 @dataclass
@@ -48,29 +46,6 @@ class Sample:
     new_tokens: int
     finish: str
     """eos (the model ended the document), stop (a stop string), or length (max_new_tokens)."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load(name_or_path: str, key: str = "--model", device: torch.device | str | None = None):
-    """A causal LM and its tokenizer from a run directory, any save_pretrained folder or a hub name."""
-    path = Path(name_or_path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UserError(
-            f"{key}: {name_or_path} is not a model (no config.json): give a run directory, a checkpoint-N "
-            f"folder or a hub name"
-        )
-    try:
-        with progress.transformers_bars_off():  # a bar per load of a few tensors is noise
-            lm = load_from_hub(AutoModelForCausalLM.from_pretrained, name_or_path, "model", key)
-    except (OSError, ValueError, KeyError) as exc:  # a local folder with broken files
-        raise UserError(f"{key}: cannot load {name_or_path} as a causal language model ({exc})") from None
-    tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(name_or_path, key), name_or_path)
-    model_stage.ignore_padding_warning()
-    lm.to(device or default_device()).eval()
-    return lm, tok
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -96,6 +71,11 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
                     ) from None
         else:
             prompts += [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(
+                f"generate.prompts_file: {path} holds no prompts: write one per line (or a JSONL "
+                f'"prompt" field per line), or drop the option'
+            )
     return prompts if prompts else [""]
 
 

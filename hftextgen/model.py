@@ -1,16 +1,19 @@
-"""Model stage: a GPT-2 built from a GPT2Config, or a pretrained causal LM loaded by name or path."""
+"""Model stage: build the model a recipe trains (from scratch or pretrained), or load a trained
+one for generation and evaluation."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import progress
+from . import tokenizer as tokenizer_stage
 from .config import ModelConfig
 from .errors import UserError
 from .hub import load_from_hub
+from .runtime import ignore_padding_warning
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:
@@ -40,34 +43,37 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size
     return model
 
 
-class _NoPaddingWarning(logging.Filter):
-    """transformers warns that input starting or ending with the pad id may be padded and wants
-    an attention mask. Our pad id is EOS, which starts and ends documents inside packed blocks;
-    they are never padded, and a mask of ones would only slow every step."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "passing in an `attention_mask` since your input_ids may be padded" not in record.getMessage()
-
-
-def ignore_padding_warning() -> None:
-    logger = logging.getLogger("transformers.modeling_utils")
-    if not any(isinstance(f, _NoPaddingWarning) for f in logger.filters):
-        logger.addFilter(_NoPaddingWarning())
-
-
 def context_length(model: PreTrainedModel) -> int | None:
     config = model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def check_source(cfg: ModelConfig) -> None:
-    """Fail before any data work when model.name_or_path is a local folder that holds no model."""
-    name = cfg.name_or_path
+def check_source(name: str | None, key: str = "model.name_or_path") -> None:
+    """Fail before any work when `name` is a local folder that holds no model."""
     if name is not None and os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise UserError(
-            f"model.name_or_path: {name} is not a model (no config.json): point it at a directory written by "
-            f"save_pretrained, such as a run directory or a checkpoint-N folder inside one"
+            f"{key}: {name} is not a model (no config.json): point it at a directory written by "
+            f"save_pretrained, such as a run directory or a checkpoint-N folder inside one, or a hub name"
         )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(name_or_path: str, key: str = "--model", device: torch.device | str | None = None):
+    """A trained causal LM and its tokenizer, for generation and evaluation, from a run
+    directory, any save_pretrained folder or a hub name; in eval mode on `device`."""
+    check_source(name_or_path, key)
+    try:
+        with progress.transformers_bars_off():  # a bar per load of a few tensors is noise
+            lm = load_from_hub(AutoModelForCausalLM.from_pretrained, name_or_path, "model", key)
+    except (OSError, ValueError, KeyError) as exc:  # a local folder with broken files
+        raise UserError(f"{key}: cannot load {name_or_path} as a causal language model ({exc})") from None
+    tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(name_or_path, key), name_or_path)
+    ignore_padding_warning()
+    lm.to(device or default_device()).eval()
+    return lm, tok
 
 
 def _from_scratch(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:
@@ -93,7 +99,7 @@ def _pretrained(cfg: ModelConfig) -> PreTrainedModel:
         return load_from_hub(
             AutoModelForCausalLM.from_pretrained, name, "model", "model.name_or_path", revision=cfg.revision, **kwargs
         )
-    check_source(cfg)
+    check_source(name)
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

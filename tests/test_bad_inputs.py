@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import files_args
 
-from hftextgen import safety
+from hftextgen import rundir
 
 N = "<N>"  # any number in an expected message
+ANY = "<ANY>"  # any text (what the operating system says)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def damaged_checkpoint(c: Ctx) -> list[str]:
 
 
 def every_checkpoint_damaged(c: Ctx) -> list[str]:
-    for checkpoint in safety.checkpoints(c.copy_run()):
+    for checkpoint in rundir.checkpoints(c.copy_run()):
         os.truncate(checkpoint / "trainer_state.json", 10)
     return c.finetune("--train.resume_from_checkpoint", "last")
 
@@ -160,11 +161,12 @@ CASES = {
     "model path that is not a model": (
         lambda c: c.pretrained(str(c.small.corpus)),
         "model.name_or_path: {corpus} is not a model (no config.json): point it at a directory written by "
-        "save_pretrained, such as a run directory or a checkpoint-N folder inside one",
+        "save_pretrained, such as a run directory or a checkpoint-N folder inside one, or a hub name",
     ),
     "model path that is not a model, in generate": (
         lambda c: ["generate", "--model", str(c.small.corpus)],
-        "--model: {corpus} is not a model (no config.json): give a run directory, a checkpoint-N folder or a hub name",
+        "--model: {corpus} is not a model (no config.json): point it at a directory written by save_pretrained, "
+        "such as a run directory or a checkpoint-N folder inside one, or a hub name",
     ),
     "hub name while offline": (
         lambda c: c.pretrained("gpt2"),
@@ -172,7 +174,25 @@ CASES = {
         "reached (no network, or HF_HUB_OFFLINE=1): save_pretrained it where there is internet and set "
         "model.name_or_path to that directory",
     ),
+    "empty prompts file": (
+        lambda c: c.finetune("--generate.prompts_file", str(c.write("prompts.txt", "\n  \n"))),
+        'generate.prompts_file: {tmp}/prompts.txt holds no prompts: write one per line (or a JSONL "prompt" '
+        "field per line), or drop the option",
+    ),
+    "empty prompts file, in generate": (
+        lambda c: ["generate", "--model", str(c.copy_run()), "--generate.prompts_file", str(c.write("p.jsonl", ""))],
+        'generate.prompts_file: {tmp}/p.jsonl holds no prompts: write one per line (or a JSONL "prompt" '
+        "field per line), or drop the option",
+    ),
     # ---- the run directory
+    "output directory that cannot be created": (
+        lambda c: c.finetune("--train.output_dir", "/proc/hftextgen-test/run"),
+        "train.output_dir: cannot write to /proc/hftextgen-test/run (<ANY>): choose a directory you can write to",
+    ),
+    "output directory that is a file": (
+        lambda c: c.finetune("--train.output_dir", str(c.write("a-file", "x"))),
+        "train.output_dir: {tmp}/a-file is a file: choose a directory",
+    ),
     "output directory that holds another run": (
         lambda c: c.copy_run() and c.finetune(),
         "train.output_dir: {run} is not empty (README.md, all_results.json, checkpoint-20, ...): continue "
@@ -239,7 +259,7 @@ def test_bad_input(case, small_run, tmp_path, run_cli, monkeypatch):
     errors = [line for line in err.splitlines() if line.startswith("hftextgen: error: ")]
     assert len(errors) == 1, err
     expected = message.format(tmp=tmp_path, run=c.run, corpus=small_run.corpus)
-    pattern = re.escape(expected).replace(re.escape(N), r"[\d,]+")
+    pattern = re.escape(expected).replace(re.escape(N), r"[\d,]+").replace(re.escape(ANY), ".+")
     assert re.fullmatch(pattern, errors[0].removeprefix("hftextgen: error: ")), errors[0]
     assert snapshot(c.run) == before, "the run directory changed"
 
@@ -256,6 +276,31 @@ def test_overwrite_starts_the_run_over(small_run, tmp_path, run_cli, monkeypatch
     )
     assert code == 0, err
     assert f"train.overwrite_output_dir: deleted the earlier run in {run_dir}" in out
-    assert [p.name for p in safety.checkpoints(run_dir)] == ["checkpoint-10"]
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-10"]
     # The saved recipe continues this run as it is, without deleting it again.
     assert "overwrite_output_dir: false" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_a_token_the_hub_refuses_stops_before_any_work(corpus, tmp_path, run_cli, monkeypatch):
+    import huggingface_hub
+
+    from hftextgen import hub
+
+    def refuse(self, token=None):
+        response = huggingface_hub.utils.httpx.Response(401, request=huggingface_hub.utils.httpx.Request("GET", "x"))
+        raise huggingface_hub.errors.HfHubHTTPError(
+            "401 Client Error: Unauthorized for url: https://hf.co/api/whoami", response=response
+        )
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setenv("HF_TOKEN", "hf_revoked")
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", refuse)
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(*files_args(corpus, run_dir, "--train.push_to_hub", "true"))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (
+        "hftextgen: error: train.push_to_hub: the Hugging Face Hub does not accept this token (401 Client Error: "
+        "Unauthorized for url: https://hf.co/api/whoami): run `hf auth login` with a token that has write access, "
+        "or set HF_TOKEN (or train.hub_token)"
+    )
+    assert "Tokenizing" not in out and not run_dir.exists() and not (tmp_path / "cache").exists()

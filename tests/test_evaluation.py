@@ -126,7 +126,7 @@ def test_finetune_and_standalone_evaluate_agree(trained_run, tmp_path, run_cli):
 
 
 def test_smaller_stride_never_scores_worse_on_a_trained_model(trained_run):
-    from hftextgen.generate import load
+    from hftextgen.model import load
 
     lm, tok = load(str(trained_run), device="cpu")
     texts = [(p.parent / p.name).read_text() for p in sorted((trained_run.parent / "corpus").glob("*.txt"))[:3]]

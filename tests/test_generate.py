@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hftextgen.config import GenerateConfig
-from hftextgen.generate import Generator, SeededGumbel, load
+from hftextgen.generate import Generator, SeededGumbel
+from hftextgen.model import load
 
 PROMPTS = ["HAMLET:", "", "KING: good night sweet prince o what a noble mind", "QUEEN"]
 

@@ -115,12 +115,14 @@ class FakeHub:
 
 
 def test_push_to_hub_uploads_the_run_with_its_model_card(corpus, tmp_path, run_cli, monkeypatch):
+    import huggingface_hub
     import transformers.trainer
     import transformers.utils.hub
 
     fake = FakeHub()
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, token=None: {"name": "someone"})
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: fake)
     monkeypatch.setattr(transformers.utils.hub, "hf_api", lambda: fake)
     run_dir = tmp_path / "tiny-pushed"

@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hftextgen import guards, rundir
 from hftextgen import model as model_stage
-from hftextgen import safety
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = """
 import os, signal, sys, time
 from transformers import Trainer
-from hftextgen import cli, train
+from hftextgen import build, cli
 
-collate, delay = train.collate_blocks, float(os.environ.get("STEP_DELAY", "0"))
-train.collate_blocks = lambda examples: (time.sleep(delay), collate(examples))[1]
+collate, delay = build.collate_blocks, float(os.environ.get("STEP_DELAY", "0"))
+build.collate_blocks = lambda examples: (time.sleep(delay), collate(examples))[1]
 die_at, save = int(os.environ.get("DIE_IN_SAVE", "0")), Trainer._save_optimizer_and_scheduler
 
 def dying(self, output_dir):
@@ -146,7 +146,7 @@ def test_a_save_cut_short_is_skipped_and_the_run_resumes_from_the_one_before(sma
     assert process.returncode == -signal.SIGKILL
     partial = run_dir / "checkpoint-20"
     assert (partial / "model.safetensors").is_file() and not (partial / "trainer_state.json").exists()
-    assert safety.checkpoint_problem(partial) == "no trainer_state.json: the run stopped while saving it"
+    assert rundir.checkpoint_problem(partial) == "no trainer_state.json: the run stopped while saving it"
 
     code, _, err = run_cli(*small_run.argv(run_dir, "--train.resume_from_checkpoint", "last"))
     assert code == 0, err
@@ -155,7 +155,7 @@ def test_a_save_cut_short_is_skipped_and_the_run_resumes_from_the_one_before(sma
         f"saving it): skipped\n" in err
     )
     assert_same_run(run_dir, small_run.run_dir)
-    assert safety.checkpoint_problem(partial) is None  # saved again, whole, at step 20
+    assert rundir.checkpoint_problem(partial) is None  # saved again, whole, at step 20
 
 
 @pytest.mark.parametrize(
@@ -176,9 +176,9 @@ def test_a_save_cut_short_is_skipped_and_the_run_resumes_from_the_one_before(sma
 def test_every_kind_of_damaged_checkpoint_is_found_and_skipped(small_run, tmp_path, damage, problem):
     run_dir = tmp_path / "run"
     shutil.copytree(small_run.run_dir, run_dir)
-    assert safety.newest_complete(run_dir) == (run_dir / "checkpoint-40", [])
+    assert rundir.newest_complete(run_dir) == (run_dir / "checkpoint-40", [])
     damage(run_dir / "checkpoint-40")
-    assert safety.newest_complete(run_dir) == (run_dir / "checkpoint-30", [(run_dir / "checkpoint-40", problem)])
+    assert rundir.newest_complete(run_dir) == (run_dir / "checkpoint-30", [(run_dir / "checkpoint-40", problem)])
 
 
 def test_resume_says_which_new_settings_it_cannot_use(small_run, tmp_path, run_cli):
@@ -228,7 +228,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_continue(small_run, tmp_pat
     assert stopped, err
     step, checkpoint, command = int(stopped[1]), Path(stopped[2]), stopped[3]
     assert 10 < step < 40 and checkpoint == run_dir / f"checkpoint-{step}"
-    assert safety.checkpoint_problem(checkpoint) is None
+    assert rundir.checkpoint_problem(checkpoint) is None
     # The losses since the last logging step are in its history, and nothing of a finished run
     # was written.
     assert max(e["step"] for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]) == step
@@ -260,17 +260,17 @@ def test_two_processes_stop_at_the_same_step(small_run, tmp_path):
     )
     assert len(stopped) == 1, err.decode()[-3000:]
     checkpoint = Path(stopped[0][1])
-    assert checkpoint == run_dir / f"checkpoint-{stopped[0][0]}" and safety.checkpoint_problem(checkpoint) is None
+    assert checkpoint == run_dir / f"checkpoint-{stopped[0][0]}" and rundir.checkpoint_problem(checkpoint) is None
     assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == ["rng_state_0.pth", "rng_state_1.pth"]
 
 
 def test_resume_command_drops_resume_and_overwrite_options():
     argv = ["--config", "my recipe.yaml", "--train.overwrite_output_dir", "true"]
     argv += ["--train.resume_from_checkpoint=runs/x/checkpoint-5", "--train.seed", "3"]
-    assert safety.resume_command(argv, 1) == (
+    assert guards.resume_command(argv, 1) == (
         "hftextgen finetune --config 'my recipe.yaml' --train.seed 3 --train.resume_from_checkpoint last"
     )
-    assert safety.resume_command([], 2).endswith("(started by accelerate launch with the same options)")
+    assert guards.resume_command([], 2).endswith("(started by accelerate launch with the same options)")
 
 
 # ---------------------------------------------------------------- NaN guard
@@ -307,7 +307,7 @@ def test_a_nan_loss_stops_the_run_before_any_checkpoint_holds_it(small_run, tmp_
         f"(--train.overwrite_output_dir true); {run_dir / 'checkpoint-10'} is the last good checkpoint; "
         "train.on_nan=skip drops such steps instead"
     )
-    assert sorted(p.name for p in safety.checkpoints(run_dir)) == ["checkpoint-10", "checkpoint-5"]
+    assert sorted(p.name for p in rundir.checkpoints(run_dir)) == ["checkpoint-10", "checkpoint-5"]
     assert all(torch.isfinite(t).all() for t in load_file(run_dir / "checkpoint-10" / "model.safetensors").values())
     assert not (run_dir / "model.safetensors").exists()
 
@@ -351,7 +351,7 @@ def test_a_crash_while_saving_the_final_model_leaves_no_half_model(small_run, tm
 
     def crash_in_final_save(self, output_dir=None, state_dict=None):
         save(self, output_dir, state_dict)
-        if Path(output_dir).name == safety.STAGING:
+        if Path(output_dir).name == rundir.STAGING:
             weights = Path(output_dir) / "model.safetensors"
             os.truncate(weights, weights.stat().st_size // 2)
             raise OSError("disk full")
@@ -361,12 +361,12 @@ def test_a_crash_while_saving_the_final_model_leaves_no_half_model(small_run, tm
     with pytest.raises(OSError, match="disk full"):
         run_cli(*small_run.argv(run_dir))
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "config.json").exists()
-    assert safety.checkpoint_problem(run_dir / "checkpoint-40") is None
+    assert rundir.checkpoint_problem(run_dir / "checkpoint-40") is None
 
     monkeypatch.setattr(Trainer, "_save", save)
     code, _, err = run_cli(*small_run.argv(run_dir, "--train.resume_from_checkpoint", "last"))
     assert code == 0, err
-    assert not (run_dir / safety.STAGING).exists()
+    assert not (run_dir / rundir.STAGING).exists()
     assert weight_difference(run_dir, small_run.run_dir) == 0
 
 
@@ -408,7 +408,7 @@ def test_the_same_recipe_and_seed_give_the_same_run(small_run, tmp_path, run_cli
 
 def test_a_disk_too_small_for_the_checkpoints_is_warned_about(small_run, tmp_path, run_cli, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(safety.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
     run_dir = tmp_path / "run"
     code, _, err = run_cli(*small_run.argv(run_dir, "--train.max_steps", "2"))
     assert code == 0, err
@@ -420,13 +420,20 @@ def test_a_disk_too_small_for_the_checkpoints_is_warned_about(small_run, tmp_pat
     ) in err
 
 
-def test_disk_estimate():
-    class Args:
-        per_device_train_batch_size, world_size, gradient_accumulation_steps = 4, 2, 1
-        max_steps, num_train_epochs, save_strategy, save_steps = 1000, 3.0, "steps", 100
-
-    assert safety.planned_saves(Args, train_blocks=10_000) == 11
-    Args.max_steps = -1
-    assert safety.planned_saves(Args, train_blocks=800) == 3 * 100 // 100 + 1
-    Args.save_strategy = "epoch"
-    assert safety.planned_saves(Args, train_blocks=800) == 3
+def test_disk_estimate_counts_the_checkpoints_that_exist_at_once(tmp_path, monkeypatch):
+    """save_total_limit + 1 checkpoints of 12 bytes a parameter exist while a new one is written,
+    then the final model; a checkpoint already on disk (a resumed run) counts as spent."""
+    free = {"bytes": 10**12}
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda where: type("Usage", (), {"free": free["bytes"]}))
+    params = 1_000_000
+    assert rundir.disk_warning(tmp_path / "run", params, saves=10, save_total_limit=3) is None
+    needed = 4 * 12 * params + 4 * params
+    free["bytes"] = needed
+    assert rundir.disk_warning(tmp_path / "run", params, saves=10, save_total_limit=3) is None
+    free["bytes"] = needed - 1
+    warning = rundir.disk_warning(tmp_path / "run", params, saves=10, save_total_limit=3)
+    assert "4 checkpoints of 12.0 MB" in warning and "about 52.0 MB more" in warning
+    assert rundir.disk_warning(tmp_path / "run", params, saves=2, save_total_limit=3) is None  # 2 saves only
+    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-5" / "optimizer.pt").write_bytes(b"\0" * 1000)
+    assert rundir.disk_warning(tmp_path / "run", params, saves=10, save_total_limit=3) is None
