@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -215,57 +216,106 @@ def _source_text(recipe: dict) -> str:
     return f"local files ({paths})" if paths else "local files"
 
 
+@dataclass
+class RunFiles:
+    """What the model card is made of: the files of one run directory, read once."""
+
+    run_dir: Path
+    recipe_text: str
+    recipe: dict
+    info: dict
+    data_report: dict | None
+    scores: dict | None
+    trainer_eval: dict
+    train_results: dict
+    state: dict
+    config: dict | None
+    samples: list[dict]
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunFiles:
+        recipe_path = run_dir / "recipe.yaml"
+        recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
+        return cls(
+            run_dir=run_dir,
+            recipe_text=recipe_text,
+            recipe=(yaml.safe_load(recipe_text) or {}) if recipe_text else {},
+            info=_read_json(run_dir / "run_info.json") or {},
+            data_report=_read_json(run_dir / "data_report.json"),
+            scores=_read_json(run_dir / "eval.json"),
+            trainer_eval=_read_json(run_dir / "eval_results.json") or {},
+            train_results=_read_json(run_dir / "train_results.json") or {},
+            state=_read_json(run_dir / "trainer_state.json") or {},
+            config=_read_json(run_dir / "config.json"),
+            samples=_read_jsonl(run_dir / "samples.jsonl"),
+        )
+
+    @property
+    def base(self) -> str | None:
+        return self.recipe.get("model", {}).get("name_or_path")
+
+    @property
+    def steps(self) -> int | None:
+        return self.state.get("global_step")
+
+    @property
+    def tokens(self) -> int | None:
+        per_step = self.info.get("tokens_per_step")
+        return self.steps * per_step if self.steps and per_step else None
+
+
 def model_card(run_dir: Path, model_id: str | None = None) -> str:
-    """README.md for a run directory: metadata, results, loss curve, samples, data, settings, how
-    to load it, and the recipe."""
-    recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8") if (run_dir / "recipe.yaml").is_file() else ""
-    recipe = (yaml.safe_load(recipe_text) or {}) if recipe_text else {}
-    info = _read_json(run_dir / "run_info.json") or {}
-    data_report = _read_json(run_dir / "data_report.json")
-    scores = _read_json(run_dir / "eval.json")
-    trainer_eval = _read_json(run_dir / "eval_results.json") or {}
-    train_results = _read_json(run_dir / "train_results.json") or {}
-    state = _read_json(run_dir / "trainer_state.json") or {}
-    config = _read_json(run_dir / "config.json")
-    samples = _read_jsonl(run_dir / "samples.jsonl")
+    """README.md for a run directory: metadata, how to load it, results, loss curve, samples,
+    data, settings, how to reproduce it, and the recipe."""
+    run = RunFiles.read(run_dir)
     name = run_dir.resolve().name
     model_id = model_id or str(run_dir)
-    model_section = recipe.get("model", {})
-    base = model_section.get("name_or_path")
+    sections = [
+        ["---", _metadata(run.recipe, name, run.scores).rstrip(), "---", "", f"# {name}", "", _summary(run), ""],
+        _use_it(run, model_id),
+        _results(run),
+        _samples(run.samples),
+        _data(run.data_report),
+        _training(run),
+        _reproduce(run, name),
+    ]
+    return "\n".join(line for section in sections for line in section)
 
-    how = f"fine-tuned from `{base}`" if base else "trained from scratch"
-    steps = state.get("global_step")
-    tokens = steps * info["tokens_per_step"] if steps and info.get("tokens_per_step") else None
+
+def _summary(run: RunFiles) -> str:
+    how = f"fine-tuned from `{run.base}`" if run.base else "trained from scratch"
+    return (
+        f"{_architecture(run.config, run.info.get('parameters'))}, {how} on {_source_text(run.recipe)} "
+        f"with hftextgen {run.info.get('hftextgen', __version__)} (the stock `transformers` Trainer)"
+        + (f": {run.steps:,} steps, {_count(run.tokens)} tokens." if run.tokens else ".")
+    )
+
+
+def _use_it(run: RunFiles, model_id: str) -> list[str]:
     lines = [
-        "---",
-        _metadata(recipe, name, scores).rstrip(),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"{_architecture(config, info.get('parameters'))}, {how} on {_source_text(recipe)} "
-        f"with hftextgen {info.get('hftextgen', __version__)} (the stock `transformers` Trainer)"
-        + (f": {steps:,} steps, {_count(tokens)} tokens." if tokens else "."),
-        "",
         "## Use it",
         "",
         "```python",
         "from transformers import pipeline",
         "",
         f'generate = pipeline("text-generation", model="{model_id}")',
-        f"print(generate({json.dumps(_example_prompt(recipe))}, max_new_tokens={_new_tokens(config)}, do_sample=True, "
-        f'top_k=50)[0]["generated_text"])',
+        f"print(generate({json.dumps(_example_prompt(run.recipe))}, max_new_tokens={_new_tokens(run.config)}, "
+        f'do_sample=True, top_k=50)[0]["generated_text"])',
         "```",
         "",
     ]
-    if config and config.get("n_positions") and not base:
+    if run.config and run.config.get("n_positions") and not run.base:
         lines += [
-            f"The model knows {config['n_positions']} positions: with `pipeline`, prompt plus new tokens must fit "
-            f"in them (`hftextgen generate --model {model_id}` slides its window instead).",
+            f"The model knows {run.config['n_positions']} positions: with `pipeline`, prompt plus new tokens must "
+            f"fit in them (`hftextgen generate --model {model_id}` slides its window instead).",
             "",
         ]
+    return lines
 
-    lines += ["## Results", ""]
+
+def _results(run: RunFiles) -> list[str]:
+    lines = ["## Results", ""]
+    scores, trainer_eval = run.scores, run.trainer_eval
     if scores:
         lines += [
             f"Scored on {scores['documents']:,} documents held out from training: {scores.get('data', '')}.",
@@ -290,73 +340,78 @@ def model_card(run_dir: Path, model_id: str | None = None) -> str:
         ]
     else:
         lines += ["Not evaluated.", ""]
-    if (run_dir / "loss.png").is_file():
+    if (run.run_dir / "loss.png").is_file():
         lines += ["![Training and held-out loss](loss.png)", ""]
+    return lines
 
-    if samples:
-        first = samples[0]
-        lines += [
-            "## Samples",
-            "",
-            f"Preset `{first.get('preset')}`, {first.get('max_new_tokens')} new tokens at most; the prompt opens "
-            f"each text (an empty prompt: from nothing). Each has its seed in `samples.jsonl`.",
-            "",
-        ]
-        for sample in samples[:SAMPLES_SHOWN]:
-            lines += [_fence(sample["prompt"] + sample["completion"]), ""]
 
-    if data_report:
-        lines += [
-            "## Data",
-            "",
-            "| split | documents | characters | tokens | blocks |",
-            "|---|---|---|---|---|",
-        ]
-        for split in ("train", "validation"):
-            r = data_report[split]
-            lines.append(f"| {split} | {r['documents']:,} | {r['characters']:,} | {r['tokens']:,} | {r['blocks']:,} |")
-        lines += [
-            "",
-            ("Each document ends with EOS; the" if data_report.get("add_eos") else "Documents are joined without EOS;")
-            + f" text is packed into blocks of {data_report['block_size']} tokens. Whole documents are held out for "
-            "validation.",
-            "",
-        ]
+def _samples(samples: list[dict]) -> list[str]:
+    if not samples:
+        return []
+    first = samples[0]
+    lines = [
+        "## Samples",
+        "",
+        f"Preset `{first.get('preset')}`, {first.get('max_new_tokens')} new tokens at most; the prompt opens "
+        f"each text (an empty prompt: from nothing). Each has its seed in `samples.jsonl`.",
+        "",
+    ]
+    for sample in samples[:SAMPLES_SHOWN]:
+        lines += [_fence(sample["prompt"] + sample["completion"]), ""]
+    return lines
 
-    train_section = recipe.get("train", {})
-    train_points, _ = loss_history(state.get("log_history", []))
-    last_train_loss = train_points[-1][1] if train_points else None
-    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+
+def _data(data_report: dict | None) -> list[str]:
+    if not data_report:
+        return []
+    lines = ["## Data", "", "| split | documents | characters | tokens | blocks |", "|---|---|---|---|---|"]
+    for split in ("train", "validation"):
+        r = data_report[split]
+        lines.append(f"| {split} | {r['documents']:,} | {r['characters']:,} | {r['tokens']:,} | {r['blocks']:,} |")
+    joined = "Each document ends with EOS; the" if data_report.get("add_eos") else "Documents are joined without EOS;"
+    return lines + [
+        "",
+        f"{joined} text is packed into blocks of {data_report['block_size']} tokens. Whole documents are held "
+        "out for validation.",
+        "",
+    ]
+
+
+def _training(run: RunFiles) -> list[str]:
+    info, train = run.info, run.recipe.get("train", {})
+    train_points, _ = loss_history(run.state.get("log_history", []))
     rows = [
-        ("steps", f"{steps:,}" if steps else None),
-        ("tokens", f"{tokens:,}" if tokens else None),
+        ("steps", f"{run.steps:,}" if run.steps else None),
+        ("tokens", f"{run.tokens:,}" if run.tokens else None),
         (
             "batch",
             f"{info['effective_batch_size']} blocks ({info['tokens_per_step']:,} tokens) per step"
             if info.get("effective_batch_size")
             else None,
         ),
-        ("learning rate", _learning_rate(train_section)),
-        ("optimizer", _optimizer(train_section)),
+        ("learning rate", _learning_rate(train)),
+        ("optimizer", _optimizer(train)),
         ("precision", info.get("precision")),
         ("device", _device(info)),
-        ("training time", _seconds(train_results.get("train_runtime"))),
-        ("throughput", _get(train_results, "train_tokens_per_second", "{:,.0f} tokens/s")),
-        ("training loss, last logged", f"{last_train_loss:.4f}" if last_train_loss is not None else None),
+        ("training time", _seconds(run.train_results.get("train_runtime"))),
+        ("throughput", _get(run.train_results, "train_tokens_per_second", "{:,.0f} tokens/s")),
+        ("training loss, last logged", f"{train_points[-1][1]:.4f}" if train_points else None),
         ("versions", f"torch {info['torch']}, transformers {info['transformers']}" if "torch" in info else None),
     ]
-    lines += [f"| {key} | {value} |" for key, value in rows if value]
-    lines += [
-        "",
+    return ["## Training", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows if v), ""]
+
+
+def _reproduce(run: RunFiles, name: str) -> list[str]:
+    lines = [
         "## Reproduce",
         "",
         "```sh",
-        f"hftextgen finetune --config {run_dir}/recipe.yaml --train.output_dir runs/{name}-again",
+        f"hftextgen finetune --config {run.run_dir}/recipe.yaml --train.output_dir runs/{name}-again",
         "```",
         "",
     ]
-    if recipe_text:
-        body = "\n".join(line for line in recipe_text.splitlines() if not line.startswith("# "))
+    if run.recipe_text:
+        body = "\n".join(line for line in run.recipe_text.splitlines() if not line.startswith("# "))
         lines += [
             "<details><summary>recipe.yaml: every setting of this run</summary>",
             "",
@@ -367,7 +422,7 @@ def model_card(run_dir: Path, model_id: str | None = None) -> str:
             "</details>",
             "",
         ]
-    return "\n".join(lines)
+    return lines
 
 
 def _device(info: dict) -> str | None:

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from hftextgen.config import GenerateConfig
+from hftextgen.config import NEUTRAL, PRESETS, GenerateConfig
 from hftextgen.generate import Generator, SeededGumbel
 from hftextgen.model import load
 
@@ -76,10 +76,16 @@ def test_beam_search_returns_several_sequences(model):
     assert [s.index for s in samples] == [0, 1, 2, 3] and [s.prompt for s in samples] == ["HAMLET:"] * 2 + ["KING:"] * 2
 
 
-def test_presets_and_overrides():
-    cfg = GenerateConfig(preset="precise", temperature=0.9)
-    assert cfg.settings()["temperature"] == 0.9 and cfg.settings()["top_p"] == 0.9
-    assert GenerateConfig(preset="greedy").settings()["do_sample"] is False
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_preset_sets_its_fields_and_any_field_overrides_it(preset):
+    """Settings = neutral values, then the preset's, then the fields set; nothing else."""
+    assert GenerateConfig(preset=preset).settings() == {**NEUTRAL, **PRESETS[preset]}
+    sampling = PRESETS[preset].get("do_sample", False)
+    overrides = {"temperature": 0.7, "top_k": 7, "top_p": 0.7, "typical_p": 0.7, "repetition_penalty": 1.3}
+    overrides |= {"no_repeat_ngram_size": 2} | ({} if sampling else {"num_beams": 3})
+    for key, value in overrides.items():
+        settings = GenerateConfig(preset=preset, **{key: value}).settings()
+        assert settings == {**NEUTRAL, **PRESETS[preset], key: value}, key
 
 
 def test_jsonl_records_reproduce_their_sample(trained_run, tmp_path, run_cli):
