@@ -22,6 +22,14 @@ WORDS = (
 SPEAKERS = ["HAMLET", "KING", "QUEEN", "HORATIO"]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that reads the session's trained model (a few seconds to make) is slow: the fast
+    subset (`pytest -m "not slow"`) never trains it."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def flags(settings: dict) -> list[str]:
     """{"train.max_steps": 40} -> ["--train.max_steps", "40"]"""
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]

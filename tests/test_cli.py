@@ -146,6 +146,7 @@ def test_print_config_prints_the_resolved_recipe(capsys, tmp_path):
         assert printed_recipe[section] == original[section], section
 
 
+@pytest.mark.slow
 def test_console_entry_point_exit_code():
     result = subprocess.run(
         [sys.executable, "-m", "hftextgen", "finetune", "--train.learnin_rate", "1"],

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from hftextgen import guards, rundir
 from hftextgen import model as model_stage
 
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 
 @pytest.fixture(autouse=True)
 def _small_run_cache(small_run, monkeypatch):

@@ -28,6 +28,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from hftextgen import cache
 
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "launch").glob("*.yaml"))
 TOPOLOGY = {

@@ -30,6 +30,7 @@ def short_run(corpus, run_dir, *extra):
     return files_args(corpus, run_dir, "--train.max_steps", "6", "--train.eval_steps", "3", *extra)
 
 
+@pytest.mark.slow
 def test_quiet_prints_no_progress_and_no_carriage_return(corpus, tmp_path, run_fd):
     code, out, err = run_fd(*short_run(corpus, tmp_path / "run"), "--progress", "quiet")
     assert code == 0, err
@@ -38,6 +39,7 @@ def test_quiet_prints_no_progress_and_no_carriage_return(corpus, tmp_path, run_f
     assert not re.search(r"^step \d", out, re.M) and "Tokenizing" not in out + err and "Scoring" not in out + err
 
 
+@pytest.mark.slow
 def test_plain_prints_a_line_per_log_and_no_carriage_return(corpus, tmp_path, run_fd):
     code, out, err = run_fd(*short_run(corpus, tmp_path / "run"), "--progress", "plain")
     assert code == 0, err
@@ -53,6 +55,7 @@ def test_plain_prints_a_line_per_log_and_no_carriage_return(corpus, tmp_path, ru
     assert "Tokenizing train: 6 documents ..." in out and "training: 6 steps in" in out
 
 
+@pytest.mark.slow
 def test_bars_draw_bars(corpus, tmp_path, run_fd):
     """The same check that finds no carriage return in the modes above finds the bars' here."""
     code, out, err = run_fd(*short_run(corpus, tmp_path / "run"), "--progress", "bars", "--train.disable_tqdm", "false")
@@ -73,6 +76,7 @@ def test_bad_progress_mode_is_one_line(run_cli, tmp_path):
     assert code == 2 and "progress: expected one of auto, bars, plain, quiet" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_push_to_hub_offline_fails_before_any_work(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     for command in ("finetune", "validate"):
@@ -84,6 +88,7 @@ def test_push_to_hub_offline_fails_before_any_work(corpus, tmp_path, run_cli):
         assert not (tmp_path / "cache").exists()  # failed before reading the data
 
 
+@pytest.mark.slow
 def test_push_to_hub_needs_a_token(corpus, tmp_path, run_cli, monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -114,6 +119,7 @@ class FakeHub:
         return SimpleNamespace(commit_url="https://huggingface.co/someone/x/commit/1")
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_run_with_its_model_card(corpus, tmp_path, run_cli, monkeypatch):
     import huggingface_hub
     import transformers.trainer

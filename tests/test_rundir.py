@@ -29,6 +29,7 @@ def _small_run_cache(small_run, monkeypatch):
 # ---------------------------------------------------------------- kill, crash while saving
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(small_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     process = start(small_run.argv(run_dir), small_run.cache, tmp_path, STEP_DELAY="0.05")
@@ -43,6 +44,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(small_run, tmp_pa
     assert_same_run(run_dir, small_run.run_dir)
 
 
+@pytest.mark.slow
 def test_a_save_cut_short_is_skipped_and_the_run_resumes_from_the_one_before(small_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     process = start(small_run.argv(run_dir), small_run.cache, tmp_path, DIE_IN_SAVE="20")
@@ -62,6 +64,7 @@ def test_a_save_cut_short_is_skipped_and_the_run_resumes_from_the_one_before(sma
     assert rundir.checkpoint_problem(partial) is None  # saved again, whole, at step 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, problem",
     [
@@ -85,6 +88,7 @@ def test_every_kind_of_damaged_checkpoint_is_found_and_skipped(small_run, tmp_pa
     assert rundir.newest_complete(run_dir) == (run_dir / "checkpoint-30", [(run_dir / "checkpoint-40", problem)])
 
 
+@pytest.mark.slow
 def test_resume_says_which_new_settings_it_cannot_use(small_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     shutil.copytree(small_run.run_dir, run_dir)
@@ -102,6 +106,7 @@ def test_resume_says_which_new_settings_it_cannot_use(small_run, tmp_path, run_c
     assert learning_rates(run_dir) == learning_rates(small_run.run_dir)
 
 
+@pytest.mark.slow
 def test_a_crash_while_saving_the_final_model_leaves_no_half_model(small_run, tmp_path, run_cli, monkeypatch):
     from transformers import Trainer
 
@@ -128,6 +133,7 @@ def test_a_crash_while_saving_the_final_model_leaves_no_half_model(small_run, tm
     assert weight_difference(run_dir, small_run.run_dir) == 0
 
 
+@pytest.mark.slow
 def test_the_same_recipe_and_seed_give_the_same_run(small_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     code, _, err = run_cli(*small_run.argv(run_dir))
@@ -136,6 +142,7 @@ def test_the_same_recipe_and_seed_give_the_same_run(small_run, tmp_path, run_cli
     assert weight_difference(run_dir, small_run.run_dir) == 0
 
 
+@pytest.mark.slow
 def test_a_disk_too_small_for_the_checkpoints_is_warned_about(small_run, tmp_path, run_cli, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=100_000))

@@ -100,6 +100,7 @@ NO_DROPOUT = flags({"model.resid_pdrop": 0, "model.embd_pdrop": 0, "model.attn_p
 PLAIN = flags({"train.bf16": "false", "train.optim": "adamw_torch", "train.fused_loss": "false"})
 
 
+@pytest.mark.slow
 def test_fast_settings_train_like_plain_settings(corpus, tmp_path, run_cli):
     """15 optimizer steps of the same model on the same batches, dropout off.
 
@@ -149,6 +150,7 @@ def test_batch_encoder_on_a_trained_tokenizer_uses_the_rust_backend(tmp_path):
     assert encode(probe) == tok(probe, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("add_eos", [True, False])
 @pytest.mark.parametrize("num_proc", [None, 2], ids=["in-process", "datasets-map"])
 def test_prepare_matches_the_run_clm_reference(tmp_path, add_eos, num_proc):
@@ -167,6 +169,7 @@ def test_prepare_matches_the_run_clm_reference(tmp_path, add_eos, num_proc):
         assert np.array_equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_shakespeare_blocks_match_the_run_clm_reference(tmp_path):
     """The bundled corpus itself, one of its splits (the held-out plays: two whole plays)."""
     cfg = DataConfig(source="shakespeare", block_size=128, cache_dir=str(tmp_path))

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from hftextgen.cli import finetune_parser
 from hftextgen.tokenizer import bundled_gpt2
 
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 
 def logged_losses(run_dir):
     state = json.loads((run_dir / "trainer_state.json").read_text())

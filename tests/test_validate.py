@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import files_args
 
 from hftextgen.validate import describe, memory_formula
@@ -15,6 +16,7 @@ def validate_args(argv: list[str]) -> list[str]:
     return ["validate", *argv[1:]]
 
 
+@pytest.mark.slow
 def test_estimate_matches_the_run(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     # Epochs, not max_steps: the step count then comes from the dataloader (173 blocks of 4: 44
@@ -84,6 +86,7 @@ def test_memory_formula_counts_the_training_state_torch_holds():
     assert {k: formula[k] for k in held} == held
 
 
+@pytest.mark.slow
 def test_validate_refuses_what_finetune_refuses(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -100,6 +103,7 @@ def test_validate_refuses_what_finetune_refuses(corpus, tmp_path, run_cli):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_validate_after_an_interruption_counts_the_steps_left(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     argv = files_args(corpus, run_dir, "--train.save_steps", "4", "--train.eval_steps", "100")
