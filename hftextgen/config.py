@@ -336,9 +336,9 @@ class GenerateConfig:
     """Prompts generated together (left-padded)."""
 
     cache: Literal["dynamic", "static"] = "dynamic"
-    """KV cache. static: preallocated, and on a GPU transformers compiles the decoding step
-    (torch.compile): much faster per token once compiled, but the first call compiles for a
-    while. Same text either way."""
+    """KV cache. static: preallocated key/value buffers; a GPT-2 decodes through
+    hftextgen/decode.py, each step replayed as one CUDA graph on a GPU; other models use
+    transformers' static cache (compiled on a GPU). Same text either way."""
 
     def __post_init__(self) -> None:
         checks = {
