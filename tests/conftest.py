@@ -69,6 +69,26 @@ def write_corpus(folder: Path, n_docs: int = 8, lines: int = 60, suffix: str = "
     return folder
 
 
+def save_tiny_pretrained(folder: Path, model_type: str = "gpt2", **shape):
+    """A tiny pretrained model of `model_type` with GPT-2's tokenizer, saved as a hub model would
+    be (2 layers, width 16, 64 positions; for llama, grouped-query attention and tied embeddings)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hftextgen.tokenizer import bundled_gpt2
+
+    tokenizer = bundled_gpt2()
+    settings = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 16, "max_position_embeddings": 64}
+    if model_type == "llama":
+        settings |= {"num_key_value_heads": 2, "intermediate_size": 32, "tie_word_embeddings": True}
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **settings, **ids, **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Each test gets its own cache, and nothing reaches the network."""

@@ -108,3 +108,19 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert list(got) == list(expected) == list(range(1, 41))
     assert max(abs(got[s] - expected[s]) for s in got) <= 1e-6, (got, expected)
     assert weight_difference(run_dir, reference) <= 1e-6
+
+
+def launch_two(argv: list[str], cache_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file launch/multi_gpu.yaml --num_processes 2 -m hftextgen ...`"""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HFTEXTGEN_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # two processes on a shared CPU; torchrun would set it and say so
+    }
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/multi_gpu.yaml")]
+    command += ["--num_processes", "2", "-m", "hftextgen", *argv]
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
