@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import warnings
 
 from .errors import ConfigError, UserError
@@ -89,9 +90,8 @@ def _defaults(cls: type) -> dict:
         return cls().to_dict()
 
 
+@functools.cache
 def _known(cls: type) -> set[str]:
-    import inspect
-
     signature = inspect.signature(cls.__init__).parameters
     named = {p for p, v in signature.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)} - {"self"}
     return set(_defaults(cls)) | set(cls.attribute_map) | named
@@ -100,8 +100,6 @@ def _known(cls: type) -> set[str]:
 def _default(cls: type, name: str):
     """A setting's default as the class's signature states it: None where the class derives it
     (LlamaConfig: key/value heads = heads), unlike the value a default instance holds."""
-    import inspect
-
     parameter = inspect.signature(cls.__init__).parameters.get(name)
     if parameter is not None and parameter.default is not inspect.Parameter.empty:
         return parameter.default
@@ -132,7 +130,7 @@ def _accepts(cls: type, key: str, value) -> bool:
 
 
 def check_config_keys(model_type: str, given: dict) -> None:
-    """model.config: every key one the architecture's config class has, and none that a common
+    """model.config: every key a setting of the architecture's config class, and none that a common
     name or the tokenizer sets."""
     cls = config_class(model_type)
     known = _known(cls)

@@ -176,12 +176,12 @@ class PeftConfig:
     package), or unset: full fine-tuning, every weight trains."""
 
     method: Literal["lora"] | None = None
-    """lora: train low-rank adapters (r x width matrices beside each target layer) and freeze the
-    pretrained weights: gradients and AdamW state for a fraction of a percent of the parameters.
+    """lora: train low-rank adapters (two thin matrices, width x r and r x width, beside each target
+    layer) and freeze the pretrained weights: gradients and AdamW state for a fraction of a percent of the parameters.
     Unset: full fine-tuning. Needs model.name_or_path and the peft package."""
 
     r: int = 8
-    """Rank of each adapter: its parameters grow linearly with r (LoRA paper: 4-16 is typical)."""
+    """Rank of each adapter: its parameters grow linearly with r (8-16 is common; more for more text)."""
 
     alpha: float = 16.0
     """Scale of the adapters' output: alpha / r multiplies it, so alpha = 2 r keeps the usual

@@ -128,16 +128,20 @@ def trained_run(tmp_path_factory) -> Path:
     generation and evaluation tests read it and never write into it."""
     root = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(root / "corpus")
+    argv = files_args(corpus, root / "run", "--train.max_steps", "60", "--train.eval_steps", "60")
+    finetune_offline(argv + flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8}), root / "cache")
+    return root / "run"
+
+
+def finetune_offline(argv: list[str], cache: Path) -> None:
+    """Run `hftextgen finetune` for a fixture shared by several tests: offline, with its own cache."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HFTEXTGEN_CACHE", str(root / "cache"))
+        mp.setenv("HFTEXTGEN_CACHE", str(cache))
         import huggingface_hub.constants
 
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         hub.hub_reachable.cache_clear()
-        argv = files_args(corpus, root / "run", "--train.max_steps", "60", "--train.eval_steps", "60")
-        argv += flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8})
         assert cli.main(argv) == 0
-    return root / "run"
 
 
 # A run without GPT-2's 50k vocabulary (whose logits are most of a tiny model's work: a step
@@ -170,11 +174,5 @@ def small_run(tmp_path_factory) -> SmallRun:
     """Trained once for the session; tests copy its run directory and never write into it."""
     run = SmallRun(tmp_path_factory.mktemp("small"))
     write_corpus(run.corpus)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HFTEXTGEN_CACHE", str(run.cache))
-        import huggingface_hub.constants
-
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        hub.hub_reachable.cache_clear()
-        assert cli.main(run.argv(run.run_dir)) == 0
+    finetune_offline(run.argv(run.run_dir), run.cache)
     return run

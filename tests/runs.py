@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,15 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> Non
             pytest.fail(f"the run ended before {path} appeared:\n{out.decode()[-2000:]}\n{err.decode()[-2000:]}")
         assert time.monotonic() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.02)
+
+
+def kill_once_saved(argv: list[str], cache: Path, cwd: Path, checkpoint: Path, step_delay: str = "0.05") -> None:
+    """Start `hftextgen argv`, and SIGKILL it once `checkpoint` is saved whole (its trainer_state.json)."""
+    process = start(argv, cache, cwd, STEP_DELAY=step_delay)
+    wait_for(checkpoint / "trainer_state.json", process)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
 
 
 def said(err: str) -> str:

@@ -135,33 +135,6 @@ def test_memory_formula_is_the_papers_for_gpt2_and_follows_other_shapes():
     assert activations(llama) - activations(grouped) == pytest.approx(2 * 4 * s * b * (h - h / 2), abs=1)
 
 
-def test_memory_formula_counts_a_lora_models_training_state_as_torch_holds_it():
-    """With LoRA, gradients and AdamW state exist for the adapters only: the formula's bytes ==
-    the tensors a real training step leaves behind; the weights are all of them."""
-    from hftextgen import lora
-    from hftextgen.config import PeftConfig
-
-    lm = lora.wrap(
-        lm_of("llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=16, n_inner=32, vocab_size=300),
-        PeftConfig(method="lora"),
-        "base",
-    )
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
-    x = torch.randint(0, 300, (2, 32))
-    lm(input_ids=x, labels=x).loss.backward()
-    optimizer.step()
-    params = list(lm.parameters())
-    held = {
-        "weights": sum(p.nbytes for p in params),
-        "gradients": sum(p.grad.nbytes for p in params if p.grad is not None),
-        "optimizer": sum(v.nbytes for state in optimizer.state.values() for v in state.values() if v.dim()),
-    }
-    formula = memory_formula(lm, ARGS, 32, "fp32")
-    assert {k: formula[k] for k in held} == held
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    assert formula["lora_saves"] == 12 * (sum(p.numel() for p in params) - trainable)
-
-
 # ---------------------------------------------------------------- end to end
 
 

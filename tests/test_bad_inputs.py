@@ -70,6 +70,12 @@ def without_peft(c: Ctx) -> list[str]:
     return lora_of_the_small_run(c)
 
 
+def an_adapter_folder(c: Ctx) -> list[str]:
+    (c.tmp / "adapter").mkdir()
+    c.write("adapter/adapter_config.json", '{"base_model_name_or_path": "gpt2"}')
+    return c.pretrained(str(c.tmp / "adapter"))
+
+
 def stopped_before_first_save(c: Ctx) -> list[str]:
     c.run.mkdir()
     for name in ("recipe.yaml", "run_info.json", "data_report.json"):
@@ -263,6 +269,11 @@ CASES = {
         lambda c: lora_of_the_small_run(c, "--peft.target_modules", "[mlp]"),
         "peft.target_modules: 'mlp' is a GPT2MLP in this gpt2 model, not a layer LoRA can adapt: name linear "
         "layers (c_attn, c_fc, c_proj)",
+    ),
+    "fine-tuning a LoRA adapter folder": (
+        an_adapter_folder,
+        "model.name_or_path: {tmp}/adapter holds a LoRA adapter, not a whole model: fine-tune the merged model of "
+        "its run (the run directory) instead",
     ),
     "LoRA without the peft package": (
         without_peft,

@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import files_args, flags, save_tiny_pretrained, write_corpus
-from runs import launch_two, start, wait_for
+from conftest import files_args, finetune_offline, flags, save_tiny_pretrained, write_corpus
+from runs import kill_once_saved, launch_two
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, pipeline
 
-from hftextgen import cli, hub, lora, rundir
+from hftextgen import lora, rundir
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
@@ -30,29 +28,13 @@ LINEAR = {
 }
 
 
-@dataclass
 class LoraRun:
     """A finished LoRA run of 8 steps (checkpoints and evaluations every 4, samples every 4,
     adapter dropout on), its base model, corpus and data cache."""
 
-    model_type: str
-    root: Path
-
-    @property
-    def base(self) -> Path:
-        return self.root / "base"
-
-    @property
-    def corpus(self) -> Path:
-        return self.root / "corpus"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.root / "run"
+    def __init__(self, model_type: str, root: Path):
+        self.model_type, self.root = model_type, root
+        self.base, self.corpus, self.cache, self.run_dir = (root / n for n in ("base", "corpus", "cache", "run"))
 
     def argv(self, run_dir: Path, *extra: str, dropout: float = 0.1) -> list[str]:
         settings = {
@@ -78,13 +60,7 @@ def lora_run(request, tmp_path_factory) -> LoraRun:
     run = LoraRun(request.param, tmp_path_factory.mktemp(f"lora-{request.param}"))
     write_corpus(run.corpus)
     save_tiny_pretrained(run.base, request.param)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HFTEXTGEN_CACHE", str(run.cache))
-        import huggingface_hub.constants
-
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        hub.hub_reachable.cache_clear()
-        assert cli.main(run.argv(run.run_dir)) == 0
+    finetune_offline(run.argv(run.run_dir), run.cache)
     return run
 
 
@@ -188,11 +164,8 @@ def test_generate_and_evaluate_take_the_adapter_or_the_merged_model(lora_run, tm
 
 def test_a_killed_lora_run_resumes_exactly(lora_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
-    process = start(lora_run.argv(run_dir), lora_run.cache, tmp_path, STEP_DELAY="0.1")
-    wait_for(run_dir / "checkpoint-4" / "trainer_state.json", process)
-    process.kill()
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (run_dir / lora.ADAPTER_DIR).exists()
+    kill_once_saved(lora_run.argv(run_dir), lora_run.cache, tmp_path, run_dir / "checkpoint-4", step_delay="0.1")
+    assert not (run_dir / lora.ADAPTER_DIR).exists()
 
     code, _, err = run_cli(*lora_run.argv(run_dir, "--train.resume_from_checkpoint", "last"))
     assert code == 0, err
