@@ -9,7 +9,10 @@ So a sample does not depend on which other prompts shared its batch, or on the b
 its JSONL record reproduces it alone (`--generate.seed <its seed>`).
 
 A model whose context is shorter than prompt + max_new_tokens keeps generating by sliding its
-window: it continues from the last context - context // 2 tokens, half a context at a time.
+window: it continues from the last context - context // 2 tokens, half a context at a time. The
+context is the positions the model was built for (model.context_length: GPT-2's n_positions,
+max_position_embeddings elsewhere); RoPE models could run past it, but on positions they never
+trained on, so they slide too.
 """
 
 from __future__ import annotations
