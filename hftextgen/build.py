@@ -5,6 +5,7 @@ the same thing."""
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from . import __version__, callbacks, data, fused_loss, generate, hub, model, progress, rundir, tokenizer
+from . import __version__, callbacks, data, fused_loss, generate, hub, lora, model, progress, rundir, tokenizer
 from .config import Recipe
 from .errors import UserError
 
@@ -37,6 +38,10 @@ def preflight(recipe: Recipe) -> str | None:
     )
     rundir.check_output_dir(output_dir, resume is not None, args.overwrite_output_dir)
     model.check_source(recipe.model.name_or_path)
+    if not recipe.model.from_scratch:
+        model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
+    if recipe.peft.lora:
+        check_lora(recipe)
     generate.read_prompts(recipe.generate)  # a missing or empty prompts file, before hours of training
     if "tensorboard" in args.report_to and not callbacks.tensorboard_available():
         raise UserError(
@@ -45,6 +50,21 @@ def preflight(recipe: Recipe) -> str | None:
         )
     hub.check_push(args)
     return resume
+
+
+def check_lora(recipe: Recipe) -> None:
+    """LoRA's own checks: peft installed, the target modules in the model, and no FSDP."""
+    if uses_fsdp(recipe.train):
+        raise UserError(
+            "peft.method=lora under FSDP (launch/fsdp.yaml) has not been run here: LoRA's training state is small, "
+            "so use data parallel instead (launch/multi_gpu.yaml)"
+        )
+    lora.check(recipe.peft, recipe.model)
+
+
+def uses_fsdp(args: TrainingArguments) -> bool:
+    """FSDP from the recipe (train.fsdp) or from accelerate launch's config."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def build(recipe: Recipe) -> Built:
@@ -56,6 +76,8 @@ def build(recipe: Recipe) -> Built:
         packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
+    if recipe.peft.lora:
+        lm = lora.wrap(lm, recipe.peft, recipe.model.name_or_path)
     return Built(tok, corpus, packed, lm)
 
 
@@ -68,8 +90,12 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     """A stock Trainer over the packed blocks, with the training loss fused when asked."""
-    if getattr(args, "fused_loss", False) and not fused_loss.install(built.lm):
-        print("train.fused_loss: only GPT-2 models have it; this one trains with the stock loss", flush=True)
+    if getattr(args, "fused_loss", False):
+        peft = lora.is_peft(built.lm)
+        # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
+        if not fused_loss.install(built.lm.get_base_model() if peft else built.lm):
+            kind = built.lm.config.model_type + (" with LoRA adapters" if peft else "")
+            print(f"train.fused_loss: not available for this model ({kind}); it trains with the stock loss", flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
     return Trainer(
         model=built.lm,
@@ -92,6 +118,7 @@ def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
         "device": str(args.device),
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "parameters": lm.num_parameters(),
+        "trainable_parameters": lora.parameters(lm)[0],
         "per_device_batch_size": args.per_device_train_batch_size,
         "processes": args.world_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,

@@ -20,7 +20,7 @@ from . import __version__
 from .errors import RunStopped, UserError
 
 COMMANDS = {
-    "finetune": "train a GPT-2 from scratch or fine-tune a pretrained model, from a recipe",
+    "finetune": "train a model from scratch or fine-tune a pretrained one (fully or with LoRA), from a recipe",
     "generate": "continue prompts with a model: from the command line, a file, or interactively",
     "evaluate": "perplexity, bits-per-byte and samples of a model on held-out documents",
     "validate": "check a finetune recipe, estimate its steps, tokens, time, memory and disk; writes nothing",
@@ -65,6 +65,7 @@ def _build_parser(command: str, description: str, sections: tuple[str, ...]):
         "train": config.TrainArguments,
         "generate": config.GenerateConfig,
         "evaluate": config.EvaluateConfig,
+        "peft": config.PeftConfig,
     }
     for name in sections:
         parser.add_class_arguments(classes[name], name)
@@ -78,13 +79,14 @@ def _build_parser(command: str, description: str, sections: tuple[str, ...]):
     return parser
 
 
-RECIPE_SECTIONS = ("model", "tokenizer", "data", "train", "generate", "evaluate")
+RECIPE_SECTIONS = ("model", "tokenizer", "data", "train", "generate", "evaluate", "peft")
 
 
 def finetune_parser():
     return _parser(
         "finetune",
-        "Train a GPT-2 from scratch or fine-tune a pretrained model, as a recipe describes.",
+        "Train a model from scratch (any causal-LM architecture) or fine-tune a pretrained one, fully or with "
+        "LoRA, as a recipe describes.",
         RECIPE_SECTIONS,
     )
 
@@ -106,7 +108,8 @@ def _add_model(parser) -> None:
         "--model",
         type=str,
         required=True,
-        help="A run directory, any save_pretrained folder, or a hub name. A run directory's recipe.yaml "
+        help="A run directory, any save_pretrained folder, a LoRA adapter folder (a run's adapter/ or a "
+        "checkpoint of a LoRA run: loaded on its base model), or a hub name. A run directory's recipe.yaml "
         "supplies the defaults of the sections below.",
     )
     parser.add_argument(
@@ -217,7 +220,7 @@ def _recipe(s):
     from .config import Recipe
 
     try:
-        return Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate)
+        return Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate, s.peft)
     except ValueError as exc:
         raise UserError(" ".join(str(exc).split())) from exc
 
@@ -264,11 +267,15 @@ def run_defaults(build, argv: list[str]) -> tuple:
 
 def _with_run_defaults(build, argv: list[str]) -> tuple:
     """The defaults of the sections this command has come from the run directory's recipe.yaml:
-    what the model was trained and sampled with."""
+    what the model was trained and sampled with. A LoRA run's adapter/ folder is part of its run."""
     import yaml
+
+    from .lora import ADAPTER_DIR
 
     model = parse_args(build(), argv).model
     recipe = Path(model) / "recipe.yaml"
+    if Path(model).name == ADAPTER_DIR and not recipe.is_file():
+        recipe = Path(model).parent / "recipe.yaml"
     if not recipe.is_file():
         return parse(build(), argv)
     try:

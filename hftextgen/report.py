@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, architecture, lora
 from .files import write_atomic
 
-TAGS = ["text-generation", "gpt2", "hftextgen"]
+TAGS = ["text-generation", "hftextgen"]  # and the model's architecture, and lora/peft for a LoRA run
 SAMPLES_SHOWN = 3
 
 
@@ -140,9 +140,15 @@ def _fence(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
-def _metadata(recipe: dict, name: str, scores: dict | None) -> str:
+def _tags(run: RunFiles) -> list[str]:
+    tags = [TAGS[0], *([run.config["model_type"]] if run.config and run.config.get("model_type") else []), *TAGS[1:]]
+    return tags + (["lora", "peft"] if run.lora else [])
+
+
+def _metadata(run: RunFiles, name: str) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
+    recipe, scores = run.recipe, run.scores
     model_section, data = recipe.get("model", {}), recipe.get("data", {})
     source = data.get("source")
     base = model_section.get("name_or_path")
@@ -175,7 +181,7 @@ def _metadata(recipe: dict, name: str, scores: dict | None) -> str:
     card = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=TAGS,
+        tags=_tags(run),
         datasets=[data["dataset"]] if source == "hub" else None,
         base_model=base if from_hub else None,
         language="en" if source == "shakespeare" else None,
@@ -186,20 +192,39 @@ def _metadata(recipe: dict, name: str, scores: dict | None) -> str:
 
 
 def _architecture(config: dict | None, parameters: int | None) -> str:
-    if not config:
+    if not config or not config.get("model_type"):
         return "A causal language model"
-    kind = {"gpt2": "GPT-2"}.get(config.get("model_type"), config.get("model_type", "causal language model"))
+    try:
+        shape = architecture.shape(config)
+    except (KeyError, ValueError, TypeError):  # an architecture this transformers does not know
+        shape = {"model_type": config["model_type"]}
+    kind = {"gpt2": "GPT-2"}.get(shape["model_type"], shape["model_type"])
     parts = [f"{_count(parameters)} parameters"] if parameters else []
     for key, label in (("n_layer", "layers"), ("n_head", "heads")):
-        if config.get(key):
-            parts.append(f"{config[key]} {label}")
-    if config.get("n_embd"):
-        parts.append(f"width {config['n_embd']}")
-    if config.get("n_positions"):
-        parts.append(f"context {config['n_positions']} tokens")
-    if config.get("vocab_size"):
-        parts.append(f"vocabulary {config['vocab_size']:,}")
+        if shape.get(key):
+            parts.append(f"{shape[key]} {label}")
+    if shape.get("n_kv_head") and shape["n_kv_head"] != shape.get("n_head"):
+        parts.append(f"{shape['n_kv_head']} key/value heads")
+    if shape.get("n_embd"):
+        parts.append(f"width {shape['n_embd']}")
+    if shape.get("n_inner"):
+        parts.append(f"MLP {shape['n_inner']}")
+    if shape.get("n_positions"):
+        parts.append(f"context {shape['n_positions']} tokens")
+    if shape.get("vocab_size"):
+        parts.append(
+            f"vocabulary {shape['vocab_size']:,}" + (", tied embeddings" if shape.get("tie_word_embeddings") else "")
+        )
     return f"A {kind} ({', '.join(parts)})"
+
+
+def _context(config: dict | None) -> int | None:
+    if not config or not config.get("model_type"):
+        return None
+    try:
+        return architecture.shape(config)["n_positions"]
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _source_text(recipe: dict) -> str:
@@ -255,6 +280,12 @@ class RunFiles:
         return self.recipe.get("model", {}).get("name_or_path")
 
     @property
+    def lora(self) -> dict | None:
+        """The LoRA settings of a run that trained an adapter (its peft section), else None."""
+        peft = self.recipe.get("peft") or {}
+        return peft if peft.get("method") == "lora" else None
+
+    @property
     def steps(self) -> int | None:
         return self.state.get("global_step")
 
@@ -271,7 +302,7 @@ def model_card(run_dir: Path, model_id: str | None = None) -> str:
     name = run_dir.resolve().name
     model_id = model_id or str(run_dir)
     sections = [
-        ["---", _metadata(run.recipe, name, run.scores).rstrip(), "---", "", f"# {name}", "", _summary(run), ""],
+        ["---", _metadata(run, name).rstrip(), "---", "", f"# {name}", "", _summary(run), ""],
         _use_it(run, model_id),
         _results(run),
         _samples(run.samples),
@@ -284,6 +315,10 @@ def model_card(run_dir: Path, model_id: str | None = None) -> str:
 
 def _summary(run: RunFiles) -> str:
     how = f"fine-tuned from `{run.base}`" if run.base else "trained from scratch"
+    if run.lora:
+        trainable, total = run.info.get("trainable_parameters"), run.info.get("parameters")
+        share = f", {trainable / total:.2%} of the weights" if trainable and total else ""
+        how += f" with LoRA (rank {run.lora.get('r')}, alpha {run.lora.get('alpha')}{share}; merged into this model)"
     return (
         f"{_architecture(run.config, run.info.get('parameters'))}, {how} on {_source_text(run.recipe)} "
         f"with hftextgen {run.info.get('hftextgen', __version__)} (the stock `transformers` Trainer)"
@@ -304,10 +339,23 @@ def _use_it(run: RunFiles, model_id: str) -> list[str]:
         "```",
         "",
     ]
-    if run.config and run.config.get("n_positions") and not run.base:
+    context = _context(run.config)
+    if context and not run.base:
         lines += [
-            f"The model knows {run.config['n_positions']} positions: with `pipeline`, prompt plus new tokens must "
+            f"The model knows {context} positions: with `pipeline`, prompt plus new tokens must "
             f"fit in them (`hftextgen generate --model {model_id}` slides its window instead).",
+            "",
+        ]
+    if run.lora:
+        lines += [
+            f"This is the base model with the LoRA adapter merged in. The adapter alone is in `{lora.ADAPTER_DIR}/` "
+            f"(`adapter_config.json`, `adapter_model.safetensors`); peft loads it on its base model `{run.base}`:",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{model_id}/{lora.ADAPTER_DIR}")',
+            "```",
             "",
         ]
     return lines
@@ -442,7 +490,7 @@ def _example_prompt(recipe: dict) -> str:
 
 
 def _new_tokens(config: dict | None) -> int:
-    positions = (config or {}).get("n_positions") or 1024
+    positions = _context(config) or 1024
     return max(1, min(60, positions // 2))
 
 

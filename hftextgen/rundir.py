@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from . import architecture, lora
 from .errors import UserError, warn
 from .files import write_atomic, write_json
 
@@ -88,7 +89,8 @@ def checkpoint_problem(folder: Path, needs_optimizer: bool = True) -> str | None
     if not (folder / "trainer_state.json").is_file():
         return "no trainer_state.json: the run stopped while saving it"
     names = {p.name for p in folder.iterdir()}
-    required = {"model weights": ("model.safetensors", "model-", "pytorch_model")}
+    # A LoRA run's checkpoints hold its adapter only: the base weights never change.
+    required = {"model weights": ("model.safetensors", "model-", "pytorch_model", "adapter_model")}
     if needs_optimizer:
         required |= {"optimizer state": ("optimizer",), "schedule": ("scheduler.pt",), "random state": ("rng_state",)}
     for what, prefixes in required.items():
@@ -118,23 +120,43 @@ def newest_complete(output_dir: Path, needs_optimizer: bool = True) -> tuple[Pat
 
 
 def check_same_model(checkpoint: Path, lm) -> None:
-    """A checkpoint of another architecture would fail deep inside the Trainer with a size mismatch
-    for every tensor; say which setting differs instead."""
+    """A checkpoint of another architecture, shape or adapter would fail deep inside the Trainer
+    with a size mismatch for every tensor; say which setting differs instead."""
+    checkpoint = Path(checkpoint)
+    adapter = checkpoint / lora.ADAPTER_CONFIG
+    if adapter.is_file() != lora.is_peft(lm):
+        holds, builds = (
+            ("a LoRA adapter", "trains every weight")
+            if adapter.is_file()
+            else ("a whole model", "trains LoRA adapters")
+        )
+        _refuse(checkpoint, f"holds {holds}, but this recipe {builds}")
+    if adapter.is_file():
+        saved = json.loads(adapter.read_text(encoding="utf-8"))
+        built = lm.peft_config["default"]
+        for key, recipe_key in (("r", "r"), ("lora_alpha", "alpha"), ("target_modules", "target_modules")):
+            old, new = saved.get(key), getattr(built, key)
+            if isinstance(old, list | set) or isinstance(new, list | set):
+                old, new = sorted(old or []), sorted(new or [])
+            if old != new:
+                _refuse(checkpoint, f"holds an adapter with peft.{recipe_key}={old}, but this recipe builds {new}")
+        return
     try:
-        saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        saved_shape = architecture.shape(saved)
+    except (OSError, ValueError, KeyError):
         return  # an FSDP checkpoint keeps no config.json; the Trainer reports what it finds
-    built = lm.config.to_dict()
-    keys = ("model_type", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "n_inner")
-    keys += ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
-    for key in keys:
-        if key in saved and key in built and saved[key] != built[key]:
-            run = Path(checkpoint).parent
-            raise UserError(
-                f"train.resume_from_checkpoint: {checkpoint} holds a model with {key}={saved[key]}, but this "
-                f"recipe builds {key}={built[key]}: resume with the run's own recipe: hftextgen finetune --config "
-                f"{run / 'recipe.yaml'} --train.resume_from_checkpoint last"
-            )
+    built_shape = architecture.shape(lm.config)
+    for key, value in saved_shape.items():
+        if value != built_shape[key]:
+            _refuse(checkpoint, f"holds a model with {key}={value}, but this recipe builds {key}={built_shape[key]}")
+
+
+def _refuse(checkpoint: Path, why: str) -> None:
+    raise UserError(
+        f"train.resume_from_checkpoint: {checkpoint} {why}: resume with the run's own recipe: hftextgen finetune "
+        f"--config {checkpoint.parent / 'recipe.yaml'} --train.resume_from_checkpoint last"
+    )
 
 
 # What a checkpoint brings back whatever the recipe says now: the optimizer's and scheduler's
@@ -334,8 +356,13 @@ def save_final_model(trainer, output_dir: Path) -> None:
     main = trainer.args.should_save
     if main and staging.exists():
         shutil.rmtree(staging)  # left by a run killed while saving; its files are in checkpoints
-    trainer.save_model(str(staging), _internal_call=True)  # every process: FSDP gathers here
+    write_final(trainer, staging)
     if main:
+        adapter = staging / lora.ADAPTER_DIR
+        if adapter.is_dir():  # a folder: renamed whole, so it is never seen half-written
+            if (output_dir / lora.ADAPTER_DIR).exists():
+                shutil.rmtree(output_dir / lora.ADAPTER_DIR)  # a resumed run saving its end again
+            os.replace(adapter, output_dir / lora.ADAPTER_DIR)
 
         def weights_last(path: Path) -> tuple[bool, bool, str]:
             weights = path.suffix == ".safetensors" or path.name.startswith("pytorch_model")
@@ -346,6 +373,16 @@ def save_final_model(trainer, output_dir: Path) -> None:
         staging.rmdir()
     if trainer.args.push_to_hub:  # what Trainer.save_model() does when not called internally
         trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
+
+
+def write_final(trainer, folder: Path) -> None:
+    """The final model's files in `folder`, as the Trainer saves them (model, tokenizer, training
+    arguments). A LoRA run saves its adapter into folder/adapter, then folds it into the base
+    weights (in place: lora.merge) and saves that merged model like any other."""
+    if lora.is_peft(trainer.accelerator.unwrap_model(trainer.model)):
+        trainer.save_model(str(folder / lora.ADAPTER_DIR), _internal_call=True)
+        lora.merge(trainer)
+    trainer.save_model(str(folder), _internal_call=True)  # every process: FSDP gathers here
 
 
 # ---------------------------------------------------------------- disk space
@@ -361,16 +398,19 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def disk_warning(output_dir: Path, parameters: int, saves: int, save_total_limit: int | None) -> str | None:
+def disk_warning(
+    output_dir: Path, parameters: int, saves: int, save_total_limit: int | None, trainable: int | None = None
+) -> str | None:
     """A warning when the disk under output_dir cannot hold what this run will write, else None.
 
-    A checkpoint holds the fp32 weights (4 bytes a parameter) and AdamW's two fp32 moments (8
-    bytes); the Trainer deletes the oldest one only after writing a new one, so save_total_limit
-    + 1 of them exist at once. The final model is the weights again. What the run directory
-    already holds (a resumed run's checkpoints) counts as spent.
+    A checkpoint holds the fp32 trained weights (4 bytes a parameter: all of them, or a LoRA run's
+    `trainable` adapters) and their AdamW moments (8 bytes); the Trainer deletes the oldest one
+    only after writing a new one, so save_total_limit + 1 of them exist at once. The final model
+    is the weights again. What the run directory already holds (a resumed run's checkpoints)
+    counts as spent.
     """
     saves = max(saves, 1)  # a graceful stop saves one even with train.save_strategy no
-    checkpoint = parameters * 12
+    checkpoint = (parameters if trainable is None else trainable) * 12
     at_once = min(saves, save_total_limit + 1) if save_total_limit and save_total_limit > 0 else saves
     needed = at_once * checkpoint + parameters * 4
     needed -= sum(_size(p) for p in checkpoints(output_dir)) + _size(output_dir / "model.safetensors")

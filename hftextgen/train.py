@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import Trainer, set_seed
+from transformers import EarlyStoppingCallback, Trainer, set_seed
 
 from . import build, callbacks, data, evaluation, generate, guards, hub, report, rundir, runtime
 from .callbacks import perplexity
@@ -68,6 +68,10 @@ def setup_trainer(recipe: Recipe, built: build.Built) -> tuple[Trainer, callback
         tokens_per_byte=validation["tokens"] / validation["bytes"] if validation.get("bytes") else None,
         log_dir=output_dir / "tensorboard",
     )
+    if recipe.train.early_stopping_patience is not None:
+        trainer.add_callback(
+            EarlyStoppingCallback(recipe.train.early_stopping_patience, recipe.train.early_stopping_threshold)
+        )
     every = recipe.evaluate.sample_every
     if every and not trainer.is_fsdp_enabled:  # FSDP: rank 0 can't generate alone
         path = output_dir / "training_samples.jsonl"
@@ -76,8 +80,10 @@ def setup_trainer(recipe: Recipe, built: build.Built) -> tuple[Trainer, callback
 
 
 def describe_run(info: dict) -> str:
+    trainable = info["trainable_parameters"]
+    share = f" ({trainable:,} trained: {trainable / info['parameters']:.2%})" if trainable < info["parameters"] else ""
     return (
-        f"model: {info['parameters']:,} parameters; precision {info['precision']} on {info['device']}\n"
+        f"model: {info['parameters']:,} parameters{share}; precision {info['precision']} on {info['device']}\n"
         f"batch: {info['effective_batch_size']} blocks = {info['per_device_batch_size']} per device x "
         f"{info['processes']} processes x {info['gradient_accumulation_steps']} accumulation "
         f"({info['tokens_per_step']:,} tokens per step)"
@@ -89,7 +95,9 @@ def start_run_dir(recipe: Recipe, built: build.Built, info: dict, resume: str | 
     args = recipe.train
     output_dir = Path(args.output_dir)
     schedule = recipe.schedule(len(built.packed.train))
-    low_disk = rundir.disk_warning(output_dir, info["parameters"], schedule.saves, args.save_total_limit)
+    low_disk = rundir.disk_warning(
+        output_dir, info["parameters"], schedule.saves, args.save_total_limit, info["trainable_parameters"]
+    )
     if low_disk:
         warn(low_disk)
     files = {

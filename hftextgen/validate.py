@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 
-from . import build, data, evaluation, generate, model, progress, runtime
+from . import architecture, build, data, evaluation, generate, lora, model, progress, rundir, runtime
 from .config import Recipe
 from .plan import Schedule
 
@@ -61,15 +61,19 @@ def validate(recipe: Recipe) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "report": built.packed.report,
     }
+    info = build.run_info(recipe, built.lm, built.packed.cache_path)
+    # Before the probe: a LoRA probe's final save folds the adapter into the model.
+    described = describe_model(built.lm, info)
+    formula = memory_formula(built.lm, recipe.train, recipe.data.block_size, info["precision"])
     measured = measure(recipe, built)
     schedule = recipe.schedule(len(built.packed.train), _resumed_step(resume))
-    info = build.run_info(recipe, built.lm, built.packed.cache_path)
     return {
         "output_dir": str(output_dir),
         "output_dir_exists": existed,
         "resume_from": resume,
         "data": prepared,
-        **estimate(recipe, built, info, schedule, measured, resume),
+        "model": described,
+        **estimate(recipe, built, info, schedule, measured, resume, formula),
     }
 
 
@@ -114,11 +118,14 @@ def measure(recipe: Recipe, built: build.Built) -> Measured:
             trainer.train()
             memory_what, memory_peak = _peak_memory(device)
             checkpoint = get_last_checkpoint(tmp)
+            eval_call, eval_block = _time_evaluation(trainer, built.packed.validation, args.per_device_eval_batch_size)
+            sample_seconds = _time_samples(built.lm, built.tok, recipe.generate)
+            scoring_seconds = _time_final_scoring(built, recipe.evaluate, recipe.data.block_size)
+            # Last: a LoRA run's final save merges the adapter into the model, in place.
             final_dir = Path(tmp) / "final"
             saving = time.perf_counter()
-            trainer.save_model(str(final_dir))
+            rundir.write_final(trainer, final_dir)
             final_save_seconds = time.perf_counter() - saving
-            eval_call, eval_block = _time_evaluation(trainer, built.packed.validation, args.per_device_eval_batch_size)
             return Measured(
                 step_seconds=statistics.median(timer.times),  # robust to a step slowed by other work
                 timed_steps=len(timer.times),
@@ -128,25 +135,38 @@ def measure(recipe: Recipe, built: build.Built) -> Measured:
                 final_model_bytes=_folder_bytes(final_dir),
                 eval_call_seconds=eval_call,
                 eval_block_seconds=eval_block,
-                sample_seconds=_time_samples(built.lm, built.tok, recipe.generate),
-                scoring_seconds=_time_final_scoring(built, recipe.evaluate, recipe.data.block_size),
+                sample_seconds=sample_seconds,
+                scoring_seconds=scoring_seconds,
                 memory_peak=memory_peak,
                 memory_what=memory_what,
             )
 
 
-def estimate(recipe: Recipe, built: build.Built, info: dict, st: Schedule, m: Measured, resume: str | None) -> dict:
-    """The estimate record: the schedule, and what it costs at the measured speeds."""
-    args, lm = recipe.train, built.lm
+def describe_model(lm, info: dict) -> dict:
+    """The model's shape in the recipe's names, its parameters, and its LoRA adapters if any."""
+    shape = architecture.shape(lm.config)
     return {
-        "model": {
-            "parameters": info["parameters"],
-            "layers": getattr(lm.config, "n_layer", None),
-            "heads": getattr(lm.config, "n_head", None),
-            "width": getattr(lm.config, "n_embd", None),
-            "context": model.context_length(lm),
-            "vocab_size": lm.config.vocab_size,
-        },
+        "parameters": info["parameters"],
+        "trainable_parameters": info["trainable_parameters"],
+        "architecture": shape["model_type"],
+        "layers": shape["n_layer"],
+        "heads": shape["n_head"],
+        "kv_heads": shape["n_kv_head"],
+        "width": shape["n_embd"],
+        "mlp_width": shape["n_inner"],
+        "context": shape["n_positions"],
+        "vocab_size": shape["vocab_size"],
+        "tied_embeddings": shape["tie_word_embeddings"],
+        **({"lora": _lora(lm)} if lora.is_peft(lm) else {}),
+    }
+
+
+def estimate(
+    recipe: Recipe, built: build.Built, info: dict, st: Schedule, m: Measured, resume: str | None, formula: dict
+) -> dict:
+    """The estimate record: the schedule, and what it costs at the measured speeds."""
+    args = recipe.train
+    return {
         "device": info["device"],
         "precision": info["precision"],
         "batch": {
@@ -176,11 +196,22 @@ def estimate(recipe: Recipe, built: build.Built, info: dict, st: Schedule, m: Me
         },
         "time": _time(recipe, built, st, m),
         "memory": {
-            "formula": memory_formula(lm, args, recipe.data.block_size, info["precision"]),
+            "formula": formula,
             "measured_peak": m.memory_peak,
             "measured": m.memory_what,
         },
         "disk": _disk(args, st, m, resume),
+    }
+
+
+def _lora(lm) -> dict:
+    config = lm.peft_config["default"]
+    trainable, total = lora.parameters(lm)
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules),
+        "trainable_share": round(trainable / total, 6),
     }
 
 
@@ -275,22 +306,38 @@ def _peak_memory(device: torch.device) -> tuple[str, int]:
 
 
 def memory_formula(lm, args, block_size: int, precision: str) -> dict:
-    """Bytes of weights, gradients and AdamW state (fp32: 4 + 4 + 8 per parameter) and a rough
-    activation figure: per layer s*b*h*(34 + 5*a*s/h) bytes in 16-bit (Korthikanti et al. 2022,
-    "Reducing activation recomputation in large transformer models", eq. 1), doubled for fp32,
-    plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies)."""
-    params = lm.num_parameters()
-    config = lm.config
+    """Bytes of the fp32 weights (4 per parameter), and of gradients (4) and AdamW state (8) per
+    *trained* parameter: all of them, or a LoRA run's adapters (`lora_saves`: what full
+    fine-tuning would add). Tied embeddings count once.
+
+    Activations, roughly: per layer, in 16-bit, Korthikanti et al. 2022 ("Reducing activation
+    recomputation in large transformer models", eq. 1: s*b*h*(34 + 5*a*s/h)) with its terms
+    written for any shape: attention 7sbh + 4sb*h_kv + 5as^2b (h_kv: the key/value width, below h
+    with grouped-query attention), MLP 3sbh + 4sbf (f: the MLP width; 8sbf for a gated, SwiGLU
+    MLP: gate, up, activation and product), norms 4sbh; GPT-2's f = 4h, h_kv = h gives eq. 1.
+    Doubled for fp32, plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies).
+    """
+    trainable, params = lora.parameters(lm)
+    shape = architecture.shape(lm.config)
     b, s = args.per_device_train_batch_size, block_size
-    h = getattr(config, "n_embd", None) or getattr(config, "hidden_size", 768)
-    a = getattr(config, "n_head", None) or getattr(config, "num_attention_heads", 12)
-    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", 12)
+    h, a, layers = shape["n_embd"] or 768, shape["n_head"] or 12, shape["n_layer"] or 12
+    h_kv = (shape["n_kv_head"] or a) * h / a
+    f = shape["n_inner"] or 4 * h
+    gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in lm.named_modules())
+    per_layer = s * b * (7 * h + 4 * h_kv + 5 * a * s + 3 * h + (8 if gated else 4) * f + 4 * h)
     width = 1 if precision in ("bf16", "fp16") else 2
-    activations = layers * s * b * h * (34 + 5 * a * s / h) * width + 3 * b * s * config.vocab_size * 4
+    activations = layers * per_layer * width + 3 * b * s * shape["vocab_size"] * 4
     optim = str(getattr(args.optim, "value", args.optim))
-    optimizer = 8 * params if "adam" in optim.lower() else 4 * params  # two fp32 moments; else one, roughly
-    out = {"weights": 4 * params, "gradients": 4 * params, "optimizer": optimizer, "activations": int(activations)}
+    per_state = 8 if "adam" in optim.lower() else 4  # two fp32 moments; else one, roughly
+    out = {
+        "weights": 4 * params,
+        "gradients": 4 * trainable,
+        "optimizer": per_state * trainable,
+        "activations": int(activations),
+    }
     out["total"] = sum(out.values())
+    if trainable < params:
+        out["lora_saves"] = (4 + per_state) * (params - trainable)
     return out
 
 
@@ -370,6 +417,17 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _lora_lines(m: dict, formula: dict) -> list[str]:
+    if "lora" not in m:
+        return []
+    lo = m["lora"]
+    return [
+        f"LoRA: {m['trainable_parameters']:,} of {m['parameters']:,} parameters trained ({lo['trainable_share']:.2%}; "
+        f"rank {lo['r']}, alpha {lo['alpha']:g}, on {', '.join(lo['target_modules'])}); gradients and AdamW state "
+        f"for those only: ~{_size(formula['lora_saves'])} less memory than full fine-tuning"
+    ]
+
+
 def describe(est: dict) -> str:
     """The estimate as lines a person reads before starting a run."""
     d, m, b, st, tk, t, mem, disk = (
@@ -378,9 +436,13 @@ def describe(est: dict) -> str:
     shape = ", ".join(
         text
         for value, text in (
+            (m["architecture"], m["architecture"]),
             (m["layers"], f"{m['layers']} layers"),
             (m["heads"], f"{m['heads']} heads"),
+            (m["kv_heads"] != m["heads"] and m["kv_heads"], f"{m['kv_heads']} key/value heads"),
             (m["width"], f"width {m['width']}"),
+            (m["mlp_width"], f"MLP {m['mlp_width']}"),
+            (m["tied_embeddings"], "tied embeddings"),
         )
         if value
     )
@@ -397,6 +459,7 @@ def describe(est: dict) -> str:
         data.format_report(d["report"]),
         f"model: {m['parameters']:,} parameters ({shape}; context {m['context']}, vocabulary {m['vocab_size']:,}); "
         f"precision {est['precision']} on {est['device']}",
+        *_lora_lines(m, f),
         f"batch: {b['effective_batch_size']} blocks = {b['per_device_batch_size']} per device x {b['processes']} "
         f"processes x {b['gradient_accumulation_steps']} accumulation ({b['tokens_per_step']:,} tokens per step)",
         f"steps: {st['total']:,} = {st['epochs']:g} epochs of {st['per_epoch']:,} steps"

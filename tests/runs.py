@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,15 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> Non
         time.sleep(0.02)
 
 
+def kill_once_saved(argv: list[str], cache: Path, cwd: Path, checkpoint: Path, step_delay: str = "0.05") -> None:
+    """Start `hftextgen argv`, and SIGKILL it once `checkpoint` is saved whole (its trainer_state.json)."""
+    process = start(argv, cache, cwd, STEP_DELAY=step_delay)
+    wait_for(checkpoint / "trainer_state.json", process)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
 def said(err: str) -> str:
     """hftextgen's own lines on stderr (not the progress bars of datasets)."""
     return "\n".join(line for line in err.splitlines() if line.startswith("hftextgen:"))
@@ -108,3 +118,19 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert list(got) == list(expected) == list(range(1, 41))
     assert max(abs(got[s] - expected[s]) for s in got) <= 1e-6, (got, expected)
     assert weight_difference(run_dir, reference) <= 1e-6
+
+
+def launch_two(argv: list[str], cache_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file launch/multi_gpu.yaml --num_processes 2 -m hftextgen ...`"""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HFTEXTGEN_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # two processes on a shared CPU; torchrun would set it and say so
+    }
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/multi_gpu.yaml")]
+    command += ["--num_processes", "2", "-m", "hftextgen", *argv]
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

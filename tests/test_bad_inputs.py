@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Ctx:
     tmp: Path
     run: Path
     small: object  # conftest.SmallRun
+    monkeypatch: pytest.MonkeyPatch
 
     def write(self, name: str, content: str | bytes) -> Path:
         path = self.tmp / name
@@ -57,6 +59,21 @@ def not_a_run(c: Ctx) -> list[str]:
     c.run.mkdir()
     (c.run / "notes.txt").write_text("mine")
     return c.finetune("--train.overwrite_output_dir", "true")
+
+
+def lora_of_the_small_run(c: Ctx, *extra: str) -> list[str]:
+    return c.pretrained(str(c.small.run_dir), "--peft.method", "lora", *extra)
+
+
+def without_peft(c: Ctx) -> list[str]:
+    c.monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` finds when it is not installed
+    return lora_of_the_small_run(c)
+
+
+def an_adapter_folder(c: Ctx) -> list[str]:
+    (c.tmp / "adapter").mkdir()
+    c.write("adapter/adapter_config.json", '{"base_model_name_or_path": "gpt2"}')
+    return c.pretrained(str(c.tmp / "adapter"))
 
 
 def stopped_before_first_save(c: Ctx) -> list[str]:
@@ -184,6 +201,95 @@ CASES = {
         'generate.prompts_file: {tmp}/p.jsonl holds no prompts: write one per line (or a JSONL "prompt" '
         "field per line), or drop the option",
     ),
+    # ---- architectures
+    "heads that do not divide the width": (
+        lambda c: c.finetune("--model.n_embd", "30", "--model.n_head", "4"),
+        "model.n_embd (30) must be divisible by model.n_head (4)",
+    ),
+    "width that the architecture's default heads do not divide": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.n_embd", "100", "--model.n_head", "null"),
+        "model.n_embd (100) must be divisible by model.n_head (32, llama's default)",
+    ),
+    "key/value heads that do not divide the heads": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.n_head", "4", "--model.n_kv_head", "3"),
+        "model.n_head (4) must be divisible by model.n_kv_head (3): each key/value head serves the same number of "
+        "query heads",
+    ),
+    "key/value heads in an architecture without them": (
+        lambda c: c.finetune("--model.model_type", "gpt2", "--model.n_kv_head", "1"),
+        "model.n_kv_head: gpt2 has no key/value head setting (every query head has its own key and value): remove it",
+    ),
+    "unknown model_type": (
+        lambda c: c.finetune("--model.model_type", "lama"),
+        "model.model_type: unknown architecture 'lama': did you mean llama?",
+    ),
+    "model_type that is not a causal language model": (
+        lambda c: c.finetune("--model.model_type", "t5"),
+        "model.model_type: t5 is not a causal language model (transformers has no AutoModelForCausalLM for it): "
+        "pick one that is, e.g. gpt2, llama, qwen3, mistral, gpt_neox",
+    ),
+    "unknown architecture setting": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.config", "{attention_bais: true}"),
+        "model.config: LlamaConfig (llama) has no setting 'attention_bais': did you mean model.config.attention_bias?",
+    ),
+    "a common shape in model.config": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.config", "{num_hidden_layers: 3}"),
+        "model.config.num_hidden_layers is a shape every architecture has: set model.n_layer instead",
+    ),
+    "a dropout the architecture does not have": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.resid_pdrop", "0.1"),
+        "model.resid_pdrop: llama has no dropout on residual branches: remove it (its dropouts: model.attn_pdrop)",
+    ),
+    "architecture keys with a pretrained model": (
+        lambda c: c.pretrained(str(c.small.run_dir), "--model.model_type", "llama"),
+        "model.model_type describes a model built from scratch, but model.name_or_path='{small}' loads a "
+        "pretrained one: remove one of them",
+    ),
+    "architecture settings with a pretrained model": (
+        lambda c: c.pretrained(str(c.small.run_dir), "--model.config", "{attention_bias: true}"),
+        "model.config describes a model built from scratch, but model.name_or_path='{small}' loads a "
+        "pretrained one: remove one of them",
+    ),
+    # ---- LoRA
+    "LoRA on a model built from scratch": (
+        lambda c: c.finetune("--peft.method", "lora"),
+        "peft.method=lora freezes pretrained weights and trains small adapters beside them, but a model built from "
+        "scratch has only random weights to freeze: set model.name_or_path to a pretrained model, or drop "
+        "peft.method to train every weight",
+    ),
+    "LoRA rank 0": (
+        lambda c: lora_of_the_small_run(c, "--peft.r", "0"),
+        "peft.r must be >= 1 (got 0): the rank of each adapter",
+    ),
+    "LoRA target module not in the model": (
+        lambda c: lora_of_the_small_run(c, "--peft.target_modules", "[q_proj, c_attn]"),
+        "peft.target_modules: 'q_proj' is not a module of this gpt2 model: its linear layers are c_attn, c_fc, c_proj",
+    ),
+    "LoRA target module that is not a layer": (
+        lambda c: lora_of_the_small_run(c, "--peft.target_modules", "[mlp]"),
+        "peft.target_modules: 'mlp' is a GPT2MLP in this gpt2 model, not a layer LoRA can adapt: name linear "
+        "layers (c_attn, c_fc, c_proj)",
+    ),
+    "fine-tuning a LoRA adapter folder": (
+        an_adapter_folder,
+        "model.name_or_path: {tmp}/adapter holds a LoRA adapter, not a whole model: fine-tune the merged model of "
+        "its run (the run directory) instead",
+    ),
+    "LoRA without the peft package": (
+        without_peft,
+        "peft.method=lora needs the peft package, which is not installed: pip install peft",
+    ),
+    # ---- training conveniences
+    "early stopping without held-out evaluation": (
+        lambda c: c.finetune("--train.early_stopping_patience", "2", "--train.eval_strategy", "no"),
+        "train.early_stopping_patience watches held-out evaluations, and train.eval_strategy is no: set it to steps "
+        "(or epoch)",
+    ),
+    "early stopping with checkpoints off the evaluation steps": (
+        lambda c: c.finetune("--train.early_stopping_patience", "2", "--train.eval_steps", "4"),
+        "train.early_stopping_patience keeps the best checkpoint, which needs a checkpoint at evaluation steps: "
+        "make train.save_steps (10) a multiple of train.eval_steps (4)",
+    ),
     # ---- the run directory
     "output directory that cannot be created": (
         lambda c: c.finetune("--train.output_dir", "/proc/hftextgen-test/run"),
@@ -250,7 +356,7 @@ def snapshot(folder: Path) -> dict | None:
 def test_bad_input(case, small_run, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("HFTEXTGEN_CACHE", str(small_run.cache))  # the small run's tokenizer and data
     build, message = CASES[case]
-    c = Ctx(tmp_path, tmp_path / "run", small_run)
+    c = Ctx(tmp_path, tmp_path / "run", small_run, monkeypatch)
     argv = build(c)
     before = snapshot(c.run)
     code, _, err = run_cli(*argv)
@@ -258,7 +364,7 @@ def test_bad_input(case, small_run, tmp_path, run_cli, monkeypatch):
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("hftextgen: error: ")]
     assert len(errors) == 1, err
-    expected = message.format(tmp=tmp_path, run=c.run, corpus=small_run.corpus)
+    expected = message.format(tmp=tmp_path, run=c.run, corpus=small_run.corpus, small=small_run.run_dir)
     pattern = re.escape(expected).replace(re.escape(N), r"[\d,]+").replace(re.escape(ANY), ".+")
     assert re.fullmatch(pattern, errors[0].removeprefix("hftextgen: error: ")), errors[0]
     assert snapshot(c.run) == before, "the run directory changed"

@@ -26,6 +26,8 @@ def test_recipes_exist():
         "shakespeare/gpt2-small.yaml",
         "gpt2/wikitext2.yaml",
         "custom/text-files.yaml",
+        "custom/lora.yaml",
+        "shakespeare/tiny-llama.yaml",
     } <= names
 
 
@@ -33,7 +35,7 @@ def test_recipes_exist():
 def test_every_recipe_parses_and_passes_its_checks(path):
     parser = finetune_parser()
     sections = parser.instantiate(parser.parse_args(["--config", str(path)]))
-    Recipe(sections.model, sections.tokenizer, sections.data, sections.train)
+    Recipe(sections.model, sections.tokenizer, sections.data, sections.train, peft=sections.peft)
     if path.suffix != ".json":
         head = path.read_text().splitlines()[0]
         assert head.startswith("# ") and ("hftextgen " in head or "make " in head), "recipes open with their command"

@@ -154,3 +154,20 @@ def test_static_cache_gives_the_same_text(model):
     dynamic = generate(model, preset="greedy", max_new_tokens=20)
     static = generate(model, preset="greedy", max_new_tokens=20, cache="static")
     assert texts(static) == texts(dynamic)
+
+
+@pytest.mark.parametrize(
+    "length, remaining, plan",
+    [
+        (10, 20, (10, 20)),  # fits the context: all at once
+        (10, 200, (10, 118)),  # a short history: all of it kept, as many new tokens as fit
+        (120, 50, (78, 50)),  # the history is cut to what leaves room for the new tokens
+        (300, 200, (64, 64)),  # a long history: half a context kept, half generated
+        (300, 3, (125, 3)),
+    ],
+)
+def test_a_short_context_slides_its_window_keeping_at_least_half_of_it(length, remaining, plan):
+    generator = Generator.__new__(Generator)
+    generator.context = 128
+    keep, new = generator._plan(length, remaining)
+    assert (keep, new) == plan and keep + new <= 128 and keep >= min(length, 64)

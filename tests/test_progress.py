@@ -141,3 +141,21 @@ def test_push_to_hub_uploads_the_run_with_its_model_card(corpus, tmp_path, run_c
     assert {"README.md", "loss.png", "model.safetensors", "eval.json"} <= set(last[2]["files"])
     assert 'model="someone/tiny-pushed"' in (run_dir / "README.md").read_text()
     assert "pushed to https://huggingface.co/someone/tiny-pushed" in out
+
+
+def test_durations_read_as_clocks_and_as_words():
+    assert [progress.duration(s) for s in (0, 65, 3725, -3)] == ["0:00", "1:05", "1:02:05", "0:00"]
+    assert [progress.spoken(s) for s in (42.3, 230, 3725)] == ["42 s", "3 min 50 s", "1 h 2 min"]
+
+
+def test_plain_line_shows_rate_and_eta(monkeypatch):
+    from hftextgen.callbacks import PlainLines
+
+    lines = PlainLines()
+    lines.started, lines.first_step = 100.0, 20
+    monkeypatch.setattr("hftextgen.callbacks.time.monotonic", lambda: 130.0)  # 30 s for 10 steps
+    state = SimpleNamespace(global_step=30, max_steps=120)
+    logs = {"loss": 5.12345, "learning_rate": 1.9e-3, "grad_norm": 0.612, "tokens_per_second": 2871.4}
+    assert lines.line(state, logs) == (
+        "step 30/120 (25%) | loss 5.1235 | lr 1.90e-03 | grad norm 0.612 | 2,871 tokens/s | 0:30 elapsed, ETA 4:30"
+    )

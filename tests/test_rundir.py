@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from runs import assert_same_run, learning_rates, losses, said, start, wait_for, weight_difference
+from runs import assert_same_run, kill_once_saved, learning_rates, losses, said, start, weight_difference
 
 from hftextgen import rundir
 
@@ -32,11 +32,7 @@ def _small_run_cache(small_run, monkeypatch):
 @pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(small_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
-    process = start(small_run.argv(run_dir), small_run.cache, tmp_path, STEP_DELAY="0.05")
-    wait_for(run_dir / "checkpoint-10" / "trainer_state.json", process)
-    process.kill()
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_once_saved(small_run.argv(run_dir), small_run.cache, tmp_path, run_dir / "checkpoint-10")
     assert not (run_dir / "model.safetensors").exists()
 
     code, _, err = run_cli(*small_run.argv(run_dir, "--train.resume_from_checkpoint", "last"))

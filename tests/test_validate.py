@@ -64,26 +64,55 @@ def test_estimate_matches_the_run(corpus, tmp_path, run_cli):
     assert estimate["memory"]["formula"]["weights"] > 0 and estimate["memory"]["measured_peak"] > 0
 
 
-def test_memory_formula_counts_the_training_state_torch_holds():
-    """Weights, gradients and AdamW's state as the formula counts them == the bytes of the tensors
-    a real fp32 training step leaves behind."""
+def training_state_after_a_step(lm) -> dict:
+    """The bytes of weights, gradients and AdamW state a real fp32 training step leaves behind."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, TrainingArguments
 
-    lm = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=300))
-    optimizer = torch.optim.AdamW(lm.parameters())
-    x = torch.randint(0, 300, (2, 32))
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
+    x = torch.randint(0, lm.config.vocab_size, (2, 32))
     lm(input_ids=x, labels=x).loss.backward()
     optimizer.step()
     params = list(lm.parameters())
-    held = {
+    return {
         "weights": sum(p.nbytes for p in params),
-        "gradients": sum(p.grad.nbytes for p in params),
+        "gradients": sum(p.grad.nbytes for p in params if p.grad is not None),
         "optimizer": sum(v.nbytes for state in optimizer.state.values() for v in state.values() if v.dim()),
     }
+
+
+def formula_of(lm) -> dict:
+    from transformers import TrainingArguments
+
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=2, optim="adamw_torch", use_cpu=True)
-    formula = memory_formula(lm, args, 32, "fp32")
-    assert {k: formula[k] for k in held} == held
+    return memory_formula(lm, args, 32, "fp32")
+
+
+def test_memory_formula_counts_the_training_state_torch_holds():
+    """Weights, gradients and AdamW's state as the formula counts them == the bytes of the tensors
+    a real fp32 training step leaves behind."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    lm = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=300))
+    held = training_state_after_a_step(lm)
+    assert {k: v for k, v in formula_of(lm).items() if k in held} == held
+
+
+def test_memory_formula_counts_a_lora_models_training_state_as_torch_holds_it():
+    """With LoRA, gradients and AdamW state exist for the adapters only; the weights are all of
+    them, and the formula says what full fine-tuning would add."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hftextgen import lora
+    from hftextgen.config import PeftConfig
+
+    shape = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 16, "intermediate_size": 32}
+    base = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, vocab_size=300, **shape))
+    lm = lora.wrap(base, PeftConfig(method="lora"), "base")
+    held = training_state_after_a_step(lm)
+    formula = formula_of(lm)
+    assert {k: v for k, v in formula.items() if k in held} == held
+    trainable, total = lora.parameters(lm)
+    assert 0 < trainable < total and formula["lora_saves"] == 12 * (total - trainable)
 
 
 @pytest.mark.slow
