@@ -44,23 +44,50 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from bench import common
 
 RECIPE = common.ROOT / "recipes" / "shakespeare" / "tiny.yaml"
+# The default recipe as shipped before this search (tiny.yaml then, less its comments): every
+# candidate is BASE plus its overrides, and --throughput's reference is BASE as is, so the
+# search means the same whatever tiny.yaml holds now.
+BASE = {
+    "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "tokenizer": {"source": "bundled"},
+    "data": {"source": "shakespeare", "block_size": 128},
+    "train": {
+        "output_dir": "runs/shakespeare-tiny",
+        "max_steps": 600,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 2.0e-3,
+        "warmup_steps": 30,
+        "eval_steps": 200,
+        "save_steps": 200,
+    },
+    "generate": {"prompts": ["ROMEO:\n", "KING HENRY V:\nOnce more", ""], "max_new_tokens": 96},
+    "evaluate": {"sample_every": 200},
+}
 BUDGET_S = 300
-# The recipe as shipped before this search (600 steps x 1,024 tokens): its training rate and
-# wall time on a quiet machine (bench/RESULTS.md), the yardstick of --throughput.
+# BASE's training rate on a quiet machine (bench/RESULTS.md, CPU training), the yardstick of
+# --throughput; and its steps.
 REFERENCE_QUIET_TOKENS_PER_S = 3_677
 REFERENCE_STEPS = 600
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One row of the search: the recipe plus `flags`, in stage `stage` (a step of the search)."""
+    """One row of the search: BASE plus `flags` (or the recipe file `recipe` plus `flags`), in
+    stage `stage` (a step of the search)."""
 
     name: str
     stage: str
     flags: tuple[str, ...] = field(default=())
+    recipe: str | None = None
+
+    def recipe_file(self, base: Path) -> str:
+        return str(common.ROOT / self.recipe) if self.recipe else str(base)
 
     @property
     def steps(self) -> int:
@@ -79,10 +106,14 @@ def _flag(flags: tuple[str, ...], key: str) -> str | None:
 # the name). Every name shows the shape, batch, learning rate and steps, so a row of the table
 # reads alone; the rest show only where they differ from the recipe.
 KNOBS = {
+    "arch": ("--model.model_type", None, "{}"),
     "vocab": ("--tokenizer.vocab_size", None, "bpe{}"),
     "layers": ("--model.n_layer", 4, "L{}"),
     "width": ("--model.n_embd", 128, "d{}"),
     "heads": ("--model.n_head", 4, "h{}"),
+    "kv_heads": ("--model.n_kv_head", None, "kv{}"),
+    "mlp": ("--model.n_inner", None, "mlp{}"),
+    "tied": ("--model.tie_word_embeddings", None, "tied={}"),
     "batch": ("--train.per_device_train_batch_size", 8, "{}x"),
     "block": ("--data.block_size", 128, "{}"),
     "lr": ("--train.learning_rate", 2e-3, "lr{:g}"),
@@ -153,6 +184,11 @@ RATES = {
     "bpe4096 L4 d128 h2 8x128 lr0.002": 3.72,
     "bpe6144 L4 d128 h2 8x256 lr0.002": 3.75,
     "bpe8192 L4 d128 h2 8x256 lr0.002": 3.27,
+    # stage 1d (measured again: bpe8192 8 x 128 3.13, bpe4096 8 x 128 3.93)
+    "bpe8192 L4 d128 h2 8x128 lr0.002": 3.28,
+    "llama bpe8192 L4 d128 h2 kv1 mlp344 tied=true 8x128 lr0.002": 3.25,
+    "llama bpe8192 L4 d128 h2 mlp344 tied=true 8x128 lr0.002": 2.97,
+    "bpe4096 L4 d128 h2 4x128 lr0.002": 3.60,
 }
 
 
@@ -164,7 +200,7 @@ def candidate(stage: str, evals: int = 2, note: str = "", **knobs) -> Candidate:
     seconds = knobs.pop("seconds", None)
     if seconds is not None:
         # The steps that train `seconds` at the shape's measured rate (RATES).
-        shape_knobs = ("vocab", "layers", "width", "heads", "batch", "block")
+        shape_knobs = ("arch", "vocab", "layers", "width", "heads", "kv_heads", "mlp", "tied", "batch", "block")
         shape = describe(tuple(candidate(stage, **{k: v for k, v in knobs.items() if k in shape_knobs}).flags))
         batch, block = (knobs.get(k, KNOBS[k][1]) for k in ("batch", "block"))
         rate = RATES[shape] * REFERENCE_QUIET_TOKENS_PER_S
@@ -173,6 +209,8 @@ def candidate(stage: str, evals: int = 2, note: str = "", **knobs) -> Candidate:
     if "vocab" in knobs:
         flags += ["--tokenizer.source", "train"]
     for key, value in knobs.items():
+        if value is None:  # the recipe's (or the architecture's) own
+            continue
         flag = KNOBS[key][0]
         if key == "min_lr":
             flags += ["--train.lr_scheduler_type", "cosine_with_min_lr", flag, json.dumps({"min_lr_rate": value})]
@@ -299,6 +337,56 @@ CANDIDATES: list[Candidate] = [
         )
         for lr in (1e-3, 3e-3)
     ],
+    # 1d. Rates at 1,024 tokens a step (stage 4: 8 x 128 beat 8 x 256), a Llama-style block
+    # (RoPE, RMSNorm, SwiGLU at 8/3 x width, tied embeddings) and 512 tokens a step.
+    candidate("1d", vocab=8192, layers=4, width=128, heads=2, batch=8, block=128),
+    candidate("1d", vocab=4096, layers=4, width=128, heads=2, batch=8, block=128),
+    candidate(
+        "1d",
+        arch="llama",
+        vocab=8192,
+        layers=4,
+        width=128,
+        heads=2,
+        kv_heads=1,
+        mlp=344,
+        tied="true",
+        batch=8,
+        block=128,
+    ),
+    candidate("1d", arch="llama", vocab=8192, layers=4, width=128, heads=2, mlp=344, tied="true", batch=8, block=128),
+    candidate("1d", vocab=4096, layers=4, width=128, heads=2, batch=4, block=128),
+    # 5. 1,024 tokens a step with the larger vocabulary, the learning rate there, Llama-style
+    # blocks, and 512 tokens a step; a third of the budget each.
+    *[
+        candidate(
+            "5", evals=1, vocab=8192, layers=4, width=128, heads=2, batch=8, block=128, seconds=85, warmup=0.05, lr=lr
+        )
+        for lr in (2e-3, 3e-3)
+    ],
+    candidate(
+        "5", evals=1, vocab=4096, layers=4, width=128, heads=2, batch=8, block=128, steps=1140, warmup=0.05, lr=3e-3
+    ),
+    *[
+        candidate(
+            "5",
+            evals=1,
+            arch="llama",
+            vocab=8192,
+            layers=4,
+            width=128,
+            heads=2,
+            kv_heads=kv,
+            mlp=344,
+            tied="true",
+            batch=8,
+            block=128,
+            seconds=85,
+            warmup=0.05,
+        )
+        for kv in (1, None)
+    ],
+    candidate("5", evals=1, vocab=4096, layers=4, width=128, heads=2, batch=4, block=128, seconds=85, warmup=0.05),
 ]
 
 BY_NAME = {c.name: c for c in CANDIDATES}
@@ -318,14 +406,14 @@ def selected(only: list[str] | None, stages: list[str] | None) -> list[Candidate
 # ---------------------------------------------------------------- full runs
 
 
-def run_full(c: Candidate, threads: int | None = None, timeout: float = 1800) -> dict:
+def run_full(c: Candidate, base: Path, threads: int | None = None) -> dict:
     """`hftextgen finetune` of one candidate in a fresh process and a cold cache."""
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         out = Path(tmp) / "run"
         env = {**os.environ, "HFTEXTGEN_CACHE": str(Path(tmp) / "cache")}
         if threads:
             env.update(OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
-        cmd = [sys.executable, "-m", "hftextgen", "finetune", "--config", str(RECIPE), *c.flags]
+        cmd = [sys.executable, "-m", "hftextgen", "finetune", "--config", c.recipe_file(base), *c.flags]
         # fp32 scoring, as on a CPU by default, also when a pruning run has a GPU.
         cmd += ["--train.output_dir", str(out), "--progress", "plain", "--evaluate.bf16", "false"]
         result = {
@@ -375,12 +463,12 @@ def _run_files(out: Path) -> dict:
     }
 
 
-def full_runs(cands: list[Candidate], jobs: int, threads: int | None = None) -> list[dict]:
+def full_runs(cands: list[Candidate], base: Path, jobs: int, threads: int | None = None) -> list[dict]:
     if threads is None and jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_full, c, threads): c for c in cands}
+        futures = {pool.submit(run_full, c, base, threads): c for c in cands}
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             r.update(jobs=jobs, threads=threads)
@@ -393,32 +481,41 @@ def full_runs(cands: list[Candidate], jobs: int, threads: int | None = None) -> 
 # ---------------------------------------------------------------- throughput
 
 
-def throughput(cands: list[Candidate], warmup: int, steps: int, reference_every: int = 1, save_to=None) -> list[dict]:
+def throughput(
+    cands: list[Candidate], base: Path, warmup: int, steps: int, reference_every: int = 1, save_to=None
+) -> list[dict]:
     """Each candidate's steady training rate against the reference's, measured before and after
     it in the same window (one reference run between every `reference_every` candidates)."""
     with tempfile.TemporaryDirectory(prefix="bench-search-rate-") as cache:
 
-        def rate(flags: tuple[str, ...]) -> dict:
-            config = {"kind": "ours", "recipe": str(RECIPE), "flags": list(_without_steps(flags))}
+        def rate(c: Candidate | None) -> dict:
+            recipe, flags = (c.recipe_file(base), c.flags) if c else (str(base), ())
+            config = {"kind": "ours", "recipe": recipe, "flags": list(_without_steps(flags))}
             config.update(warmup=warmup, steps=steps, cache_dir=cache)
             # One thread: a step's CPU time is then its work, whatever else runs on the machine
             # (two threads on a busy machine wait for each other at every parallel region).
             env = {"OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
             return {"load": common.load(), **common.run_child("bench.training", config, env=env)}
 
-        references = [rate(())]
-        measured: dict[tuple[str, ...], tuple[dict, int]] = {}  # shape -> (its run, reference before it)
-        shapes = list(dict.fromkeys(_without_steps(c.flags) for c in cands))  # steps alone share a rate
-        for i, shape in enumerate(shapes):
-            measured[shape] = (rate(shape), len(references) - 1)
-            if (i + 1) % reference_every == 0 or i == len(shapes) - 1:
-                references.append(rate(()))
+        references = [rate(None)]
+        measured: dict[tuple, tuple[dict, int]] = {}  # shape -> (its run, the reference before it)
+
+        def shape(c: Candidate) -> tuple:
+            return (c.recipe, _without_steps(c.flags))  # candidates that differ in steps alone share a rate
+
+        first: dict[tuple, Candidate] = {}  # the first candidate of each shape
+        for c in cands:
+            first.setdefault(shape(c), c)
+        for i, c in enumerate(first.values()):
+            measured[shape(c)] = (rate(c), len(references) - 1)
+            if (i + 1) % reference_every == 0 or i == len(first) - 1:
+                references.append(rate(None))
             results = []
-            for c in cands:
-                if _without_steps(c.flags) in measured:
-                    ours, before = measured[_without_steps(c.flags)]
+            for d in cands:
+                if shape(d) in measured:
+                    ours, before = measured[shape(d)]
                     after = references[min(before + 1, len(references) - 1)]
-                    results.append(_rate_row(c, ours, references[before], after))
+                    results.append(_rate_row(d, ours, references[before], after))
             r = results[-1]
             print(f"[search] {r['name']}: {r.get('ratio', 'error')} x the reference, load {r['load']}", flush=True)
             if save_to is not None:
@@ -463,12 +560,25 @@ def _rate_row(c: Candidate, ours: dict, ref_before: dict, ref_after: dict) -> di
 # ---------------------------------------------------------------- report
 
 
+SESSION = time.strftime("%Y-%m-%dT%H:%M:%S")  # this invocation: its rows replace each other
+
+
 def save(path: Path, mode: str, rows: list[dict], args) -> None:
-    """Merge `rows` into the JSON at `path` by candidate name (a re-run replaces its row)."""
+    """Merge `rows` into the JSON at `path` by candidate name. A row from an earlier invocation
+    under the same name moves to the new row's `earlier` list: a measurement is never lost."""
     payload = json.loads(path.read_text()) if path.exists() else {"benchmark": "search"}
     payload.setdefault(mode, {})
+    machine = common.machine()
     for r in rows:
-        payload[mode][r["name"]] = {**r, "machine": common.machine(), "quick": bool(args.quick)}
+        old = payload[mode].get(r["name"])
+        earlier = []
+        if old is not None:
+            earlier = old.pop("earlier", [])
+            if old.get("session") != SESSION:
+                earlier.append(old)
+        payload[mode][r["name"]] = {**r, "session": SESSION, "machine": machine, "quick": bool(args.quick)}
+        if earlier:
+            payload[mode][r["name"]]["earlier"] = earlier
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"written {path}")
@@ -476,15 +586,15 @@ def save(path: Path, mode: str, rows: list[dict], args) -> None:
 
 def table(mode: str, rows: list[dict]) -> str:
     if mode == "throughput":
-        head = "| configuration | tokens/step | tokens/CPU-s (load) | ratio to recipe | quiet tokens/s | training s at its steps |"
-        lines = [head, "|---|---|---|---|---|---|"]
+        head = "| configuration | tokens/step | tokens/CPU-s (load) | ratio to recipe | quiet tokens/s |"
+        lines = [head, "|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['name']} | - | - | {r['error']} | - | - |")
+                lines.append(f"| {r['name']} | - | - | {r['error']} | - |")
                 continue
             lines.append(
                 f"| {r['name']} | {r['tokens_per_step']:,} | {r['tokens_per_cpu_s']:,} ({r['load'][0]}) | "
-                f"{r['ratio']:.2f} | {r['predicted_quiet_tokens_per_s']:,} | {r['predicted_train_s']:.0f} |"
+                f"{r['ratio']:.2f} | {r['predicted_quiet_tokens_per_s']:,} |"
             )
         return "\n".join(lines)
     head = "| configuration | steps | tokens | wall s (load) | CPU s | bits/byte | perplexity |"
@@ -526,19 +636,22 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{c.stage}] {c.name}\n    {' '.join(c.flags)}")
         return
     out = args.out or common.RESULTS / ("search-quick.json" if args.quick else "search.json")
-    if args.throughput or args.quick:
-        rows = throughput(
-            cands,
-            *((1, 2) if args.quick else (args.warmup, args.steps)),
-            args.reference_every,
-            lambda rows: save(out, "throughput", rows, args),
-        )
-        print(table("throughput", rows))
-        save(out, "throughput", rows, args)
-    if not args.throughput:
-        rows = full_runs(cands, args.jobs, args.threads)
-        print(table("full", rows))
-        save(out, "full", rows, args)
+    with tempfile.TemporaryDirectory(prefix="bench-search-base-") as tmp:
+        base = Path(tmp) / "base.yaml"
+        base.write_text(yaml.safe_dump(BASE, sort_keys=False))
+        if args.throughput or args.quick:
+            rows = throughput(
+                cands,
+                base,
+                *((1, 2) if args.quick else (args.warmup, args.steps)),
+                args.reference_every,
+                lambda rows: save(out, "throughput", rows, args),
+            )
+            print(table("throughput", rows))
+        if not args.throughput:
+            rows = full_runs(cands, base, args.jobs, args.threads)
+            print(table("full", rows))
+            save(out, "full", rows, args)
 
 
 if __name__ == "__main__":

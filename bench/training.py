@@ -47,8 +47,10 @@ def flops_per_token(model, block_size: int) -> tuple[int, float]:
             continue
         seen.add(id(p))
         n += p.numel()
-    cfg = model.config
-    layers, heads, head_dim = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+    from hftextgen import architecture
+
+    cfg = architecture.shape(model.config)  # the common names, whatever the architecture
+    layers, heads, head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
     return n, 6 * n + 12 * layers * heads * head_dim * block_size
 
 
