@@ -188,8 +188,9 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
         safety.check_same_model(Path(resume), lm)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
-    if args.fused_loss and not fused_loss.install(lm):
-        say("train.fused_loss: only GPT-2 models have it; this one trains with the stock loss")
+    note = fused_loss.setup(lm, args.fused_loss, args.device)
+    if note:
+        say(note)
     trainer = Trainer(
         model=lm,
         args=args,
