@@ -18,9 +18,9 @@ and the CPU-second figures are the ones least moved by other processes when the 
 shared.
 
 --explore adds variants of ours, each against the same baseline, to show what each setting
-is worth: fp32, the stock loss, torch.compile, GPT-2's dropout (where the recipe has none). See
-bench/training.py for how steps are timed. The baseline is the recipe's model, dropout
-included: the same computation.
+is worth: fp32, the other loss (stock or fused), torch.compile, GPT-2's dropout (where the
+recipe has none). See bench/training.py for how steps are timed. The baseline is the recipe's
+model, dropout included: the same computation.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ QUICK = (2, 3)
 EXPLORE = {
     "ours, fp32 (train.bf16 false)": ["--train.bf16", "false"],
     "ours, stock loss (train.fused_loss false)": ["--train.fused_loss", "false"],
+    "ours, fused loss (train.fused_loss true)": ["--train.fused_loss", "true"],
     "ours + train.torch_compile": ["--train.torch_compile", "true"],
     "ours, dropout 0.1 (GPT-2's)": [
         "--model.resid_pdrop",
@@ -79,9 +80,13 @@ def variants(recipe: Path, explore: bool) -> dict[str, list[str]]:
     """Ours as the recipe sets it, then (--explore) each variant that changes something."""
     found = {"hftextgen finetune (the recipe)": []}
     if explore:
-        model = yaml.safe_load(recipe.read_text())["model"]
-        no_dropout = all(model.get(k) == 0 for k in DROPOUT_KEYS)
-        found.update({name: flags for name, flags in EXPLORE.items() if no_dropout or "dropout" not in name})
+        spec = yaml.safe_load(recipe.read_text())
+        no_dropout = all(spec["model"].get(k) == 0 for k in DROPOUT_KEYS)
+        fused = "true" if spec["train"].get("fused_loss", "auto") in (True, "auto") else "false"  # auto: on, on a CPU
+        for name, flags in EXPLORE.items():
+            if ("dropout" in name and not no_dropout) or flags == ["--train.fused_loss", fused]:
+                continue  # the recipe as it is: timed already
+            found[name] = flags
     return found
 
 

@@ -2,20 +2,22 @@
 
 A causal LM's stock loss projects every position onto the whole vocabulary and keeps the result
 for the backward pass: batch x block x vocabulary floats, in bf16 and again in fp32, then as
-many again for their gradients (GPT-2's 50257 tokens at 16 x 256 positions: 6.6 GB of peak
-memory on a CPU; at GPT-2 small's 32 x 1024 over 10 GB). Here the logits of a chunk of rows at a
+many again for their gradients (GPT-2's 50257 tokens at 16 x 256 positions: 5-7 GB at the peak
+on a CPU; at GPT-2 small's 32 x 1024 on a GPU, 23 GB). Here the logits of a chunk of rows at a
 time are made, turned at once into the loss and into the gradients of the hidden states and of
 the output matrix, and dropped: the backward pass only scales the saved gradients. The numbers
-are those of the stock path (the matmuls in the autocast dtype, the log-softmax in fp32), up to
+are those of the stock path (the matmuls in the autocast dtype, the softmax in fp32), up to
 summation order and the rounding of each chunk's share of the output matrix's gradient.
 
-On a CPU it is also faster where the logits are large: the stock path streams the logits
-through memory about ten times (bf16, fp32 copy, log-softmax, its gradient, the cast back) and
-the log-softmax backward alone took half of a step at 4,096 rows; here three passes over each
-chunk remain. Each chunk's logits live in two buffers kept from step to step: freshly allocated
-they cost page faults on every step (torch allocates with posix_memalign, which glibc never
-serves from a freed block of the same size, so the heap grows and the kernel zeroes new pages).
-bench/RESULTS.md has the measurements.
+On a CPU it also saves time where the logits are large. The stock path streams them through
+memory about ten times (bf16, the fp32 copy, log-softmax, its backward, the cast back; the
+log-softmax backward alone took over a third of a step at 4,096 rows), and allocates each of
+those 0.4-0.8 GB tensors anew every step: torch asks glibc for 64-byte-aligned blocks, which
+glibc does not serve from a freed block of the same size (the small remainder it split off
+stays in its thread cache and keeps the block from merging), so the heap grows and the kernel
+hands out and zeroes fresh pages, step after step. Here each chunk takes four light passes
+(the fp32 copy, its largest value, the softmax, the cast back) in two buffers kept from step
+to step. bench/RESULTS.md has the measurements.
 
 `install(model)` puts it into the forward of any causal LM whose logits are a plain linear map of
 its base model's last hidden states, for training steps with labels, the way liger-kernel patches
@@ -37,9 +39,10 @@ from torch import nn
 
 IGNORE_INDEX = -100
 
-# Memory for one chunk on a CPU: its logits in the compute dtype and in fp32. 256 MiB is 890 rows
-# of GPT-2's vocabulary in bf16: at 4,096 rows a step, five chunks measured as fast as one (the
-# output matrix, re-read once per chunk, is small next to a chunk's logits) and saved 1.5 GB.
+# Memory for one chunk on a CPU: its logits in the compute dtype and in fp32. 256 MiB holds 890
+# rows of GPT-2's vocabulary in bf16, so a step of 4,096 rows runs in five chunks: measured
+# within 3% of one chunk per GiB and 1.2 GB leaner (a chunk re-reads the output matrix, which is
+# small next to its logits); 64 MiB chunks were 10% slower.
 CPU_CHUNK_BYTES = 2**28
 # On a GPU, elements per chunk: large enough that each chunk's matmuls stay efficient and the
 # graph torch.compile unrolls stays short (2^28 fp32 = 1 GiB: 8 chunks at GPT-2 small's 32 x 1024).
