@@ -477,8 +477,8 @@ class TrainArguments(TrainingArguments):
             "help": "Compute the training loss with the output layer and cross-entropy fused, a chunk of rows at "
             "a time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
             "in far less memory, for any model whose head is a plain linear layer (others keep their own, said "
-            "once). auto: on a CPU, where it measured faster too (bench/RESULTS.md); elsewhere off. liger: "
-            "liger-kernel's Triton kernel, where that package is installed and a CUDA GPU is there."
+            "once). auto: on when training on a CPU, where it also measured as fast or faster (bench/RESULTS.md); "
+            "off elsewhere. liger: liger-kernel's Triton kernel, where that package and a CUDA GPU are there."
         },
     )
 
