@@ -90,12 +90,13 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     """A stock Trainer over the packed blocks, with the training loss fused when asked."""
-    if getattr(args, "fused_loss", False):
-        peft = lora.is_peft(built.lm)
+    setting = getattr(args, "fused_loss", False)
+    if setting is not False:
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
-        if not fused_loss.install(built.lm.get_base_model() if peft else built.lm):
-            kind = built.lm.config.model_type + (" with LoRA adapters" if peft else "")
-            print(f"train.fused_loss: not available for this model ({kind}); it trains with the stock loss", flush=True)
+        target = built.lm.get_base_model() if lora.is_peft(built.lm) else built.lm
+        note = fused_loss.setup(target, setting, args.device)
+        if note:
+            print(note, flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
     return Trainer(
         model=built.lm,
