@@ -94,7 +94,8 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     if setting is not False:
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
         target = built.lm.get_base_model() if lora.is_peft(built.lm) else built.lm
-        note = fused_loss.setup(target, setting, args.device)
+        # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
+        note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only)
         if note:
             print(note, flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's

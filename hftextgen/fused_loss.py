@@ -73,6 +73,18 @@ def chunk_rows(n_rows: int, vocab: int, device: torch.device, compute_dtype: tor
     return max(1, -(-n_rows // chunks))
 
 
+def installed(model: nn.Module) -> str | None:
+    """The kernel a model's training loss runs through ("hftextgen", "liger"), or None: stock."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+    return getattr(base, "_fused_loss", None)
+
+
+def logits_bytes(rows: int, vocab: int, device: torch.device) -> int:
+    """What the fused loss holds of the logits at once: one chunk, its logits in bf16 and fp32."""
+    per_row = vocab * 6
+    return min(rows, chunk_rows(rows, vocab, device, torch.bfloat16)) * per_row
+
+
 class Workspace(threading.local):
     """Buffers reused from call to call on a CPU, one set per thread; elsewhere (a GPU's caching
     allocator already reuses memory) and under torch.compile, fresh tensors."""
@@ -299,11 +311,13 @@ def _probe(model: nn.Module, stock: Callable) -> type | str:
     return type(out)
 
 
-def install(model: nn.Module, kernel: str = "hftextgen") -> str | None:
+def install(model: nn.Module, kernel: str = "hftextgen", evaluation: bool = False) -> str | None:
     """Route the model's training steps with labels through the fused loss (`kernel`:
-    "hftextgen", this module's, or "liger"). Returns None once installed, else why not, as a
-    phrase ("it caps its logits ..."). Patches this instance only, never the class; install
-    before any wrapping (PEFT keeps calling the instance's forward)."""
+    "hftextgen", this module's, or "liger"); with `evaluation`, its forward passes with labels in
+    eval mode too (the Trainer's evaluation with prediction_loss_only keeps the loss alone, so
+    the logits of a whole evaluation batch need not exist). Returns None once installed, else
+    why not, as a phrase ("it caps its logits ..."). Patches this instance only, never the
+    class; install before any wrapping (PEFT keeps calling the instance's forward)."""
     if kernel not in ("hftextgen", "liger"):
         raise ValueError(f"kernel must be hftextgen or liger, not {kernel!r}")
     if kernel == "liger" and (reason := liger_unavailable()):
@@ -322,7 +336,8 @@ def install(model: nn.Module, kernel: str = "hftextgen") -> str | None:
 
     @functools.wraps(stock)  # the signature Trainer inspects (labels, **kwargs) stays the stock one
     def forward(self, input_ids=None, *args, labels=None, **kwargs):
-        if labels is None or not self.training or args or kwargs.get("use_cache") or kwargs.get("logits_to_keep"):
+        fused = self.training or evaluation
+        if labels is None or not fused or args or kwargs.get("use_cache") or kwargs.get("logits_to_keep"):
             return stock(self, input_ids, *args, labels=labels, **kwargs)
         loss_args = {
             key: kwargs.pop(key) for key in ("num_items_in_batch", "shift_labels", "ignore_index") if key in kwargs
@@ -341,12 +356,12 @@ def install(model: nn.Module, kernel: str = "hftextgen") -> str | None:
     return None
 
 
-def setup(model: nn.Module, setting: bool | str, device: torch.device) -> str | None:
+def setup(model: nn.Module, setting: bool | str, device: torch.device, evaluation: bool = False) -> str | None:
     """Apply train.fused_loss to a model that trains on `device`: True, hftextgen's fused loss;
     "auto", the same on a CPU (measured faster and leaner there at both benchmark shapes; on a
     GPU the stock loss until bench/gpu.py says otherwise); "liger", liger-kernel's where it can
     run, else hftextgen's; False, the stock loss. Returns a line for the log when the setting
-    could not be followed as given, else None."""
+    could not be followed as given, else None. `evaluation`: see `install`."""
     if setting is False or (setting == "auto" and device.type != "cpu"):
         return None
     if setting not in (True, "auto", "liger"):
@@ -355,12 +370,12 @@ def setup(model: nn.Module, setting: bool | str, device: torch.device) -> str | 
     if setting == "liger":
         unavailable = liger_unavailable()
         if unavailable is None:
-            reason = install(model, "liger")
+            reason = install(model, "liger", evaluation)
             if reason is None:
                 return None
             return f"train.fused_loss=liger: this model keeps its stock loss: {reason}"
         note = f"train.fused_loss=liger: {unavailable}; hftextgen's fused loss is used instead"
-    reason = install(model)
+    reason = install(model, evaluation=evaluation)
     if reason is not None:
         return f"train.fused_loss={str(setting).lower()}: this model keeps its stock loss: {reason}"
     return note

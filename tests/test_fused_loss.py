@@ -164,6 +164,20 @@ def test_fused_loss_leaves_evaluation_and_generation_stock(model_type):
     assert out.logits is None and out.loss is not None
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_evaluation_with_labels_can_keep_the_loss_alone(model_type):
+    """evaluation=True (the Trainer's evaluation keeps only the loss): eval-mode passes with
+    labels give the stock loss without logits; passes without labels stay stock."""
+    stock, fused = tiny(model_type), tiny(model_type)
+    fused_loss.install(fused, evaluation=True)
+    x = torch.randint(0, VOCAB, (2, 8))
+    stock.eval(), fused.eval()
+    with torch.no_grad():
+        expected, got = stock(input_ids=x, labels=x), fused(input_ids=x, labels=x)
+        assert got.logits is None and got.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+        assert torch.equal(fused(input_ids=x).logits, stock(input_ids=x).logits)
+
+
 def test_fused_output_is_the_models_own_output_class():
     for model_type, name in (("gpt2", "CausalLMOutputWithCrossAttentions"), ("llama", "CausalLMOutputWithPast")):
         model = tiny(model_type)
