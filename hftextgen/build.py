@@ -36,7 +36,7 @@ def preflight(recipe: Recipe) -> str | None:
     resume = rundir.resolve_resume(
         args.resume_from_checkpoint, output_dir, not args.save_only_model, args.process_index == 0
     )
-    rundir.check_output_dir(output_dir, resume is not None, args.overwrite_output_dir)
+    rundir.check_output_dir(output_dir, resume is not None, args.overwrite_output_dir, args.process_index == 0)
     model.check_source(recipe.model.name_or_path)
     if not recipe.model.from_scratch:
         model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
