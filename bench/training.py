@@ -11,7 +11,8 @@ A callback (added to transformers' default callbacks in the child, so neither pa
 notes the clock at the end of step `warmup` and of step `warmup + steps`, synchronising the GPU
 at those two points only; tokens/s is steps x tokens per step over that interval. Warm-up
 covers allocation, torch.compile and the first-step autotuning. The run stops right after the
-last timed step: the saving and final evaluation that follow are not measured.
+last timed step: the saving and final evaluation that follow are not measured. The child also
+reports its peak resident memory, and its kernel time and page faults per timed step.
 
 Also recorded: the loss of every step (kept on the device until the end, so that recording it
 costs no sync; bench/gpu.py's loss check compares them), and the peak memory (GPU memory
@@ -23,6 +24,7 @@ PyTorch loss of the same signature where liger-kernel cannot run (bench/gpu.py -
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 import tempfile
@@ -88,7 +90,7 @@ def make_clock(warmup: int, steps: int):
                 precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                 optim=str(args.optim),
                 torch_compile=bool(args.torch_compile),
-                fused_loss=bool(getattr(model, "_fused_loss", False)),
+                fused_loss=getattr(model, "_fused_loss", None) or "stock",
                 device=str(args.device),
             )
             if on_gpu:
@@ -106,6 +108,7 @@ def make_clock(warmup: int, steps: int):
             if step == warmup:
                 self.start = self.last = now()
                 self.cpu_start = time.process_time()
+                self.usage_start = resource.getrusage(resource.RUSAGE_SELF)
             elif warmup < step <= warmup + steps and not on_gpu:
                 # Per-step times (CPU only: on a GPU they would time the launch queue): their median
                 # is the figure least moved by other processes on a shared machine.
@@ -120,6 +123,11 @@ def make_clock(warmup: int, steps: int):
                 # other processes on a shared machine stretch far less than they stretch wall time.
                 r["cpu_s"] = time.process_time() - self.cpu_start
                 r["tokens_per_cpu_s"] = steps * r["tokens_per_step"] / r["cpu_s"]
+                # Kernel time and page faults per step: what allocating large tensors anew costs.
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                r["system_s_per_step"] = (usage.ru_stime - self.usage_start.ru_stime) / steps
+                r["user_s_per_step"] = (usage.ru_utime - self.usage_start.ru_utime) / steps
+                r["minor_faults_per_step"] = (usage.ru_minflt - self.usage_start.ru_minflt) / steps
                 r["tokens_per_s"] = steps * r["tokens_per_step"] / elapsed
                 r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
                 if self.step_times:
@@ -220,6 +228,9 @@ def run(config: dict) -> dict:
         pass
     clock.result["child_wall_s"] = time.perf_counter() - started
     clock.result["step_losses"] = [float(loss) for loss in losses]
+    # The process's peak resident memory (Linux reports KiB): data preparation, model, and the
+    # training steps; the run stops before saving and evaluating.
+    clock.result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if "tokens_per_s" not in clock.result:
         raise SystemExit("the run ended before the last timed step")
     return clock.result

@@ -36,7 +36,7 @@ def preflight(recipe: Recipe) -> str | None:
     resume = rundir.resolve_resume(
         args.resume_from_checkpoint, output_dir, not args.save_only_model, args.process_index == 0
     )
-    rundir.check_output_dir(output_dir, resume is not None, args.overwrite_output_dir)
+    rundir.check_output_dir(output_dir, resume is not None, args.overwrite_output_dir, args.process_index == 0)
     model.check_source(recipe.model.name_or_path)
     if not recipe.model.from_scratch:
         model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
@@ -90,12 +90,14 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     """A stock Trainer over the packed blocks, with the training loss fused when asked."""
-    if getattr(args, "fused_loss", False):
-        peft = lora.is_peft(built.lm)
+    setting = getattr(args, "fused_loss", False)
+    if setting is not False:
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
-        if not fused_loss.install(built.lm.get_base_model() if peft else built.lm):
-            kind = built.lm.config.model_type + (" with LoRA adapters" if peft else "")
-            print(f"train.fused_loss: not available for this model ({kind}); it trains with the stock loss", flush=True)
+        target = built.lm.get_base_model() if lora.is_peft(built.lm) else built.lm
+        # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
+        note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only)
+        if note:
+            print(note, flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
     return Trainer(
         model=built.lm,

@@ -567,13 +567,14 @@ class TrainArguments(TrainingArguments):
             "GPUs with bf16, CPUs with AVX512-BF16 or AMX), off elsewhere."
         },
     )
-    fused_loss: bool = field(
-        default=False,
+    fused_loss: bool | Literal["auto", "liger"] = field(
+        default="auto",
         metadata={
-            "help": "Compute a GPT-2's training loss with lm_head and cross-entropy fused, a chunk of rows at a "
-            "time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
-            "in far less memory, e.g. for larger micro-batches on a GPU. Off: on a CPU it is no faster "
-            "(bench/RESULTS.md)."
+            "help": "Compute the training loss with the output layer and cross-entropy fused, a chunk of rows at "
+            "a time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
+            "in far less memory, for any model whose head is a plain linear layer (others keep their own, said "
+            "once). auto: on when training on a CPU, where it also measured as fast or faster (bench/RESULTS.md); "
+            "off elsewhere. liger: liger-kernel's Triton kernel, where that package and a CUDA GPU are there."
         },
     )
 

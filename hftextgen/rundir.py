@@ -19,6 +19,7 @@ What the run directory holds is listed in the README ("What a run produces").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -264,11 +265,14 @@ def resolve_resume(value: str | None, output_dir: Path, needs_optimizer: bool = 
     return value
 
 
-def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool = False) -> None:
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool = False, main: bool = True) -> None:
     """A run directory that holds anything is never written into, unless the run continues
     (resume) or is started over on request (overwrite: only a folder that looks like a run);
-    and it must be one this process can write, found out now rather than after the data work."""
-    check_writable(output_dir)
+    and it must be one the main process can write, found out now rather than after the data
+    work. Only the main process probes: under several processes the others would race it,
+    one removing the folder another is writing into."""
+    if main:
+        check_writable(output_dir)
     if resuming or not output_dir.exists():
         return
     present = sorted(p.name for p in output_dir.iterdir())
@@ -306,7 +310,7 @@ def check_writable(output_dir: Path) -> None:
         ) from None
     finally:
         for folder in made:  # deepest first
-            if folder.is_dir():
+            with contextlib.suppress(OSError):  # gone, or filled by someone else meanwhile
                 folder.rmdir()
 
 

@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 
-from . import architecture, build, data, evaluation, generate, lora, model, progress, rundir, runtime
+from . import architecture, build, data, evaluation, fused_loss, generate, lora, model, progress, rundir, runtime
 from .config import Recipe
 from .plan import Schedule
 
@@ -315,7 +315,8 @@ def memory_formula(lm, args, block_size: int, precision: str) -> dict:
     written for any shape: attention 7sbh + 4sb*h_kv + 5as^2b (h_kv: the key/value width, below h
     with grouped-query attention), MLP 3sbh + 4sbf (f: the MLP width; 8sbf for a gated, SwiGLU
     MLP: gate, up, activation and product), norms 4sbh; GPT-2's f = 4h, h_kv = h gives eq. 1.
-    Doubled for fp32, plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies).
+    Doubled for fp32, plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies),
+    or with train.fused_loss in effect the one chunk of them it holds at a time.
     """
     trainable, params = lora.parameters(lm)
     shape = architecture.shape(lm.config)
@@ -326,7 +327,10 @@ def memory_formula(lm, args, block_size: int, precision: str) -> dict:
     gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in lm.named_modules())
     per_layer = s * b * (7 * h + 4 * h_kv + 5 * a * s + 3 * h + (8 if gated else 4) * f + 4 * h)
     width = 1 if precision in ("bf16", "fp16") else 2
-    activations = layers * per_layer * width + 3 * b * s * shape["vocab_size"] * 4
+    logits = 3 * b * s * shape["vocab_size"] * 4
+    if fused_loss.installed(lm):
+        logits = fused_loss.logits_bytes(b * s, shape["vocab_size"], lm.device)
+    activations = layers * per_layer * width + logits
     optim = str(getattr(args.optim, "value", args.optim))
     per_state = 8 if "adam" in optim.lower() else 4  # two fp32 moments; else one, roughly
     out = {

@@ -132,5 +132,7 @@ def launch_two(argv: list[str], cache_dir: Path, cwd: Path) -> subprocess.Comple
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/multi_gpu.yaml")]
     command += ["--num_processes", "2", "-m", "hftextgen", *argv]
     result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Each rank's own error: the launcher's tail shows only the rank it then had to kill.
+    ranks = [line for line in result.stderr.splitlines() if line.startswith("[rank")]
+    assert result.returncode == 0, "\n".join([result.stdout[-2000:], *ranks[-60:], result.stderr[-2000:]])
     return result

@@ -138,7 +138,8 @@ def test_resume_command_drops_resume_and_overwrite_options():
 
 
 def poison(monkeypatch, steps) -> None:
-    """NaN logits in the training forward passes of these steps (1-based; one forward a step)."""
+    """NaN hidden states (so NaN logits) in the training forward passes of these steps (1-based;
+    one forward a step). On the base model's output: the fused loss never calls lm_head."""
     build = model_stage.build_model
 
     def build_model(*args, **kwargs):
@@ -147,9 +148,10 @@ def poison(monkeypatch, steps) -> None:
 
         def hook(module, inputs, output):
             if module.training and next(forwards) in steps:
-                return output * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
+                return output
 
-        lm.lm_head.register_forward_hook(hook)
+        lm.base_model.register_forward_hook(hook)
         return lm
 
     monkeypatch.setattr(model_stage, "build_model", build_model)

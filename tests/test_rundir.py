@@ -196,3 +196,25 @@ def test_check_writable_creates_nothing_it_leaves_behind(tmp_path):
         rundir.check_writable(tmp_path / "file")
     with pytest.raises(rundir.UserError, match=r"cannot write to /proc/hftextgen-test/run \(.+\): choose a"):
         rundir.check_writable(Path("/proc/hftextgen-test/run"))
+
+
+def test_only_the_main_process_probes_the_output_dir(tmp_path):
+    """Under several processes the others would race the main one (one removing the folder
+    another writes into: a CI failure of the 2-process launch); they leave it to the main one."""
+    unwritable = Path("/proc/hftextgen-test/run")
+    rundir.check_output_dir(unwritable, resuming=False, main=False)
+    with pytest.raises(rundir.UserError, match="cannot write to"):
+        rundir.check_output_dir(unwritable, resuming=False, main=True)
+    # A folder the probe made and someone else filled meanwhile is left alone, not an error.
+    made = tmp_path / "made" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_fill(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self == made:
+            (made / "other-process").write_text("x")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "mkdir", mkdir_then_fill)
+        rundir.check_writable(made)
+    assert (made / "other-process").exists()
