@@ -3,8 +3,8 @@
     python -m bench.generate [--quick] [--model tiny|gpt2] [--new-tokens N] [--repeats N] [--compiled] [--hf-static]
                              [--out FILE]
 
-Model: random weights (speed does not depend on them) of the tiny recipe's shape (4 x 128,
-50257-token vocabulary; the CPU default) or GPT-2 small (124M; the default on a GPU), fp32.
+Model: random weights (speed does not depend on them) of bench/tiny-gpt2.yaml's GPT-2 (4 x
+128, 50257-token vocabulary; the CPU default) or GPT-2 small (124M; the default on a GPU), fp32.
 Every input starts with EOS, as hftextgen's do. Each configuration is timed once per repeat
 after a warm-up call (compilation and graph capture happen there), best of --repeats:
 - HF generate, top-k 50 sampling, at batch 1 and on 64 left-padded prompts (the baseline);

@@ -49,26 +49,10 @@ import yaml
 from bench import common
 
 RECIPE = common.ROOT / "recipes" / "shakespeare" / "tiny.yaml"
-# The default recipe as shipped before this search (tiny.yaml then, less its comments): every
-# candidate is BASE plus its overrides, and --throughput's reference is BASE as is, so the
-# search means the same whatever tiny.yaml holds now.
-BASE = {
-    "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-    "tokenizer": {"source": "bundled"},
-    "data": {"source": "shakespeare", "block_size": 128},
-    "train": {
-        "output_dir": "runs/shakespeare-tiny",
-        "max_steps": 600,
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 16,
-        "learning_rate": 2.0e-3,
-        "warmup_steps": 30,
-        "eval_steps": 200,
-        "save_steps": 200,
-    },
-    "generate": {"prompts": ["ROMEO:\n", "KING HENRY V:\nOnce more", ""], "max_new_tokens": 96},
-    "evaluate": {"sample_every": 200},
-}
+# The default recipe as shipped before this search: every candidate is BASE plus its overrides,
+# and --throughput's reference is BASE as is, so the search means the same whatever tiny.yaml
+# holds now.
+BASE = common.ROOT / "bench" / "tiny-gpt2.yaml"
 BUDGET_S = 300
 # BASE's training rate on a quiet machine (bench/RESULTS.md, CPU training), the yardstick of
 # --throughput; and its steps.
@@ -86,12 +70,16 @@ class Candidate:
     flags: tuple[str, ...] = field(default=())
     recipe: str | None = None
 
-    def recipe_file(self, base: Path) -> str:
-        return str(common.ROOT / self.recipe) if self.recipe else str(base)
+    @property
+    def recipe_file(self) -> str:
+        return str(common.ROOT / self.recipe) if self.recipe else str(BASE)
 
     @property
     def steps(self) -> int:
-        return int(_flag(self.flags, "--train.max_steps") or REFERENCE_STEPS)
+        steps = _flag(self.flags, "--train.max_steps")
+        if steps is None and self.recipe:
+            steps = yaml.safe_load(Path(self.recipe_file).read_text())["train"].get("max_steps")
+        return int(steps or REFERENCE_STEPS)
 
 
 def _flag(flags: tuple[str, ...], key: str) -> str | None:
@@ -227,7 +215,7 @@ def candidate(stage: str, evals: int = 2, note: str = "", **knobs) -> Candidate:
 # --throughput: the most that fit in the budget at the candidate's quiet rate.
 CANDIDATES: list[Candidate] = [
     # 0. The recipe as shipped before this search (evaluations every 200 steps).
-    candidate("0", evals=3, steps=600, note="the recipe"),
+    candidate("0", evals=3, steps=600, note="the default before this search"),
     # 1. Rates of the shapes: vocabulary x width x depth at 4,096 tokens a step, and the batch.
     *[
         candidate("1", vocab=v, layers=layers, width=width, heads=width // 64 or 2, batch=16, block=256)
@@ -459,6 +447,28 @@ CANDIDATES: list[Candidate] = [
             (128, None, 344, 2750, 5e-3),
         )
     ],
+    # 1e. The rate of the best shape of stages 6-8, with the fused loss (train.fused_loss auto, as
+    # every run since stage 6) and the stock one: the steps of the recipe come from it.
+    *[
+        candidate(
+            "1e",
+            arch="llama",
+            vocab=4096,
+            layers=4,
+            width=128,
+            heads=2,
+            kv_heads=1,
+            mlp=344,
+            tied="true",
+            batch=8,
+            block=128,
+            lr=5e-3,
+            fused_loss=fused,
+        )
+        for fused in (None, "false")
+    ],
+    # 9. The default recipe this search chose, as it ships.
+    Candidate("tiny.yaml (the default chosen)", "9", recipe="recipes/shakespeare/tiny.yaml"),
 ]
 
 BY_NAME = {c.name: c for c in CANDIDATES}
@@ -478,14 +488,14 @@ def selected(only: list[str] | None, stages: list[str] | None) -> list[Candidate
 # ---------------------------------------------------------------- full runs
 
 
-def run_full(c: Candidate, base: Path, threads: int | None = None) -> dict:
+def run_full(c: Candidate, threads: int | None = None) -> dict:
     """`hftextgen finetune` of one candidate in a fresh process and a cold cache."""
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         out = Path(tmp) / "run"
         env = {**os.environ, "HFTEXTGEN_CACHE": str(Path(tmp) / "cache")}
         if threads:
             env.update(OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
-        cmd = [sys.executable, "-m", "hftextgen", "finetune", "--config", c.recipe_file(base), *c.flags]
+        cmd = [sys.executable, "-m", "hftextgen", "finetune", "--config", c.recipe_file, *c.flags]
         # fp32 scoring, as on a CPU by default, also when a pruning run has a GPU.
         cmd += ["--train.output_dir", str(out), "--progress", "plain", "--evaluate.bf16", "false"]
         result = {
@@ -535,14 +545,14 @@ def _run_files(out: Path) -> dict:
     }
 
 
-def full_runs(cands: list[Candidate], base: Path, jobs: int, threads: int | None = None, save_to=None) -> list[dict]:
+def full_runs(cands: list[Candidate], jobs: int, threads: int | None = None, save_to=None) -> list[dict]:
     """Each candidate's full run; `save_to(rows)` after each one, so a stopped search keeps the
     runs it finished."""
     if threads is None and jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_full, c, base, threads): c for c in cands}
+        futures = {pool.submit(run_full, c, threads): c for c in cands}
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             r.update(jobs=jobs, threads=threads)
@@ -557,15 +567,13 @@ def full_runs(cands: list[Candidate], base: Path, jobs: int, threads: int | None
 # ---------------------------------------------------------------- throughput
 
 
-def throughput(
-    cands: list[Candidate], base: Path, warmup: int, steps: int, reference_every: int = 1, save_to=None
-) -> list[dict]:
+def throughput(cands: list[Candidate], warmup: int, steps: int, reference_every: int = 1, save_to=None) -> list[dict]:
     """Each candidate's steady training rate against the reference's, measured before and after
     it in the same window (one reference run between every `reference_every` candidates)."""
     with tempfile.TemporaryDirectory(prefix="bench-search-rate-") as cache:
 
         def rate(c: Candidate | None) -> dict:
-            recipe, flags = (c.recipe_file(base), c.flags) if c else (str(base), ())
+            recipe, flags = (c.recipe_file, c.flags) if c else (str(BASE), ())
             config = {"kind": "ours", "recipe": recipe, "flags": list(_without_steps(flags))}
             config.update(warmup=warmup, steps=steps, cache_dir=cache)
             # One thread: a step's CPU time is then its work, whatever else runs on the machine
@@ -614,7 +622,13 @@ def _without_steps(flags: tuple[str, ...]) -> tuple[str, ...]:
 
 def _rate_row(c: Candidate, ours: dict, ref_before: dict, ref_after: dict) -> dict:
     shape = _without_steps(c.flags)
-    row = {"name": describe(shape), "stage": c.stage, "flags": list(shape), "load": ours["load"], "run": ours}
+    row = {
+        "name": c.name if c.recipe else describe(shape),
+        "stage": c.stage,
+        "flags": list(shape),
+        "load": ours["load"],
+        "run": ours,
+    }
     key = "tokens_per_cpu_s"
     refs = [r[key] for r in (ref_before, ref_after) if key in r]
     if key not in ours or not refs:
@@ -673,13 +687,14 @@ def table(mode: str, rows: list[dict]) -> str:
                 f"{r['ratio']:.2f} | {r['predicted_quiet_tokens_per_s']:,} |"
             )
         return "\n".join(lines)
-    head = "| stage | configuration | steps | tokens | runs at once x threads | wall s | CPU s | load before, after | bits/byte | perplexity |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    head = "| stage | configuration | steps | tokens | runs at once x threads | wall s | CPU s | load before, after |"
+    lines = [head + " bits/byte | perplexity |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r.get("bits_per_byte", 99)):
         if "error" in r:
             continue  # a stopped run: its row stays in the JSON
+        threads = r.get("threads") or r["machine"]["cores"]
         lines.append(
-            f"| {r['stage']} | {r['name']} | {r['steps']:,} | {r['train_tokens']:,} | {r.get('jobs', 1)} x {r.get('threads') or r['machine']['cores']} | "
+            f"| {r['stage']} | {r['name']} | {r['steps']:,} | {r['train_tokens']:,} | {r.get('jobs', 1)} x {threads} | "
             f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['load_before'][0]}, {r['load_after'][0]} | "
             f"{r['bits_per_byte']:.4f} | {r['perplexity']:.1f} |"
         )
@@ -716,21 +731,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.table:
         print(table("full", list(json.loads(out.read_text()).get("full", {}).values())))
         return
-    with tempfile.TemporaryDirectory(prefix="bench-search-base-") as tmp:
-        base = Path(tmp) / "base.yaml"
-        base.write_text(yaml.safe_dump(BASE, sort_keys=False))
-        if args.throughput or args.quick:
-            rows = throughput(
-                cands,
-                base,
-                *((1, 2) if args.quick else (args.warmup, args.steps)),
-                args.reference_every,
-                lambda rows: save(out, "throughput", rows, args),
-            )
-            print(table("throughput", rows))
-        if not args.throughput:
-            rows = full_runs(cands, base, args.jobs, args.threads, lambda rows: save(out, "full", rows, args))
-            print(table("full", rows))
+    if args.throughput or args.quick:
+        rows = throughput(
+            cands,
+            *((1, 2) if args.quick else (args.warmup, args.steps)),
+            args.reference_every,
+            lambda rows: save(out, "throughput", rows, args),
+        )
+        print(table("throughput", rows))
+    if not args.throughput:
+        rows = full_runs(cands, args.jobs, args.threads, lambda rows: save(out, "full", rows, args))
+        print(table("full", rows))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python -m bench.train_cpu [--quick] [--explore] [--repeats N] [--recipe FILE ...] [--out FILE]
 
-Shapes: the default recipe (recipes/shakespeare/tiny.yaml: 4 x 128 wide, 8 blocks of 128 tokens
-a step) and bench/wide.yaml (recipes/custom/text-files.yaml's model and batch: 6 x 256 wide, 16
+Shapes: bench/tiny-gpt2.yaml (the default recipe before the default recipe search: GPT-2 4 x 128
+wide with GPT-2's 50,257 tokens, 8 blocks of 128 tokens a step) and bench/wide.yaml (recipes/custom/text-files.yaml's model and batch: 6 x 256 wide, 16
 blocks of 256 tokens), both on the bundled plays; --recipe (repeatable) times others instead.
 
 Baseline: transformers.Trainer(TrainingArguments(output_dir, per_device_train_batch_size=<the
@@ -35,7 +35,7 @@ from bench import common
 
 # Each shape with its untimed and timed steps: about 50k and 80k tokens timed.
 SHAPES = {
-    common.ROOT / "recipes/shakespeare/tiny.yaml": (10, 50),
+    common.ROOT / "bench/tiny-gpt2.yaml": (10, 50),
     common.ROOT / "bench/wide.yaml": (5, 20),
 }
 QUICK = (2, 3)
