@@ -211,6 +211,15 @@ def candidate(stage: str, evals: int = 2, note: str = "", **knobs) -> Candidate:
     return Candidate(describe(tuple(flags)) + (f" ({note})" if note else ""), stage, tuple(flags))
 
 
+def llama(stage: str, width: int = 128, **knobs) -> Candidate:
+    """A candidate with the Llama-style block of stages 6-9 (rotary positions, RMSNorm, a gated
+    MLP at 8/3 x the width rounded up to a multiple of 8, tied embeddings; 2 heads sharing one
+    key/value head), the 4,096-token BPE and 8 x 128 tokens a step, unless `knobs` say otherwise."""
+    mlp = (-(-8 * width // 3) + 7) // 8 * 8
+    shape = dict(arch="llama", vocab=4096, layers=4, width=width, heads=2, kv_heads=1, mlp=mlp, tied="true")
+    return candidate(stage, **{**shape, "batch": 8, "block": 128, **knobs})
+
+
 # The search, in the order it was run; each stage's comment says what it asks. Steps come from
 # --throughput: the most that fit in the budget at the candidate's quiet rate.
 CANDIDATES: list[Candidate] = [
@@ -379,94 +388,23 @@ CANDIDATES: list[Candidate] = [
     # 6. The whole budget (stages 2-5 trained a third of it): the best shapes of stage 4 at the
     # steps that fill it, evaluated twice as the recipe does.
     candidate("6", vocab=4096, layers=4, width=128, heads=2, batch=8, block=128, steps=3000, warmup=0.05, lr=3e-3),
-    candidate(
-        "6",
-        arch="llama",
-        vocab=4096,
-        layers=4,
-        width=128,
-        heads=2,
-        kv_heads=1,
-        mlp=344,
-        tied="true",
-        batch=8,
-        block=128,
-        steps=3000,
-        warmup=0.05,
-        lr=3e-3,
-    ),
+    llama("6", steps=3000, warmup=0.05, lr=3e-3),
     # 7. Around the Llama-style block (stage 6: 2.00 vs GPT-2's 2.11 at the same steps, and
     # faster): a higher learning rate, a wider model and a larger vocabulary, each at the steps
     # that take the time of 3,000 of the first (its rate over the first's, one thread).
-    *[
-        candidate(
-            "7",
-            arch="llama",
-            vocab=vocab,
-            layers=4,
-            width=width,
-            heads=width // 64,
-            kv_heads=1,
-            mlp=mlp,
-            tied="true",
-            batch=8,
-            block=128,
-            steps=steps,
-            warmup=0.05,
-            lr=lr,
-        )
-        for vocab, width, mlp, steps, lr in (
-            (4096, 128, 344, 3000, 5e-3),
-            (4096, 192, 512, 1800, 3e-3),
-            (8192, 128, 344, 2500, 3e-3),
-        )
-    ],
+    llama("7", steps=3000, warmup=0.05, lr=5e-3),
+    llama("7", width=192, heads=3, steps=1800, warmup=0.05, lr=3e-3),
+    llama("7", vocab=8192, steps=2500, warmup=0.05, lr=3e-3),
     # 8. Around the best of stage 7 (width 128, learning rate 5e-3 over 3e-3; width 192 lost): a
     # higher rate still, a narrower model, and a key/value head per query head, each at the steps
     # that take the time of 3,000 at width 128 with one key/value head.
-    *[
-        candidate(
-            "8",
-            arch="llama",
-            vocab=4096,
-            layers=4,
-            width=width,
-            heads=2,
-            kv_heads=kv,
-            mlp=mlp,
-            tied="true",
-            batch=8,
-            block=128,
-            steps=steps,
-            warmup=0.05,
-            lr=lr,
-        )
-        for width, kv, mlp, steps, lr in (
-            (128, 1, 344, 3000, 8e-3),
-            (96, 1, 256, 3900, 5e-3),
-            (128, None, 344, 2750, 5e-3),
-        )
-    ],
+    llama("8", steps=3000, warmup=0.05, lr=8e-3),
+    llama("8", width=96, steps=3900, warmup=0.05, lr=5e-3),
+    llama("8", kv_heads=None, steps=2750, warmup=0.05, lr=5e-3),
     # 1e. The rate of the best shape of stages 6-8, with the fused loss (train.fused_loss auto, as
     # every run since stage 6) and the stock one: the steps of the recipe come from it.
-    *[
-        candidate(
-            "1e",
-            arch="llama",
-            vocab=4096,
-            layers=4,
-            width=128,
-            heads=2,
-            kv_heads=1,
-            mlp=344,
-            tied="true",
-            batch=8,
-            block=128,
-            lr=5e-3,
-            fused_loss=fused,
-        )
-        for fused in (None, "false")
-    ],
+    llama("1e", lr=5e-3),
+    llama("1e", lr=5e-3, fused_loss="false"),
     # 9. The default recipe this search chose, as it ships; first at the steps the rate of stage 1e
     # predicted for the budget (its quiet run then took 204 s of the 300: the rate of one thread
     # against the reference's underestimates two threads on this shape), then at the steps that
