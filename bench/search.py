@@ -640,7 +640,7 @@ def table(mode: str, rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: r.get("bits_per_byte", 99)):
         if "error" in r:
             continue  # a stopped run: its row stays in the JSON
-        threads = r.get("threads") or r["machine"]["cores"]
+        threads = r.get("threads") or "all"  # unset: torch's default, a thread per core
         lines.append(
             f"| {r['stage']} | {r['name']} | {r['steps']:,} | {r['train_tokens']:,} | {r.get('jobs', 1)} x {threads} | "
             f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['load_before'][0]}, {r['load_after'][0]} | "
