@@ -195,7 +195,7 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
         args=args,
         data_collator=collate_blocks,
         train_dataset=packed.train,
-        eval_dataset=packed.validation,
+        eval_dataset=packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
         processing_class=tok,
     )
     info = run_info(recipe, lm, packed)
@@ -258,13 +258,14 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     trainer.save_metrics("eval", eval_metrics)
     say(
         f"held-out loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f} "
-        f"over packed blocks ({packed.report['validation']['tokens']:,} validation tokens)"
+        f"over packed blocks ({packed.eval_blocks.n_tokens:,} of {packed.report['validation']['tokens']:,} "
+        f"validation tokens)"
     )
     if recipe.evaluate.at_end_of_training and trainer.is_fsdp_enabled:
         # The sharded model needs every process for a forward pass; the saved one does not.
         say(f"evaluation: run `hftextgen evaluate --model {output_dir}` (not run inside an FSDP job)")
     elif recipe.evaluate.at_end_of_training and main:
-        scores = evaluate_run(recipe, trainer.model, tok, corpus, output_dir)
+        scores = evaluate_run(recipe, trainer.model, tok, packed, output_dir)
         eval_metrics.update({f"eval_{k}": scores[k] for k in ("bits_per_byte", "word_perplexity")})
         if tensorboard is not None:
             final = {f"final/{k}": scores[k] for k in ("perplexity", "bits_per_byte", "word_perplexity", "loss")}
@@ -279,7 +280,7 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     return {**metrics, **eval_metrics}
 
 
-def evaluate_run(recipe: Recipe, lm, tok, corpus: data.Corpus, output_dir: Path) -> dict:
+def evaluate_run(recipe: Recipe, lm, tok, packed: data.Packed, output_dir: Path) -> dict:
     """The generation evaluator on the held-out documents: what `hftextgen evaluate` on the run
     directory computes."""
     was_training = lm.training
@@ -288,7 +289,7 @@ def evaluate_run(recipe: Recipe, lm, tok, corpus: data.Corpus, output_dir: Path)
         return evaluation.run(
             lm,
             tok,
-            corpus.documents.validation,
+            packed.eval_documents("validation"),  # data.max_eval_tokens of the held-out documents
             data=recipe.data,
             cfg=recipe.evaluate,
             generate_cfg=recipe.generate,

@@ -155,7 +155,7 @@ def validate(recipe: Recipe) -> dict:
             args=probe,
             data_collator=train.collate_blocks,
             train_dataset=packed.train,
-            eval_dataset=packed.validation,
+            eval_dataset=packed.eval_blocks,
             processing_class=tok,
         )
         for stock in (PrinterCallback, ProgressCallback):
@@ -177,7 +177,7 @@ def validate(recipe: Recipe) -> dict:
             final_save_seconds = time.perf_counter() - saving
             final_bytes = _folder_bytes(final_dir)
             eval_call_seconds, eval_block_seconds = _time_evaluation(
-                trainer, packed.validation, args.per_device_eval_batch_size
+                trainer, packed.eval_blocks, args.per_device_eval_batch_size
             )
             sample_seconds = _time_samples(lm, tok, recipe)
             scoring_seconds = _time_final_scoring(lm, tok, recipe, packed)
@@ -192,7 +192,7 @@ def validate(recipe: Recipe) -> dict:
     final_trainer_eval = 0 if evaluations and not args.load_best_model_at_end else 1
     evaluations_total = evaluations + final_trainer_eval
     sample_rounds = steps_left // recipe.evaluate.sample_every if recipe.evaluate.sample_every else 0
-    val_blocks = len(packed.validation)
+    val_blocks = len(packed.eval_blocks)
     eval_seconds = eval_call_seconds + eval_block_seconds * val_blocks
     final_eval_seconds = 0.0
     if recipe.evaluate.at_end_of_training:
@@ -312,7 +312,7 @@ def _time_final_scoring(lm, tok, recipe: Recipe, packed: data.Packed) -> float:
     bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
     wanted = context + 1 + stride * (2 * cfg.batch_size - 1)  # two batches of windows
     blocks = math.ceil(wanted / recipe.data.block_size)
-    ids = packed.validation.with_format("numpy")[: min(blocks, len(packed.validation))]["input_ids"]
+    ids = packed.validation[: min(blocks, len(packed.validation))]["input_ids"]
     doc = [tok.eos_token_id, *ids.reshape(-1)[:wanted].tolist()]
     was_training = lm.training
     lm.eval()
@@ -325,8 +325,8 @@ def _time_final_scoring(lm, tok, recipe: Recipe, packed: data.Packed) -> float:
     finally:
         lm.train(was_training)
     per_window = seconds / len(evaluation.windows(len(doc), context, stride))
-    validation = packed.report["validation"]
-    return per_window * (validation["tokens"] / stride + validation["documents"])
+    docs = packed.eval_documents("validation")  # what the evaluator will score
+    return per_window * (docs.tokens / stride + len(docs))
 
 
 def _time_samples(lm, tok, recipe: Recipe) -> float:

@@ -183,8 +183,11 @@ def test_cache_hit_and_every_invalidation(corpus, gpt2):
     doc.write_text(original)
     assert prepare(cfg, gpt2).cache_hit
 
+    # The shards hold the split's tokens, not blocks: another block size reads the same ones.
+    other_blocks = prepare(files_cfg(corpus / "*.txt", block_size=33), gpt2)
+    assert other_blocks.cache_hit and other_blocks.report["train"]["tokens"] == first.report["train"]["tokens"]
+    assert other_blocks.report["train"]["blocks"] == first.report["train"]["tokens"] // 33
     for changed in (
-        files_cfg(corpus / "*.txt", block_size=33),
         files_cfg(corpus / "*.txt", block_size=32, add_eos=False),
         files_cfg(corpus / "*.txt", block_size=32, split_seed=99),
         files_cfg(corpus / "*.txt", block_size=32, validation_fraction=0.3),
@@ -203,7 +206,7 @@ def test_an_unfinished_cache_entry_is_never_used(corpus, gpt2, tmp_path):
     cfg = files_cfg(corpus / "*.txt", block_size=32)
     first = prepare(cfg, gpt2)
     (first.cache_path / "COMPLETE").unlink()
-    (first.cache_path / "train" / "dataset_info.json").write_text("{broken")
+    (first.cache_path / "manifest.json").write_text("{broken")
     again = prepare(cfg, gpt2)
     assert not again.cache_hit and flat(again.train) == flat(first.train)
 

@@ -87,7 +87,7 @@ def test_batching_does_not_change_the_result(random_model):
 
 def test_perplexity_metric_is_token_weighted():
     metric = load_metric("perplexity")
-    result = metric.compute(nll=[10.0, 2.0], tokens=[8, 2], text=["ab cd", "é"])
+    result = metric.compute(nll=[10.0, 2.0], tokens=[8, 2], bytes=[5, 2], words=[2, 1])
     assert result["tokens"] == 10 and result["bytes"] == 5 + 2 and result["words"] == 3
     assert result["perplexity"] == pytest.approx(math.exp(12 / 10))  # not the mean of exp(10/8), exp(2/2)
     assert result["bits_per_byte"] == pytest.approx(12 / math.log(2) / 7)
