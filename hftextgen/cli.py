@@ -363,7 +363,7 @@ def run_evaluate(argv: list[str]) -> int:
     lm, tok = generate.load(cfg.model, device=cfg.device)
     corpus = data.Corpus(s.data)
     # The model's tokenizer finds the data its run prepared; split all holds nothing out.
-    packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok), hold_out=s.evaluate.split != "all")
+    packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
     evaluation.run(
         lm,

@@ -260,7 +260,7 @@ class Packed:
     `eval_blocks` (the Trainer's capped evaluation subset), `eval_documents()` (the evaluator's),
     the report, and where it lives."""
 
-    def __init__(self, path: Path, cfg: DataConfig, cache_hit: bool):
+    def __init__(self, path: Path, cfg: DataConfig, cache_hit: bool, need_blocks: bool = True):
         self.cache_path, self.cache_hit, self.cfg = path, cache_hit, cfg
         self.manifest = shards.read_manifest(path)
         if self.manifest.get("format") != shards.FORMAT:
@@ -276,7 +276,7 @@ class Packed:
         self.validation = shards.BlockDataset(self.tokens["validation"], cfg.block_size)
         self.report = report(self.manifest, cfg.block_size)
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
-            if self.report[split]["blocks"] == 0:
+            if self.report[split]["blocks"] == 0 and need_blocks:
                 raise UserError(
                     f"the {split} split holds {self.report[split]['tokens']} tokens, fewer than one block of "
                     f"data.block_size={cfg.block_size}: lower data.block_size, or give it more text"
@@ -334,15 +334,11 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
 
     cfg = corpus.cfg
     spec = tokenizer_stage.encoder_spec(tokenizer)
-    spec["probes"] = {
-        "texts": tokenizer_stage.PROBES,
-        "ids": [list(map(int, ids)) for ids in tokenizer_stage.batch_encoder(tokenizer)(tokenizer_stage.PROBES)],
-    }
     segments, mode, every = corpus.plan(spec["cuttable"], hold_out)
     units = preparation.group(segments, every)
     dtype = shards.dtype_for(_vocabulary(tokenizer))
     settings = preparation.Settings(
-        data=cfg,
+        data=preparation.data_fields(cfg),
         split_mode=mode,
         work=str(work),
         spec=spec,
@@ -351,6 +347,7 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
         shard_tokens=preparation.SHARD_TOKENS,
         piece_chars=preparation.PIECE_CHARS,
         batch_chars=preparation.BATCH_CHARS,
+        read_bytes=sources.READ_BYTES,
     )
     preparation.run(settings, units, cfg.num_proc or preparation.cores())
     splits = preparation.finish(work, units, settings)
@@ -368,10 +365,13 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
     preparation.clean(work)
 
 
-def prepare(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True) -> Packed:
+def prepare(
+    corpus: Corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True, need_blocks: bool = True
+) -> Packed:
     """The prepared data of a corpus for a tokenizer: from the cache when the inputs are
     unchanged, else prepared (continuing an earlier run stopped part way). `hold_out` false:
-    every document in train, none held out (to evaluate on all of them)."""
+    every document in train, none held out (to evaluate on all of them). `need_blocks`: a
+    split too small for one block is an error (not for the evaluator, which scores documents)."""
     cfg = corpus.cfg
     key = cache.key(
         version=PREPROCESS_VERSION,
@@ -401,7 +401,7 @@ def prepare(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, hold_out: boo
                     shutil.rmtree(work, ignore_errors=True)
                     raise
         path = root / key
-    return Packed(path, cfg, cache_hit)
+    return Packed(path, cfg, cache_hit, need_blocks)
 
 
 def _version(package: str) -> str | None:

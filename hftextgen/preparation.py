@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -150,11 +151,20 @@ def build_encoder(spec: dict, threads: int = 1) -> Callable[[list[str]], list[np
 # ---------------------------------------------------------------- plan
 
 
+# The data section's fields that reading and splitting use. A worker gets them as a plain
+# namespace: unpickling the DataConfig itself would import transformers (config.py) in each.
+DATA_FIELDS = ("encoding", "sample_by", "text_field", "add_eos", "validation_fraction", "split_seed")
+
+
+def data_fields(cfg) -> SimpleNamespace:
+    return SimpleNamespace(**{name: getattr(cfg, name) for name in DATA_FIELDS})
+
+
 @dataclass
 class Settings:
     """What every unit's work needs besides its segments; sent once to each worker."""
 
-    data: object  # DataConfig
+    data: SimpleNamespace  # data_fields(DataConfig)
     split_mode: str  # none | fixed | seeded | hash
     work: str
     spec: dict
@@ -163,6 +173,7 @@ class Settings:
     shard_tokens: int
     piece_chars: int
     batch_chars: int
+    read_bytes: int = sources.READ_BYTES
 
 
 @dataclass
@@ -513,6 +524,7 @@ def _init_worker(settings: Settings, done, parent: int) -> None:
         if os.getppid() != parent:  # the parent died before prctl
             os._exit(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    sources.READ_BYTES = settings.read_bytes
     _settings, _done = settings, done
     _encode = build_encoder(settings.spec)
 
@@ -708,7 +720,8 @@ def _tokenize(todo: list[Unit], units: list[Unit], runner: Runner, workers: int,
     work = _plural(len(units), "unit") if len(todo) == len(units) else f"{len(todo):,} of {len(units):,} units left"
     what = f" {_plural(documents, 'document')}" if documents is not None else ""
     desc = f"Tokenizing{what} ({work}, {_plural(workers, 'process', 'processes')})"
-    with progress.bar(sum(u.size for u in todo), desc, "B", scale=True) as bar:
+    streamed = any(s.kind == "stream" for u in todo for s in u.segments)  # of a size known only once read
+    with progress.bar(None if streamed else sum(u.size for u in todo), desc, "B", scale=True) as bar:
         runner.map(_tokenize_task, todo, bar)
 
 
@@ -728,7 +741,8 @@ def finish(work: Path, units: list[Unit], settings: Settings) -> dict:
         if rows - continued:
             table = np.lib.format.open_memmap(docs_tmp, "w+", shards.DOCS, (rows - continued,))
         else:
-            np.save(docs_tmp, np.zeros(0, shards.DOCS))
+            with open(docs_tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to it
+                np.save(f, np.zeros(0, shards.DOCS))
         at = 0  # rows written: a row that continues a document adds to the row before it
         with open(_tmp(work / f"{split}.ids.jsonl"), "wb") as ids:
             for r in parts:

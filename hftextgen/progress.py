@@ -140,11 +140,11 @@ class _PlainBar(_Silent):
     while it runs, and one when it ends if it ran that long (for a short stage, what is printed
     next says it is over); never a carriage return."""
 
-    def __init__(self, total: int, desc: str, unit: str, scale: bool = False):
+    def __init__(self, total: int | None, desc: str, unit: str, scale: bool = False):
         self.total, self.desc, self.unit, self.scale = total, desc, unit, scale
         self.n = 0
         self.started = self.shown = time.monotonic()
-        print(f"{desc}: {self._amount(total)} ...", flush=True)
+        print(f"{desc}: {self._amount(total)} ..." if total is not None else f"{desc} ...", flush=True)
 
     def _amount(self, n: int) -> str:
         return size(n) if self.scale else f"{n:,} {self.unit}"
@@ -152,7 +152,10 @@ class _PlainBar(_Silent):
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.shown >= PLAIN_INTERVAL and self.n < self.total:
+        if now - self.shown >= PLAIN_INTERVAL and self.total is None:
+            self.shown = now
+            print(f"{self.desc}: {self._amount(self.n)} so far, {duration(now - self.started)} elapsed", flush=True)
+        elif now - self.shown >= PLAIN_INTERVAL and self.n < self.total:
             self.shown = now
             rate = self.n / (now - self.started)
             eta = duration((self.total - self.n) / rate) if rate > 0 else "?"
@@ -162,14 +165,14 @@ class _PlainBar(_Silent):
     def close(self) -> None:
         if self.started is not None and time.monotonic() - self.started >= PLAIN_INTERVAL:
             took = duration(time.monotonic() - self.started)
-            print(f"{self.desc}: done, {self._amount(self.total)} in {took}", flush=True)
+            print(f"{self.desc}: done, {self._amount(self.total or self.n)} in {took}", flush=True)
         self.started = None
 
 
-def bar(total: int, desc: str, unit: str = "it", show: bool = True, scale: bool = False):
+def bar(total: int | None, desc: str, unit: str = "it", show: bool = True, scale: bool = False):
     """A progress bar in the current mode: tqdm, plain lines, or nothing (also when not `show`).
     Call update(n) as work is done, and close() (or use it as a context manager). `scale`:
-    amounts are bytes, shown as kB, MB, GB."""
+    amounts are bytes, shown as kB, MB, GB. `total` None: not known (a stream)."""
     current = mode() if show else "quiet"
     if current == "bars":
         from tqdm.auto import tqdm

@@ -235,15 +235,18 @@ def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
     return encode
 
 
-def _route(tokenizer: PreTrainedTokenizerBase) -> tuple[str, Encoder]:
+def _route(tokenizer: PreTrainedTokenizerBase) -> tuple[str, Encoder, list[list[int]]]:
+    """(route, its encoder, the reference ids of PROBES)."""
+
     def reference(texts: list[str]) -> list[list[int]]:
         return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
+    expected = reference(PROBES)
     for name, make in (("tiktoken", _tiktoken_encoder), ("backend", _backend_encoder)):
         encode = make(tokenizer)
-        if encode is not None and encode(PROBES) == reference(PROBES):
-            return name, encode
-    return "reference", reference
+        if encode is not None and encode(PROBES) == expected:
+            return name, encode, expected
+    return "reference", reference, expected
 
 
 def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder:
@@ -277,24 +280,20 @@ def encoder_spec(tokenizer: PreTrainedTokenizerBase) -> dict:
     side of such a cut into one piece, and BPE works within pieces; added tokens hold no
     whitespace, so no cut falls inside one.
     """
-    route, _ = _route(tokenizer)
+    route, _, expected = _route(tokenizer)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     added = [t.content for t in tokenizer.added_tokens_decoder.values()]
     no_space_tokens = not any(any(c.isspace() for c in token) for token in added)
+    # The worker checks the encoder it rebuilds against these.
+    spec = {"route": route, "probes": {"texts": PROBES, "ids": expected}}
     if route == "tiktoken":
         ranks, special = _tiktoken_tables(tokenizer)
-        return {
-            "route": route,
-            "pattern": GPT2_PATTERN,
-            "ranks": ranks,
-            "special": special,
-            "cuttable": no_space_tokens,
-        }
+        return {**spec, "pattern": GPT2_PATTERN, "ranks": ranks, "special": special, "cuttable": no_space_tokens}
     if route == "backend":
         return {
-            "route": route,
+            **spec,
             "json": backend.to_str(),
             "encode_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
             "cuttable": _gpt2_pre_tokenizer(backend) and no_space_tokens,
         }
-    return {"route": route, "tokenizer": tokenizer, "cuttable": False}
+    return {**spec, "tokenizer": tokenizer, "cuttable": False}

@@ -4,6 +4,8 @@ every bad input's one-line error."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_corpus
 
-from hftextgen import data
+from hftextgen import cache, data, sources
 from hftextgen.config import DataConfig
 from hftextgen.errors import UserError
 from hftextgen.tokenizer import bundled_gpt2, fingerprint
@@ -212,10 +214,14 @@ def test_an_unfinished_cache_entry_is_never_used(corpus, gpt2, tmp_path):
 
 
 def test_cached_prepare_does_not_read_documents(corpus, gpt2, monkeypatch):
+    for path in corpus.glob("*.txt"):  # not written a moment ago (see cache.RACY_SECONDS)
+        os.utime(path, (time.time() - 60, time.time() - 60))
     cfg = files_cfg(corpus / "*.txt", block_size=32)
     prepare(cfg, gpt2)
-    monkeypatch.setattr(data, "read_file", lambda *a: pytest.fail("a cache hit parsed a file"))
-    assert prepare(cfg, gpt2).cache_hit
+    monkeypatch.setattr(sources, "records", lambda *a: pytest.fail("a cache hit parsed a file"))
+    monkeypatch.setattr(cache.hashlib, "file_digest", lambda *a: pytest.fail("a cache hit hashed a file again"))
+    packed = prepare(cfg, gpt2)
+    assert packed.cache_hit and len(packed.train) > 0
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -276,6 +282,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, gpt2, setup, match):
         prepare(DataConfig(source="files", paths=paths), gpt2)
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "cache").rglob("*.tmp")), "a failed build left a partial cache entry"
+    assert not list((tmp_path / "cache").rglob(".*.partial")), "a bad input left a work folder to continue"
 
 
 def test_encoding_option_reads_other_encodings(tmp_path, gpt2):

@@ -148,3 +148,17 @@ def test_evaluate_errors_are_one_line(trained_run, tmp_path, run_cli):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli("evaluate", "--model", tmp_path)
     assert code == 2 and "is not a model (no config.json)" in err
+
+
+def test_evaluate_split_all_scores_a_file_that_is_one_document(trained_run, tmp_path, run_cli):
+    """Nothing is held out with split all, so one document is enough (a hold-out would refuse it)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("HAMLET:\nTo be, or not to be, that is the question.\n")
+    argv = ["evaluate", "--model", trained_run, "--data.source", "files", "--data.paths", f"[{notes}]"]
+    code, out, err = run_cli(*argv, "--evaluate.split", "all", "--evaluate.output_dir", tmp_path / "eval")
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["documents"] == 1 and result["data"].startswith(f"files, all 1 all documents ({notes})")
+    assert result["tokens"] == len(bundled_gpt2()(notes.read_text())["input_ids"]) + 1
+    code, _, err = run_cli(*argv, "--evaluate.split", "validation", "--evaluate.output_dir", tmp_path / "v")
+    assert code == 2 and "too few to hold out whole documents" in err
