@@ -135,6 +135,26 @@ def test_texts_cut_at_safe_points_give_the_ids_of_the_whole(which, gpt2, trained
     assert cuts_tried > 400
 
 
+def test_words_are_counted_as_str_split_counts_them():
+    wide = [c for c in map(chr, range(0x80, 0x110000)) if c.isspace()]
+    assert all(preparation._WIDE_SPACE.fullmatch(c) for c in wide)
+    assert [c for c in map(chr, range(0x80)) if c.isspace()] == [
+        chr(b) for b in np.flatnonzero(preparation._ASCII_SPACE)
+    ]
+    rng = random.Random(2)
+    for text in [
+        "",
+        " ",
+        "a",
+        " a b  ",
+        "\x1cx\x1fy\n",
+        "é ü\tz",
+        "a\u3000b c",
+        *(random_text(rng, 80) for _ in range(200)),
+    ]:
+        assert preparation.count_words(text, text.encode()) == len(text.split()), repr(text)
+
+
 def test_a_tokenizer_that_cannot_be_cut_is_never_cut(gpt2):
     tok, _ = gpt2
     other = tokenizer.bundled_gpt2()
