@@ -338,8 +338,8 @@ def first_step(cache: Path, run_dir: Path, *data: str) -> dict:
     return result
 
 
-def gb(n: float) -> float:
-    return n / 1e9
+def memory(what: str, baseline: dict, ours: dict, note: str = "", key: str = "peak_tree_rss") -> common.Row:
+    return common.Row(what, baseline[key] / 1e9, ours[key] / 1e9, "GB", False, note)
 
 
 def measure(quick: bool, keep: Path | None) -> tuple[list[common.Row], dict]:
@@ -392,28 +392,14 @@ def measure(quick: bool, keep: Path | None) -> tuple[list[common.Row], dict]:
     s, big, j = runs["small"], runs["large"], runs["jsonl"]
     label = ("25 MB", "100 MB") if quick else ("1 GB", "4 GB")
     rows = [
-        common.Row(
+        memory(
             f"peak RSS of prepare, .txt: {label[0]} (baseline) vs {label[1]} (ours)",
-            gb(s["peak_tree_rss"]),
-            gb(big["peak_tree_rss"]),
-            "GB",
-            False,
+            s,
+            big,
             "all processes; target <= 2.5 GB both, large within 25% of small",
         ),
-        common.Row(
-            f"peak RSS, largest single process, {label[0]} vs {label[1]}",
-            gb(s["peak_process_rss"]),
-            gb(big["peak_process_rss"]),
-            "GB",
-            False,
-        ),
-        common.Row(
-            f"peak RSS of prepare, one {label[0]} .jsonl (ours) vs the {label[0]} .txt",
-            gb(s["peak_tree_rss"]),
-            gb(j["peak_tree_rss"]),
-            "GB",
-            False,
-        ),
+        memory(f"peak RSS, largest single process, {label[0]} vs {label[1]}", s, big, key="peak_process_rss"),
+        memory(f"peak RSS of prepare, one {label[0]} .jsonl (ours) vs the {label[0]} .txt", s, j),
         common.Row(
             f"tokenizing MB/s, all cores: raw tiktoken encode_ordinary_batch vs prepare's tokenizing ({label[0]})",
             raw["bytes"] / MB / raw["seconds"],
@@ -465,13 +451,7 @@ def measure(quick: bool, keep: Path | None) -> tuple[list[common.Row], dict]:
             False,
             "run_clm killed at 12 GB" if clm.get("killed_over") else "",
         ),
-        common.Row(
-            f"run_clm-style vs prepare, {label[0]}: peak RSS",
-            gb(clm["peak_tree_rss"]),
-            gb(s["peak_tree_rss"]),
-            "GB",
-            False,
-        ),
+        memory(f"run_clm-style vs prepare, {label[0]}: peak RSS", clm, s),
     ]
     return rows, extra
 

@@ -327,8 +327,11 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 def committed_parts(work: Path, unit: int) -> list[dict]:
-    found = sorted((work / "parts").glob(f"{unit:06d}-*.json"))
-    return [json.loads(p.read_text()) for p in found]
+    """The records of a unit's finished parts, in order (parts are numbered from 0)."""
+    records = []
+    while (path := work / "parts" / f"{_part_name(unit, len(records))}.json").is_file():
+        records.append(json.loads(path.read_text()))
+    return records
 
 
 class _Part:

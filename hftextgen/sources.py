@@ -359,15 +359,15 @@ def _empty(path: str) -> UserError:
 
 def _document(seg: Segment, cfg, file_size: int) -> Iterator[Record]:
     """One document per file, in pieces; a segment after the first continues the document."""
-    previous, seen_text = None, False
+    previous, yielded = None, False
     for chunk in decoded(seg, cfg.encoding):
         if previous is not None:
-            yield Record(seg.path, previous, begins=seg.first and not seen_text, ends=False)
-            seen_text = True
+            yield Record(seg.path, previous, begins=seg.first and not yielded, ends=False)
+            yielded = True
         previous = chunk
-    if seg.first and seg.ends_file(file_size) and not seen_text and not is_document(previous):
+    if seg.first and seg.ends_file(file_size) and not yielded and not is_document(previous):
         raise _empty(seg.path)
-    yield Record(seg.path, previous or "", begins=seg.first and not seen_text, ends=seg.ends_file(file_size))
+    yield Record(seg.path, previous or "", begins=seg.first and not yielded, ends=seg.ends_file(file_size))
 
 
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
