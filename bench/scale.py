@@ -14,7 +14,8 @@ each configuration in a fresh process, with all cores:
                   tokenizing and writing shards in data.num_proc processes, as prepare itself
                   reports it), against the raw tokenizer in the same run: tiktoken's
                   encode_ordinary_batch with GPT-2's encoding, all cores as threads, over the
-                  same texts (read beforehand, not timed); and MB / wall time of the whole
+                  same texts (read beforehand, not timed); MB per CPU-second of both (what a
+                  shared, loaded machine changes least); and MB / wall time of the whole
                   `hftextgen prepare` command, start-up (imports, workers) included
   disk            bytes of the prepared entry per token; and, for the storage choice, the
                   same tokens as a memory-mapped Arrow table (what datasets saves)
@@ -155,6 +156,7 @@ def measured(argv: list[str], env: dict | None = None, until: str | None = None,
     sampler.join()
     return {
         "seconds": time.perf_counter() - started,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,  # its own and its workers', as wait4 counts them
         "peak_tree_rss": peak,
         "peak_process_rss": usage.ru_maxrss * 1024,
         "returncode": proc.returncode,
@@ -182,15 +184,16 @@ def raw_tiktoken(config: dict) -> dict:
     enc = tiktoken.Encoding("gpt2", pat_str=tokenizer.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
     files = sorted(Path(config["folder"]).glob("*.txt"))
     threads = len(os.sched_getaffinity(0))
-    seconds, n_bytes, tokens = 0.0, 0, 0
+    seconds, cpu, n_bytes, tokens = 0.0, 0.0, 0, 0
     for i in range(0, len(files), 8):
         texts = [f.read_text("utf-8") for f in files[i : i + 8]]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         ids = enc.encode_ordinary_batch(texts, num_threads=threads)
         seconds += time.perf_counter() - started
+        cpu += time.process_time() - cpu_started
         n_bytes += sum(len(t.encode()) for t in texts)
         tokens += sum(map(len, ids))
-    return {"seconds": seconds, "bytes": n_bytes, "tokens": tokens, "threads": threads}
+    return {"seconds": seconds, "encode_cpu_seconds": cpu, "bytes": n_bytes, "tokens": tokens, "threads": threads}
 
 
 def run_clm(config: dict) -> dict:
@@ -412,6 +415,13 @@ def measure(quick: bool, keep: Path | None) -> tuple[list[common.Row], dict]:
             f"the same, {label[1]}: raw tiktoken ({label[0]}) vs prepare's tokenizing",
             raw["bytes"] / MB / raw["seconds"],
             phase(big),
+            "MB/s",
+        ),
+        common.Row(
+            f"MB of text per CPU-second (load-independent): raw tiktoken's encode calls vs the whole prepare "
+            f"command, workers and start-up included ({label[0]})",
+            raw["bytes"] / MB / raw["encode_cpu_seconds"],
+            s["text_bytes"] / MB / s["cpu_seconds"],
             "MB/s",
         ),
         common.Row(

@@ -264,12 +264,13 @@ def test_resume_keeps_the_finished_shards_and_ends_the_same(tiny, tmp_path, gpt2
 
 # ---------------------------------------------------------------- killed, stopped: the command line
 
-DRIVER = """
+# The test-only sizes of the command-line tests, set by DRIVER in the subprocess.
+SMALL = {"UNIT_BYTES": (2000, 2000), "SHARD_TOKENS": 300, "PIECE_CHARS": 300}
+DRIVER = f"""
 import sys
 from hftextgen import cli, preparation, sources
-preparation.UNIT_BYTES = (2000, 2000)
-preparation.SHARD_TOKENS = 300
-preparation.PIECE_CHARS = 300
+for name, value in {SMALL!r}.items():
+    setattr(preparation, name, value)
 sources.READ_BYTES = 1000
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -321,11 +322,13 @@ def alive_after(pids: list[int], seconds: float = 10) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc")
-def test_prepare_killed_then_run_again_is_byte_identical(tmp_path):
+def test_prepare_killed_then_run_again_is_byte_identical(tmp_path, gpt2, monkeypatch):
     corpus = big_corpus(tmp_path / "corpus")
-    reference = start_prepare(corpus, tmp_path / "ref", "--data.num_proc", "2")
-    _, err = reference.communicate(timeout=600)
-    assert reference.returncode == 0, err.decode()
+    for name, value in SMALL.items():
+        monkeypatch.setattr(preparation, name, value)
+    monkeypatch.setattr(sources, "READ_BYTES", 1000)
+    cfg = DataConfig(source="files", paths=[str(corpus)], num_proc=1, cache_dir=str(tmp_path / "ref"))
+    expected = prepare(cfg, gpt2).cache_path  # uninterrupted, in this process, one process
 
     process = start_prepare(corpus, tmp_path / "cache", "--data.num_proc", "2")
     work = wait_for_parts(tmp_path / "cache", process, at_least=30)
@@ -341,8 +344,7 @@ def test_prepare_killed_then_run_again_is_byte_identical(tmp_path):
     assert again.returncode == 0, err.decode()
     assert re.search(r"units left", out.decode()), out.decode()
     (entry,) = [p for p in (tmp_path / "cache" / "data").iterdir() if not p.name.startswith(".")]
-    (expected,) = [p for p in (tmp_path / "ref" / "data").iterdir() if not p.name.startswith(".")]
-    assert done >= 30 and files_of(entry) == files_of(expected)
+    assert entry.name == expected.name and done >= 30 and files_of(entry) == files_of(expected)
 
 
 @pytest.mark.slow
