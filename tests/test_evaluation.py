@@ -150,6 +150,7 @@ def test_evaluate_errors_are_one_line(trained_run, tmp_path, run_cli):
     assert code == 2 and "is not a model (no config.json)" in err
 
 
+@pytest.mark.slow
 def test_evaluate_split_all_scores_a_file_that_is_one_document(trained_run, tmp_path, run_cli):
     """Nothing is held out with split all, so one document is enough (a hold-out would refuse it)."""
     notes = tmp_path / "notes.txt"

@@ -381,7 +381,8 @@ def stream_folder(folder: Path, n_files: int = 3, rows: int = 40) -> list[str]:
     return [t for t in texts if t]
 
 
-@pytest.mark.parametrize("num_proc", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("num_proc", [1, 2])
 def test_streamed_hub_data_is_held_out_by_a_hash_of_each_document(tmp_path, gpt2, num_proc):
     texts = stream_folder(tmp_path / "hub")
     cfg = DataConfig(
