@@ -211,10 +211,14 @@ def describe(data: DataConfig, split: str, docs: shards.Documents) -> str:
     names = docs.names
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4:,} more" if len(names) > 4 else "")
     whole = docs.tokens == docs.split_tokens
+    n = docs.split_documents
     which = (
-        f"all {docs.split_documents:,} {split} documents"
+        ("all " if n > 1 else "")
+        + f"{n:,} "
+        + ("" if split == "all" else f"{split} ")
+        + ("documents" if n > 1 else "document")
         if whole
-        else f"a seeded sample of {split} documents, {docs.tokens:,} of its {docs.split_tokens:,} tokens "
+        else f"a seeded sample of the {split} documents, {docs.tokens:,} of their {docs.split_tokens:,} tokens "
         f"(data.max_eval_tokens={data.max_eval_tokens:,})"
     )
     return f"{source[data.source]}, {which} ({shown})"
