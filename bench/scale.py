@@ -8,8 +8,9 @@ shuffled and written as ~2.5 MB .txt files; the same as one JSON-lines file) and
 each configuration in a fresh process, with all cores:
 
   peak RSS        the largest sum of the resident memory of the process and all its
-                  descendants (worker processes), sampled every 0.1 s; and the largest single
-                  process (wait4's ru_maxrss)
+                  descendants (worker processes; proportional set sizes, so shared pages
+                  count once), sampled every 0.1 s; and the largest single process's RSS
+                  (wait4's ru_maxrss)
   tokenization    MB of text / seconds of prepare's tokenizing phase (reading, splitting,
                   tokenizing and writing shards in data.num_proc processes, as prepare itself
                   reports it), against the raw tokenizer in the same run: tiktoken's
@@ -104,15 +105,28 @@ def folder_bytes(path: Path) -> int:
 # ---------------------------------------------------------------- measuring a process
 
 
+def _memory(pid: int) -> int:
+    """A process's proportional resident memory (PSS: a page shared by n processes counts 1/n
+    in each), so that the sum over a tree counts every page once; VmRSS where PSS is missing."""
+    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return 0
+
+
 def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc)."""
+    """Resident bytes of a process and all its descendants (Linux /proc). PSS, not RSS: a
+    worker just forked from the main process shares all its pages until it execs, and RSS
+    would count them twice."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
+        total += _memory(p)
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):
