@@ -15,7 +15,7 @@ LAUNCH ?=
 NPROC ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup prepare finetune validate generate evaluate test lint bench clean-venv
+.PHONY: setup prepare finetune validate generate evaluate test test-fast lint bench clean-venv
 .DEFAULT_GOAL := finetune
 
 $(VENV)/.installed: pyproject.toml
@@ -59,6 +59,9 @@ evaluate: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check hftextgen tests bench

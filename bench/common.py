@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,30 @@ def report(name: str, title: str, rows: list[Row], args: argparse.Namespace, loa
     return payload
 
 
+def run_command(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> int | None:
+    """Run a command from the repository root, bench/ importable; its exit code, or None if it
+    ran past `timeout` seconds (then it and everything it started are killed).
+
+    The command gets a session of its own, so that a timeout, or this process being stopped,
+    ends its children too (data loader workers, compile workers, launched processes), which
+    would otherwise hold memory and the GPU.
+    """
+    child_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def run_child(module: str, config: dict, timeout: float | None = None, env: dict | None = None) -> dict:
     """Run `python -m <module> --child <config.json>` and return the JSON it writes.
 
@@ -154,18 +179,12 @@ def run_child(module: str, config: dict, timeout: float | None = None, env: dict
         cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
         cfg_path.write_text(json.dumps({**config, "result": str(out_path)}))
         started = time.perf_counter()
-        cmd = [sys.executable, "-m", module, "--child", str(cfg_path)]
-        child_env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env={**child_env, **(env or {})}, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
+        code = run_command([sys.executable, "-m", module, "--child", str(cfg_path)], timeout, env)
         wall = time.perf_counter() - started
-        if proc.returncode != 0 or not out_path.exists():
-            return {"error": f"exit code {proc.returncode}", "wall_s": wall}
+        if code is None:
+            return {"error": f"timed out after {timeout:.0f} s", "wall_s": wall}
+        if code != 0 or not out_path.exists():
+            return {"error": f"exit code {code}", "wall_s": wall}
         result = json.loads(out_path.read_text())
         result["wall_s"] = wall
         return result

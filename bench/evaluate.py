@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args()
     load_before = common.load()
-    from hftextgen.train import reuse_freed_memory
+    from hftextgen.runtime import reuse_freed_memory
 
     reuse_freed_memory()  # as `hftextgen generate/evaluate` do; process-wide, so both sides get it
     gpu = torch.cuda.is_available()

@@ -1,162 +1,355 @@
-"""GPU training: the gpt2-small recipe's `hftextgen finetune` vs a plain Trainer; tokens/s and MFU.
+"""GPU benchmark (issue 14): training, generation, validate and FSDP's save in one call, most important first.
 
-    python -m bench.gpu [--budget-s 420] [--out FILE]     on one H100/H200 (bench/gpu.sh sets it up)
-    python -m bench.gpu --cpu-smoke                       the same script on a CPU, tiny model, to check it runs
+    python -m bench.gpu [--budget-s 330] [--only NAME,...] [--skip NAME,...] [--out FILE]
+    python -m bench.gpu --cpu-smoke      every configuration on a CPU, tiny shapes: check the script
 
-Configurations, each in its own child process, in this order (a later one is skipped when the
-time budget could not fit it, so one call always brings back the most important rows):
-  baseline          plain Trainer, TrainingArguments defaults (fp32, adamw_torch), GPT-2 124M,
-                    block 1024, micro-batch --baseline-batch (16: the perf-notes baseline)
-  ours              hftextgen finetune --config recipes/shakespeare/gpt2-small.yaml, as shipped
-  slow / fast       the loss check: the recipe with every speed setting off (fp32, eager, stock
-                    loss, adamw_torch) and as shipped, dropout off in both so that they see the
-                    same computation; their per-step losses must agree (--loss-tolerance)
-  ours + fused loss the recipe with train.fused_loss on
-  ours + fused loss, micro-batch 64   what the memory it saves buys
+bench/gpu.sh runs it on a lent H100/H200 (after installing the carried wheels); bench/RESULTS.md
+has the exact device call and the time plan. Each configuration runs in a child process of its
+own with a timeout; one is skipped when what is left of --budget-s cannot fit its estimate
+(seconds on an H200, in plan()), so one call always brings back the first rows. In order:
+
+  ours             `hftextgen finetune --config recipes/shakespeare/gpt2-small.yaml`, as shipped
+  baseline         a plain Trainer, TrainingArguments defaults (fp32), GPT-2 124M, block 1024,
+                   micro-batch 16 (perf-notes' baseline)
+  generate         bench/generate.py on GPT-2 124M (random weights), 256 new tokens: HF generate vs
+                   ours with the dynamic and the static cache (hftextgen/decode.py), batch 1 and 64
+  fsdp             launch/fsdp.yaml on one process: 4 steps, a sharded checkpoint, the final model
+                   saved whole and loaded back with stock transformers
+  slow, fast       the loss check: the recipe with every speed setting off (fp32, eager, stock
+                   loss, adamw_torch) and as shipped, both without dropout (so that both compute
+                   the same thing), 12 steps; per-step losses must agree within --loss-tolerance.
+                   `fast` is also a throughput row: the recipe without dropout
+  validate         `hftextgen validate` on the recipe: its step time and memory vs `ours`
+  fused_loss       ours + train.fused_loss
+  liger            ours + liger-kernel's fused linear + cross-entropy (bench/training.py)
+  batch64          ours + the faster of the two fused losses, micro-batch 64
+  cudagraphs       ours + train.torch_compile_mode reduce-overhead (CUDA graphs through the Trainer)
+  decode_compiled  generation with the static step compiled (only when `generate`'s batch-1 row
+                   missed 1,500 tokens/s)
+  hf_static        HF generate with its own static cache (transformers compiles it), batch 1
 
 MFU = tokens/s x (6N + 12*L*H*Q*T) / 989e12, N without position embeddings (855 MFLOP/token for
-GPT-2 124M at T=1024).
+GPT-2 124M at T=1024). Everything lands in one JSON (--out) and the log gpu.sh tees.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import common
 
-RECIPE = common.ROOT / "recipes/shakespeare/gpt2-small.yaml"
+RECIPE = str(common.ROOT / "recipes/shakespeare/gpt2-small.yaml")
 NO_DROPOUT = ["--model.resid_pdrop", "0", "--model.embd_pdrop", "0", "--model.attn_pdrop", "0"]
 SLOW = ["--train.bf16", "false", "--train.torch_compile", "false", "--train.optim", "adamw_torch"]
-SLOW += ["--train.fused_loss", "false"]
+SLOW += ["--train.fused_loss", "false", *NO_DROPOUT]
+NO_COMPILE = ["--train.torch_compile", "false"]
 # --cpu-smoke: the recipe's settings on a model small enough for a CPU.
 SMOKE = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.n_positions", "64"]
 SMOKE += ["--data.block_size", "64", "--train.per_device_train_batch_size", "2"]
+GOALS = {"mfu": 0.45, "generate_batch1": 1500.0, "generate_batch64_ratio": 3.0}
 
 
-def plan(args) -> list[tuple[str, dict, float]]:
-    """(name, child config, seconds it is expected to need) in priority order."""
+@dataclass
+class Job:
+    """One configuration: what runs, and the seconds it is expected to take on an H200."""
+
+    name: str
+    kind: str  # train (bench.training), generate (bench/generate.py), validate, fsdp (bench.gpu_checks)
+    config: dict = field(default_factory=dict)
+    needs_s: float = 60
+    datasets: bool = True  # needs the datasets package (the data stage): skipped without it
+
+
+def plan(args) -> list[Job]:
     smoke = SMOKE if args.cpu_smoke else []
-    ours = {"kind": "ours", "recipe": str(RECIPE), "warmup": args.warmup, "steps": args.steps}
-    # Stops before step check_steps + 1 is logged: losses of steps 1..check_steps.
-    check = {**ours, "warmup": 1, "steps": args.check_steps}
-    logging = ["--train.logging_steps", "1"]
-    model = (
-        {"n_layer": 2, "n_head": 2, "n_embd": 32} if args.cpu_smoke else {"n_layer": 12, "n_head": 12, "n_embd": 768}
-    )
+    # On a CPU, torch.compile takes a minute or more per process: only the rows whose point is
+    # compilation keep it in the smoke run.
+    light = [*smoke, *NO_COMPILE] if args.cpu_smoke else []
+    timing = {"kind": "ours", "recipe": RECIPE, "warmup": args.warmup, "steps": args.steps}
+    check = {**timing, "warmup": 1, "steps": args.check_steps - 1}  # losses of steps 1..check_steps
     baseline = {
         "kind": "plain",
-        "model": model,
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32}
+        if args.cpu_smoke
+        else {"n_layer": 12, "n_head": 12, "n_embd": 768},
         "block_size": 64 if args.cpu_smoke else 1024,
-        "batch_size": 2 if args.cpu_smoke else args.baseline_batch,
-        "warmup": args.warmup,
-        "steps": args.steps,
+        "batch_size": 2 if args.cpu_smoke else 16,
+        "warmup": 1 if args.cpu_smoke else 3,
+        "steps": args.steps if args.cpu_smoke else 15,
     }
-    mb64 = ["--train.per_device_train_batch_size", "64"] if not args.cpu_smoke else []
+    generate = (
+        ["--model", "tiny", "--new-tokens", "8", "--quick"]
+        if args.cpu_smoke
+        else ["--new-tokens", "256", "--repeats", "2"]
+    )
     return [
-        # Expected seconds on an H100: ~20 s of start-up each, ~60 s of torch.compile, then the steps.
-        ("baseline: plain Trainer, defaults", baseline, 45),
-        ("ours: hftextgen finetune gpt2-small.yaml", {**ours, "flags": smoke}, 100),
-        ("slow path (loss check)", {**check, "flags": [*smoke, *SLOW, *NO_DROPOUT, *logging]}, 45),
-        ("fast path (loss check)", {**check, "flags": [*smoke, *NO_DROPOUT, *logging]}, 100),
-        ("ours + train.fused_loss", {**ours, "flags": [*smoke, "--train.fused_loss", "true"]}, 100),
-        ("ours + fused_loss, micro-batch 64", {**ours, "flags": [*smoke, "--train.fused_loss", "true", *mb64]}, 100),
+        Job("ours", "train", {**timing, "flags": smoke}, 90),
+        Job("baseline", "train", baseline, 30),
+        Job("generate", "generate", {"args": generate}, 50, datasets=False),
+        Job("fsdp", "fsdp", {"recipe": RECIPE, "steps": 4, "flags": [*smoke, *NO_COMPILE]}, 50),
+        Job("slow", "train", {**check, "flags": [*smoke, *SLOW]}, 30),
+        Job("fast", "train", {**check, "warmup": args.warmup, "steps": args.steps, "flags": [*smoke, *NO_DROPOUT]}, 80),
+        Job("validate", "validate", {"recipe": RECIPE, "flags": light}, 100),
+        Job("fused_loss", "train", {**timing, "flags": [*light, "--train.fused_loss", "true"]}, 85),
+        Job("liger", "train", {**timing, "flags": light, "liger": "stand-in" if args.cpu_smoke else True}, 90),
+        Job("batch64", "train", {**timing, "flags": light}, 95),  # + the faster fused loss, see _batch64
+        Job("cudagraphs", "train", {**timing, "flags": [*smoke, "--train.torch_compile_mode", "reduce-overhead"]}, 100),
+        Job("decode_compiled", "generate", {"args": [*generate, "--compiled", "--no-main"]}, 150, datasets=False),
+        Job("hf_static", "generate", {"args": [*generate, "--hf-static", "--no-main"]}, 80, datasets=False),
     ]
-
-
-def loss_check(slow: dict, fast: dict, tolerance: float) -> dict:
-    a, b = dict(map(tuple, slow.get("losses", []))), dict(map(tuple, fast.get("losses", [])))
-    steps = sorted(set(a) & set(b))
-    if not steps:
-        return {"ok": False, "why": "no losses to compare"}
-    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
-    return {
-        "ok": worst <= tolerance,
-        "steps": len(steps),
-        "worst_relative_difference": worst,
-        "tolerance": tolerance,
-        "slow": [a[s] for s in steps],
-        "fast": [b[s] for s in steps],
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, few steps: check the script works on a CPU")
-    p.add_argument("--budget-s", type=float, default=420, help="stop starting configurations after this (default 420)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10; smoke 1)")
+    p.add_argument("--budget-s", type=float, default=330, help="start no configuration that would end after this")
+    p.add_argument("--only", default="", help="comma-separated configuration names to run (default: all)")
+    p.add_argument("--skip", default="", help="comma-separated configuration names not to run")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps of a timed row (default 8; smoke 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30; smoke 2)")
-    p.add_argument("--check-steps", type=int, default=None, help="steps of the loss check (default 20; smoke 3)")
+    p.add_argument("--check-steps", type=int, default=None, help="steps of the loss check (default 12; smoke 3)")
     p.add_argument("--loss-tolerance", type=float, default=0.02, help="relative, per step (default 0.02)")
-    p.add_argument("--baseline-batch", type=int, default=16)
+    p.add_argument("--previous", type=Path, help="gpu.json of an earlier call: its rows count where this one has none")
     args = p.parse_args(argv)
     args.quick = args.quick or args.cpu_smoke
-    args.warmup = args.warmup if args.warmup is not None else 1 if args.quick else 10
+    args.warmup = args.warmup if args.warmup is not None else 1 if args.quick else 8
     args.steps = args.steps or (2 if args.quick else 30)
-    args.check_steps = args.check_steps or (3 if args.quick else 20)
+    args.check_steps = args.check_steps or (3 if args.quick else 12)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a running child's group is ended too
     before = common.load()
     started = time.perf_counter()
+    jobs = [j for j in plan(args) if _chosen(j.name, args)]
+    no_datasets = os.environ.get("BENCH_NO_DATASETS")  # set by gpu.sh when the datasets stage cannot import
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as cache:
-        for name, config, needs in plan(args):
+        for job in jobs:
             left = args.budget_s - (time.perf_counter() - started)
-            if left < needs and not args.cpu_smoke:
-                results[name] = {"error": f"skipped: {left:.0f} s of the budget left, it needs about {needs:.0f}"}
-                print(f"[gpu] {name}: {results[name]['error']}", flush=True)
+            why = _skip(job, results, left, args, no_datasets)
+            if why:
+                results[job.name] = {"skipped": why}
+                print(f"[gpu] {job.name}: skipped: {why}", flush=True)
                 continue
-            # Bounded twice: by what is left, and by three times the estimate so that one stuck
+            print(
+                f"[gpu] {job.name}: starting ({time.perf_counter() - started:.0f} s in, {left:.0f} s left)", flush=True
+            )
+            # Bounded by what is left, and by a multiple of the estimate, so that one stuck
             # configuration cannot take the rows after it down with it.
-            timeout = None if args.cpu_smoke else min(left, 3 * needs)
-            results[name] = common.run_child("bench.training", {**config, "cache_dir": cache}, timeout=timeout)
-            r = results[name]
-            shown = (
-                f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}, first step {r['first_step_s']:.0f} s"
-                if "tokens_per_s" in r
-                else r["error"]
+            timeout = None if args.cpu_smoke else max(30.0, min(left, 2.5 * job.needs_s))
+            results[job.name] = _run(job, results, cache, timeout, args)
+            print(
+                f"[gpu] {job.name}: {_shown(results[job.name])} ({time.perf_counter() - started:.0f} s in)", flush=True
             )
-            print(f"[gpu] {name}: {shown} ({time.perf_counter() - started:.0f} s in)", flush=True)
-
-    names = list(results)
-    base = results[names[0]]
-    rows = []
-    for name in names[1:]:
-        r = results[name]
-        if "loss check" in name:
-            continue
-        note = f"micro-batch {r.get('per_device_batch_size')}" if "tokens_per_s" in r else r.get("error", "")
-        rows.append(
-            common.Row(f"{name}, tokens/s", base.get("tokens_per_s"), r.get("tokens_per_s"), "tokens/s", True, note)
-        )
-        rows.append(
-            common.Row(
-                f"{name}, MFU (%)",
-                100 * base["mfu"] if "mfu" in base else None,
-                100 * r["mfu"] if "mfu" in r else None,
-                "%",
-                True,
-            )
-        )
-    check = loss_check(
-        results.get("slow path (loss check)", {}), results.get("fast path (loss check)", {}), args.loss_tolerance
-    )
-    print(f"[gpu] loss check, slow vs fast path: {check}")
+            _write_partial(args, results)  # what has run survives the call being stopped
+    summary = _summary(_with_previous(results, args.previous), args)
     common.report(
         "gpu",
-        "GPU training, gpt2-small recipe vs a plain Trainer (fp32, micro-batch "
-        f"{baseline_batch(results)}); higher is better",
-        rows,
+        "GPU benchmark, issue 14 (baseline: Trainer defaults for training rows, HF generate for generation); "
+        "higher is better",
+        summary.pop("rows"),
         args,
         before,
         results=results,
-        loss_check=check,
+        **summary,
         wall_s=time.perf_counter() - started,
     )
+    failed = [name for name, r in results.items() if "error" in r]
+    if args.cpu_smoke and failed:
+        raise SystemExit(f"smoke run: these configurations failed: {', '.join(failed)}")
 
 
-def baseline_batch(results: dict) -> str:
-    first = next(iter(results.values()), {})
-    return str(first.get("per_device_batch_size", "?"))
+def _with_previous(results: dict, previous: Path | None) -> dict:
+    """This call's rows, and an earlier call's where this one skipped or did not run them (a
+    second call that runs the rest of the list still compares against the first one's rows)."""
+    if previous is None:
+        return results
+    earlier = json.loads(previous.read_text()).get("results", {})
+    merged = {name: {**r, "from_previous_call": True} for name, r in earlier.items() if "skipped" not in r}
+    merged.update({name: r for name, r in results.items() if "skipped" not in r or name not in merged})
+    return merged
+
+
+def _write_partial(args, results: dict) -> None:
+    out = args.out or common.RESULTS / "gpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "gpu", "partial": True, "results": results}, indent=2))
+
+
+def _chosen(name: str, args) -> bool:
+    only = [n for n in args.only.split(",") if n]
+    return (not only or name in only) and name not in args.skip.split(",")
+
+
+def _skip(job: Job, results: dict, left: float, args, no_datasets: str | None) -> str | None:
+    if job.datasets and no_datasets:
+        return f"the data stage cannot import here ({no_datasets})"
+    if job.name == "decode_compiled" and not args.cpu_smoke:
+        rate = results.get("generate", {}).get("tokens_per_s", {}).get("ours, static cache, batch 1")
+        if rate and rate >= GOALS["generate_batch1"]:
+            return f"not needed: the captured eager step already makes {rate:,.0f} tokens/s at batch 1"
+    if left < job.needs_s and not args.cpu_smoke:
+        return f"{left:.0f} s of the budget left, it needs about {job.needs_s:.0f}"
+    return None
+
+
+def _run(job: Job, results: dict, cache: str, timeout: float | None, args) -> dict:
+    if job.kind == "train":
+        config = _batch64(job.config, results, args) if job.name == "batch64" else job.config
+        result = common.run_child("bench.training", {**config, "cache_dir": cache}, timeout=timeout)
+        return {**result, "flags": config.get("flags", []), "liger_requested": config.get("liger", False)}
+    if job.kind in ("validate", "fsdp"):
+        return common.run_child("bench.gpu_checks", {**job.config, "kind": job.kind, "cache_dir": cache}, timeout)
+    with tempfile.TemporaryDirectory() as tmp:  # generate: bench/generate.py writes its JSON
+        out = Path(tmp) / "generate.json"
+        started = time.perf_counter()
+        code = common.run_command(
+            [sys.executable, "-m", "bench.generate", *job.config["args"], "--out", str(out)], timeout
+        )
+        wall = time.perf_counter() - started
+        if code is None:
+            return {"error": f"timed out after {timeout:.0f} s", "wall_s": wall}
+        if code != 0 or not out.exists():
+            return {"error": f"exit code {code}", "wall_s": wall}
+        return {**json.loads(out.read_text()), "wall_s": wall}
+
+
+def _batch64(config: dict, results: dict, args) -> dict:
+    """Micro-batch 64 with whichever fused loss measured faster (train.fused_loss if neither ran)."""
+    rates = {name: results.get(name, {}).get("tokens_per_s", 0) for name in ("fused_loss", "liger")}
+    best = max(rates, key=rates.get) if any(rates.values()) else "fused_loss"
+    flags = [*config["flags"], "--train.per_device_train_batch_size", "4" if args.cpu_smoke else "64"]
+    if best == "liger":
+        return {**config, "flags": flags, "liger": "stand-in" if args.cpu_smoke else True}
+    return {**config, "flags": [*flags, "--train.fused_loss", "true"]}
+
+
+def _shown(r: dict) -> str:
+    if "error" in r:
+        return f"FAILED: {r['error']}"
+    if "tokens_per_s" in r and isinstance(r["tokens_per_s"], float):
+        memory = r.get("peak_memory_bytes", 0) / 2**30
+        first = r["first_step_s"]
+        return f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}, first step {first:.0f} s, peak {memory:.1f} GiB"
+    if "estimate" in r:
+        t = r["estimate"]["time"]
+        return f"estimate {t['step_seconds']:.3f} s/step, {t['tokens_per_second']:,.0f} tokens/s"
+    if "loads" in r:
+        return f"saved model loads: {r['loads']}, logits finite: {r['logits_finite']}, checkpoints {r['checkpoints']}"
+    if "tokens_per_s" in r:
+        return ", ".join(f"{k} {v:,.0f}" for k, v in r["tokens_per_s"].items())
+    return "done"
+
+
+def loss_check(slow: dict, fast: dict, tolerance: float) -> dict:
+    a, b = slow.get("step_losses", []), fast.get("step_losses", [])
+    steps = min(len(a), len(b))
+    if not steps:
+        return {"ok": False, "why": "no losses to compare (one of the two runs failed or was skipped)"}
+    worst = max(abs(a[i] - b[i]) / abs(a[i]) for i in range(steps))
+    return {
+        "ok": worst <= tolerance,
+        "steps": steps,
+        "worst_relative_difference": worst,
+        "tolerance": tolerance,
+        "slow": a[:steps],
+        "fast": b[:steps],
+    }
+
+
+def _summary(results: dict, args) -> dict:
+    """The table rows, and what the issue asks to be read off them."""
+    rows, training = _training_rows(results)
+    generation = {}
+    for name in ("generate", "decode_compiled", "hf_static"):
+        generation.update(results.get(name, {}).get("tokens_per_s", {}))
+    rows += _generation_rows(generation)
+    best = max(training, key=lambda n: training[n]["tokens_per_s"]) if training else None
+    check = loss_check(results.get("slow", {}), results.get("fast", {}), args.loss_tolerance)
+    validation = _validate_vs_measured(results.get("validate", {}), results.get("ours", {}))
+    goals = _goals(training.get(best), generation)
+    print(f"[gpu] loss check, slow vs fast path: {json.dumps(check)}")
+    print(f"[gpu] validate vs the measured run: {json.dumps(validation)}")
+    if best:
+        r = training[best]
+        print(f"[gpu] best training configuration: {best}: flags {r['flags']}, liger {r['liger_requested']}")
+    print(f"[gpu] goals: {json.dumps(goals)}")
+    summary = {"loss_check": check, "validate_vs_measured": validation, "best_training": best, "goals": goals}
+    return {"rows": rows, **summary}
+
+
+def _training_rows(results: dict) -> tuple[list, dict]:
+    base, rows, training = results.get("baseline", {}), [], {}
+    for name in ("ours", "fast", "fused_loss", "liger", "batch64", "cudagraphs"):
+        r = results.get(name, {})
+        if "tokens_per_s" not in r:
+            continue
+        training[name] = r
+        peak = r["peak_memory_bytes"] / 2**30
+        note = f"micro-batch {r['per_device_batch_size']}, first step {r['first_step_s']:.0f} s, peak {peak:.1f} GiB"
+        rows.append(common.Row(f"{name}: tokens/s", base.get("tokens_per_s"), r["tokens_per_s"], "tokens/s", note=note))
+        rows.append(common.Row(f"{name}: MFU (%)", 100 * base["mfu"] if "mfu" in base else None, 100 * r["mfu"], "%"))
+    return rows, training
+
+
+def _generation_rows(generation: dict) -> list:
+    rows = []
+    for name, rate in generation.items():
+        *_, batch = name.rsplit(" ", 1)
+        if (name.startswith("ours") or name.startswith("HF generate, static")) and batch.isdigit():
+            rows.append(common.Row(f"generate: {name}", generation.get(f"HF generate, batch {batch}"), rate, "tok/s"))
+    return rows
+
+
+def _goals(best: dict | None, generation: dict) -> dict:
+    def fastest_static(batch: str) -> float | None:
+        rates = [v for k, v in generation.items() if k.startswith("ours, static") and k.endswith(f"batch {batch}")]
+        return max(rates, default=None)
+
+    b1, b64, hf64 = fastest_static("1"), fastest_static("64"), generation.get("HF generate, batch 64")
+    goals = {"training MFU >= 45%": None, "generation batch 1 >= 1,500 tokens/s": None}
+    goals["generation batch 64 >= 3x HF generate"] = None
+    if best:
+        goals["training MFU >= 45%"] = {"mfu": best["mfu"], "met": best["mfu"] >= GOALS["mfu"]}
+    if b1:
+        goals["generation batch 1 >= 1,500 tokens/s"] = {"tokens_per_s": b1, "met": b1 >= GOALS["generate_batch1"]}
+    if b64 and hf64:
+        ratio = b64 / hf64
+        goals["generation batch 64 >= 3x HF generate"] = {
+            "ratio": ratio,
+            "met": ratio >= GOALS["generate_batch64_ratio"],
+        }
+    return goals
+
+
+def _validate_vs_measured(validate: dict, ours: dict) -> dict:
+    if "estimate" not in validate or "tokens_per_s" not in ours:
+        return {"compared": False, "why": "validate or ours did not run"}
+    est = validate["estimate"]
+    measured_step = ours["timed_s"] / ours["timed_steps"]
+    formula = est["memory"]["formula"]["total"]
+    return {
+        "compared": True,
+        "step_seconds": {
+            "validate": est["time"]["step_seconds"],
+            "measured": measured_step,
+            "ratio": est["time"]["step_seconds"] / measured_step,
+        },
+        "peak_memory_bytes": {
+            "validate_formula": formula,
+            "validate_measured": est["memory"]["measured_peak"],
+            "measured": ours["peak_memory_bytes"],
+            "formula_ratio": formula / ours["peak_memory_bytes"],
+        },
+        "validate_total_seconds_for_the_recipe": est["time"]["total_seconds"],
+        "validate_wall_s": validate.get("validate_s"),
+    }
 
 
 if __name__ == "__main__":

@@ -11,11 +11,20 @@ A callback (added to transformers' default callbacks in the child, so neither pa
 notes the clock at the end of step `warmup` and of step `warmup + steps`, synchronising the GPU
 at those two points only; tokens/s is steps x tokens per step over that interval. Warm-up
 covers allocation, torch.compile and the first-step autotuning. The run stops right after the
-last timed step: the saving and final evaluation that follow are not measured.
+last timed step: the saving and final evaluation that follow are not measured. The child also
+reports its peak resident memory, and its kernel time and page faults per timed step.
+
+Also recorded: the loss of every step (kept on the device until the end, so that recording it
+costs no sync; bench/gpu.py's loss check compares them), and the peak memory (GPU memory
+allocated by torch on a GPU, else peak RSS). `"liger": true` routes the training loss of
+GPT-2 through liger-kernel's fused linear + cross-entropy (LigerForCausalLMLoss, the loss its
+model patches use; it has no GPT-2 patch of its own), `"liger": "stand-in"` through a plain
+PyTorch loss of the same signature where liger-kernel cannot run (bench/gpu.py --cpu-smoke).
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 import tempfile
@@ -79,9 +88,11 @@ def make_clock(warmup: int, steps: int):
                 precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                 optim=str(args.optim),
                 torch_compile=bool(args.torch_compile),
-                fused_loss=bool(getattr(model, "_fused_loss", False)),
+                fused_loss=getattr(model, "_fused_loss", None) or "stock",
                 device=str(args.device),
             )
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
             self.begin = now()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -95,6 +106,7 @@ def make_clock(warmup: int, steps: int):
             if step == warmup:
                 self.start = self.last = now()
                 self.cpu_start = time.process_time()
+                self.usage_start = resource.getrusage(resource.RUSAGE_SELF)
             elif warmup < step <= warmup + steps and not on_gpu:
                 # Per-step times (CPU only: on a GPU they would time the launch queue): their median
                 # is the figure least moved by other processes on a shared machine.
@@ -109,14 +121,90 @@ def make_clock(warmup: int, steps: int):
                 # other processes on a shared machine stretch far less than they stretch wall time.
                 r["cpu_s"] = time.process_time() - self.cpu_start
                 r["tokens_per_cpu_s"] = steps * r["tokens_per_step"] / r["cpu_s"]
+                # Kernel time and page faults per step: what allocating large tensors anew costs.
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                r["system_s_per_step"] = (usage.ru_stime - self.usage_start.ru_stime) / steps
+                r["user_s_per_step"] = (usage.ru_utime - self.usage_start.ru_utime) / steps
+                r["minor_faults_per_step"] = (usage.ru_minflt - self.usage_start.ru_minflt) / steps
                 r["tokens_per_s"] = steps * r["tokens_per_step"] / elapsed
                 r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
                 if self.step_times:
                     r["step_times_s"] = self.step_times
                     r["tokens_per_s_median_step"] = r["tokens_per_step"] / statistics.median(self.step_times)
+                r["peak_memory_bytes"], r["peak_memory"] = peak_memory()
                 raise MeasurementDone
 
     return StepClock()
+
+
+def peak_memory() -> tuple[int, str]:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "GPU, torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU, peak RSS of the process"
+
+
+def record_step_losses() -> list:
+    """Every training step's loss, as the Trainer returns it from training_step (detached, on the
+    device: no sync per step). Returns the list it fills."""
+    import transformers
+
+    losses = []
+    stock = transformers.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        loss = stock(self, *args, **kwargs)
+        losses.append(loss)
+        return loss
+
+    transformers.Trainer.training_step = training_step
+    return losses
+
+
+def use_liger_loss(stand_in: bool) -> str:
+    """Route GPT2LMHeadModel's training loss (labels given, training mode) through
+    LigerForCausalLMLoss: lm_head and cross-entropy fused in Triton kernels, the logits never
+    materialised. Returns what it installed."""
+    import functools
+    import importlib.metadata
+
+    from transformers import GPT2LMHeadModel
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    try:
+        from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss as loss_fn
+
+        what = f"liger-kernel {importlib.metadata.version('liger-kernel')} LigerForCausalLMLoss"
+    except ImportError as exc:
+        if not stand_in:
+            raise SystemExit(
+                f"liger-kernel cannot be imported ({exc}): carry its wheel (bench/gpu_wheels.sh)"
+            ) from None
+        loss_fn, what = _stand_in_liger_loss, f"a PyTorch stand-in of LigerForCausalLMLoss (liger-kernel: {exc})"
+    stock = GPT2LMHeadModel.forward
+
+    @functools.wraps(stock)  # the signature the Trainer inspects (labels, **kwargs) stays the stock one
+    def forward(self, input_ids=None, *args, labels=None, **kwargs):
+        if labels is None or not self.training or args:
+            return stock(self, input_ids, *args, labels=labels, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = self.transformer(input_ids, **kwargs).last_hidden_state
+        loss = loss_fn(hidden, self.lm_head.weight, labels, self.config.n_embd, num_items_in_batch=num_items)
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=None)
+
+    GPT2LMHeadModel.forward = forward
+    return what
+
+
+def _stand_in_liger_loss(hidden_states, lm_head_weight, labels, hidden_size, num_items_in_batch=None, **kwargs):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = hidden_states @ lm_head_weight.T
+    return ForCausalLMLoss(logits, labels, lm_head_weight.shape[0], num_items_in_batch=num_items_in_batch)
 
 
 def run(config: dict) -> dict:
@@ -125,6 +213,9 @@ def run(config: dict) -> dict:
 
     clock = make_clock(config["warmup"], config["steps"])
     transformers.trainer.DEFAULT_CALLBACKS.append(clock)
+    losses = record_step_losses()
+    if config.get("liger"):
+        clock.result["liger"] = use_liger_loss(stand_in=config["liger"] == "stand-in")
     started = time.perf_counter()
     try:
         if config["kind"] == "plain":
@@ -134,6 +225,10 @@ def run(config: dict) -> dict:
     except MeasurementDone:
         pass
     clock.result["child_wall_s"] = time.perf_counter() - started
+    clock.result["step_losses"] = [float(loss) for loss in losses]
+    # The process's peak resident memory (Linux reports KiB): data preparation, model, and the
+    # training steps; the run stops before saving and evaluating.
+    clock.result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if "tokens_per_s" not in clock.result:
         raise SystemExit("the run ended before the last timed step")
     return clock.result
@@ -174,8 +269,8 @@ def _plain(config: dict) -> None:
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, set_seed
 
     from hftextgen import data, tokenizer
+    from hftextgen.build import collate_blocks
     from hftextgen.config import DataConfig
-    from hftextgen.train import collate_blocks
 
     block = config["block_size"]
     tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")

@@ -1,4 +1,4 @@
-"""Trainer callbacks that make a run visible while it trains.
+"""Trainer callbacks that make a run visible while it trains: metrics, progress, TensorBoard, samples.
 
 RunMetrics   adds tokens seen, tokens/s, eval perplexity and eval bits-per-byte to every log,
              ahead of every reporter (TensorBoard, wandb, ...) and of the progress display
@@ -6,12 +6,16 @@ TrainingBar  a tqdm bar with the loss and tokens/s (progress `bars`)
 PlainLines   one line per logging step: step/total, loss, lr, tokens/s, elapsed, ETA (`plain`)
 TensorBoard  the stock TensorBoard reporter, writing to <run>/tensorboard and purging the steps a
              resumed run repeats; also takes samples as text and the final evaluation
+Samples      every evaluate.sample_every steps, samples of the generate prompts in the log,
+             training_samples.jsonl and TensorBoard
 
-`install` puts them on a stock Trainer in place of its PrinterCallback/ProgressCallback.
+`install` puts them on a stock Trainer in place of its PrinterCallback/ProgressCallback. The
+callbacks that guard a run (signals, NaN) are in guards.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +24,9 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import progress
+from . import generate, progress
+from .config import GenerateConfig
+from .files import append_lines
 
 
 def perplexity(loss: float) -> float:
@@ -191,6 +197,50 @@ class TensorBoard(TensorBoardCallback):
                 writer.add_scalar(tag, value, step)
             for tag, text in texts.items():
                 writer.add_text(tag, text, step)
+
+
+class Samples(TrainerCallback):
+    """Every `every` steps, print samples of the generate prompts and append them to `path`
+    (training_samples.jsonl) and to TensorBoard's text tab, so a long run shows its text
+    improving."""
+
+    def __init__(self, every: int, cfg: GenerateConfig, tok, path: Path, tensorboard: TensorBoard | None = None):
+        self.every, self.cfg, self.tok, self.path = every, cfg, tok, path
+        self.tensorboard = tensorboard
+        self.prompts = generate.read_prompts(cfg)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every or not state.is_world_process_zero:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            generator = generate.Generator(model, self.tok, self.cfg)
+            samples = generator(self.prompts)
+        finally:
+            model.train(was_training)
+        run = str(self.path.parent)
+        append_lines(self.path, [json.dumps({"step": state.global_step, **generator.record(s, run)}) for s in samples])
+        shown = [f"  {(sample.prompt + sample.completion)[:300]!r}" for sample in samples[:3]]
+        progress.write("\n".join([f"samples at step {state.global_step}:", *shown]))
+        if self.tensorboard is not None:
+            self.tensorboard.add_text(
+                "samples", tensorboard_text(s.prompt + s.completion for s in samples), state.global_step
+            )
+
+
+def tensorboard_text(texts) -> str:
+    """Samples as TensorBoard markdown: each an indented block, so its line breaks survive."""
+    return "\n\n---\n\n".join("\n".join("    " + line for line in text.splitlines() or [""]) for text in texts)
+
+
+def samples_text(output_dir: Path) -> str:
+    """The final samples of a run directory (samples.jsonl) as TensorBoard text."""
+    path = output_dir / "samples.jsonl"
+    if not path.is_file():
+        return ""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tensorboard_text(r["prompt"] + r["completion"] for r in records)
 
 
 def install(trainer, *, tokens_per_step: int, tokens_per_byte: float | None, log_dir: Path) -> TensorBoard | None:

@@ -7,7 +7,9 @@ stderr naming the key and the fix, exit code 2; `--debug` shows the traceback in
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import json
 import re
 import sys
@@ -19,7 +21,7 @@ from .errors import RunStopped, UserError
 
 COMMANDS = {
     "prepare": "read, split, tokenize and pack a recipe's data into the cache (finetune then finds it at once)",
-    "finetune": "train a GPT-2 from scratch or fine-tune a pretrained model, from a recipe",
+    "finetune": "train a model from scratch or fine-tune a pretrained one (fully or with LoRA), from a recipe",
     "generate": "continue prompts with a model: from the command line, a file, or interactively",
     "evaluate": "perplexity, bits-per-byte and samples of a model on held-out documents",
     "validate": "check a finetune recipe, estimate its steps, tokens, time, memory and disk; writes nothing",
@@ -35,6 +37,13 @@ commands:
 
 
 def _parser(command: str, description: str, sections: tuple[str, ...]):
+    """A fresh parser for a command: a copy of one built once per process (building reads every
+    TrainingArguments field and docstring, ~0.3 s; parsing with a run's defaults changes it)."""
+    return copy.deepcopy(_build_parser(command, description, sections))
+
+
+@functools.cache
+def _build_parser(command: str, description: str, sections: tuple[str, ...]):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     from . import config
@@ -57,6 +66,7 @@ def _parser(command: str, description: str, sections: tuple[str, ...]):
         "train": config.TrainArguments,
         "generate": config.GenerateConfig,
         "evaluate": config.EvaluateConfig,
+        "peft": config.PeftConfig,
     }
     for name in sections:
         parser.add_class_arguments(classes[name], name)
@@ -70,13 +80,14 @@ def _parser(command: str, description: str, sections: tuple[str, ...]):
     return parser
 
 
-RECIPE_SECTIONS = ("model", "tokenizer", "data", "train", "generate", "evaluate")
+RECIPE_SECTIONS = ("model", "tokenizer", "data", "train", "generate", "evaluate", "peft")
 
 
 def finetune_parser():
     return _parser(
         "finetune",
-        "Train a GPT-2 from scratch or fine-tune a pretrained model, as a recipe describes.",
+        "Train a model from scratch (any causal-LM architecture) or fine-tune a pretrained one, fully or with "
+        "LoRA, as a recipe describes.",
         RECIPE_SECTIONS,
     )
 
@@ -109,7 +120,8 @@ def _add_model(parser) -> None:
         "--model",
         type=str,
         required=True,
-        help="A run directory, any save_pretrained folder, or a hub name. A run directory's recipe.yaml "
+        help="A run directory, any save_pretrained folder, a LoRA adapter folder (a run's adapter/ or a "
+        "checkpoint of a LoRA run: loaded on its base model), or a hub name. A run directory's recipe.yaml "
         "supplies the defaults of the sections below.",
     )
     parser.add_argument(
@@ -220,7 +232,7 @@ def _recipe(s):
     from .config import Recipe
 
     try:
-        return Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate)
+        return Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate, s.peft)
     except ValueError as exc:
         raise UserError(" ".join(str(exc).split())) from exc
 
@@ -251,7 +263,7 @@ def run_prepare(argv: list[str]) -> int:
     from . import data, tokenizer
 
     corpus = data.Corpus(recipe.data)
-    tok = tokenizer.build_tokenizer(recipe, corpus)
+    tok = tokenizer.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
     packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
     print(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}")
     print(data.format_report(packed.report))
@@ -283,11 +295,15 @@ def run_defaults(build, argv: list[str]) -> tuple:
 
 def _with_run_defaults(build, argv: list[str]) -> tuple:
     """The defaults of the sections this command has come from the run directory's recipe.yaml:
-    what the model was trained and sampled with."""
+    what the model was trained and sampled with. A LoRA run's adapter/ folder is part of its run."""
     import yaml
+
+    from .lora import ADAPTER_DIR
 
     model = parse_args(build(), argv).model
     recipe = Path(model) / "recipe.yaml"
+    if Path(model).name == ADAPTER_DIR and not recipe.is_file():
+        recipe = Path(model).parent / "recipe.yaml"
     if not recipe.is_file():
         return parse(build(), argv)
     try:
@@ -306,12 +322,10 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
 
 def run_generate(argv: list[str]) -> int:
     cfg, s = run_defaults(generate_parser, argv)
-    from . import generate
-    from .train import reuse_freed_memory
+    from . import generate, model, runtime
 
-    reuse_freed_memory()
-
-    lm, tok = generate.load(cfg.model, device=cfg.device)
+    runtime.reuse_freed_memory()
+    lm, tok = model.load(cfg.model, device=cfg.device)
     generator = generate.Generator(lm, tok, s.generate)
     output = Path(cfg.output) if cfg.output else _model_dir(cfg.model, Path(".")) / "generations.jsonl"
     if cfg.interactive:
@@ -355,12 +369,10 @@ def _model_dir(model: str, otherwise: Path) -> Path:
 
 def run_evaluate(argv: list[str]) -> int:
     cfg, s = run_defaults(evaluate_parser, argv)
-    from . import data, evaluation, generate, tokenizer
-    from .train import reuse_freed_memory
+    from . import data, evaluation, generate, model, runtime, tokenizer
 
-    reuse_freed_memory()
-
-    lm, tok = generate.load(cfg.model, device=cfg.device)
+    runtime.reuse_freed_memory()
+    lm, tok = model.load(cfg.model, device=cfg.device)
     corpus = data.Corpus(s.data)
     # The model's tokenizer finds the data its run prepared; split all holds nothing out.
     packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)

@@ -4,6 +4,8 @@ jsonargparse turns these into the YAML sections, the ``--section.key`` options a
 Checks that involve one section live in its ``__post_init__``; checks across sections live in
 ``Recipe.__post_init__``; checks that need the tokenizer or a loaded model live where those are
 built (tokenizer.py, model.py). Every check raises ``ConfigError`` naming the key and the fix.
+Values derived from several sections (the batch, tokens per step, the schedule) are computed
+once, on the Recipe.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ from __future__ import annotations
 import encodings
 import functools
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-
-class ConfigError(ValueError):
-    """An impossible recipe value; the message names the key and what to set instead."""
+from . import architecture, plan
+from .errors import ConfigError
 
 
 def _require(condition: bool, message: str) -> None:
@@ -27,50 +28,79 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Model: a GPT-2 built from scratch (the architecture fields) or a pretrained one."""
+    """Model: any causal-LM architecture built from scratch (model_type and the shape fields), or a
+    pretrained one (name_or_path).
+
+    The shape fields have the same names whatever the architecture (GPT-2's, as nanoGPT spells
+    them); hftextgen maps each to the architecture's own setting (n_embd is Llama's hidden_size,
+    attn_pdrop its attention_dropout). Anything else goes in `config`, in the architecture's names.
+    """
 
     name_or_path: str | None = None
     """Pretrained model to fine-tune: a hub name such as gpt2, or a local directory written by
-    save_pretrained (an hftextgen run directory works). Unset: build a new GPT-2 from the fields
+    save_pretrained (an hftextgen run directory works). Unset: build a new model from the fields
     below."""
+
+    model_type: str | None = None
+    """Architecture of a model built from scratch: any causal language model transformers ships
+    (gpt2, llama, qwen2, qwen3, mistral, gpt_neox, ...). Unset: gpt2."""
 
     n_layer: int | None = None
     """Transformer blocks (scratch only; GPT-2 small: 12)."""
 
     n_head: int | None = None
-    """Attention heads per block; must divide n_embd (scratch only; GPT-2 small: 12)."""
+    """Attention (query) heads per block; must divide n_embd (scratch only; GPT-2 small: 12)."""
+
+    n_kv_head: int | None = None
+    """Key/value heads, for architectures with grouped-query attention (llama, qwen2, qwen3,
+    mistral, ...); must divide n_head; 1 is multi-query attention (scratch only). Unset: n_head
+    (every query head has its own key and value)."""
 
     n_embd: int | None = None
-    """Width of the residual stream (scratch only; GPT-2 small: 768)."""
+    """Width of the residual stream (scratch only; GPT-2 small: 768). Each head is n_embd / n_head
+    wide (model.config.head_dim sets it apart, where the architecture has one)."""
 
     n_positions: int | None = None
-    """Longest context the model can see (scratch only; GPT-2: 1024). Unset: data.block_size,
-    the longest context it is trained on."""
+    """Longest context the model can see (max_position_embeddings outside GPT-2; scratch only;
+    GPT-2: 1024). Unset: data.block_size, the longest context it is trained on."""
 
     n_inner: int | None = None
-    """Width of the MLP (scratch only; unset: 4 * n_embd)."""
-
-    activation_function: Literal["gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu"] | None = None
-    """MLP activation (scratch only; GPT-2: gelu_new)."""
+    """Width of the MLP (intermediate_size outside GPT-2; scratch only). Unset: the architecture's
+    default (GPT-2: 4 * n_embd; others fix a number for their full size: set it)."""
 
     vocab_size: int | None = None
     """Rows of the embedding matrix (scratch only). Unset: the tokenizer's size. May be larger
     than the tokenizer (padding to a multiple of 64 speeds up GPUs), never smaller."""
 
+    tie_word_embeddings: bool | None = None
+    """Share one matrix between the input embedding and the output layer (scratch only). Unset:
+    the architecture's default (GPT-2: true; llama, mistral, qwen: false). With a 50k vocabulary
+    the matrix is most of a small model's weights."""
+
+    activation_function: Literal["gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu"] | None = None
+    """MLP activation (hidden_act outside GPT-2; scratch only; GPT-2: gelu_new, llama: silu)."""
+
     layer_norm_epsilon: float | None = None
-    """LayerNorm epsilon (scratch only; GPT-2: 1e-5)."""
+    """Normalisation epsilon (rms_norm_eps or layer_norm_eps outside GPT-2; scratch only)."""
 
     initializer_range: float | None = None
     """Std of the normal initialisation (scratch only; GPT-2: 0.02)."""
 
     resid_pdrop: float | None = None
-    """Dropout on residual branches (GPT-2: 0.1). Also applies when fine-tuning."""
+    """Dropout on residual branches (GPT-2: 0.1; gpt_neox: hidden_dropout; llama and qwen have
+    none). Also applies when fine-tuning."""
 
     embd_pdrop: float | None = None
-    """Dropout on embeddings (GPT-2: 0.1). Also applies when fine-tuning."""
+    """Dropout on embeddings (GPT-2: 0.1; llama and qwen have none). Also applies when fine-tuning."""
 
     attn_pdrop: float | None = None
-    """Dropout on attention weights (GPT-2: 0.1). Also applies when fine-tuning."""
+    """Dropout on attention weights (GPT-2: 0.1; attention_dropout elsewhere, 0 by default). Also
+    applies when fine-tuning."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    """Any other setting of the architecture's config class, in its own names, e.g. for llama
+    {attention_bias: true, rope_parameters: {rope_type: default, rope_theta: 500000.0}}
+    (scratch only). Checked against the class: an unknown key is an error."""
 
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     """Attention kernel: sdpa (PyTorch scaled_dot_product_attention, fast everywhere), eager
@@ -79,35 +109,34 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) of name_or_path."""
 
+    # What only a model built from scratch reads; the dropouts apply to pretrained models too.
     ARCHITECTURE = (
+        "model_type",
         "n_layer",
         "n_head",
+        "n_kv_head",
         "n_embd",
         "n_positions",
         "n_inner",
-        "activation_function",
         "vocab_size",
+        "tie_word_embeddings",
+        "activation_function",
         "layer_norm_epsilon",
         "initializer_range",
+        "config",
     )
     DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
     def __post_init__(self) -> None:
-        given = [k for k in self.ARCHITECTURE if getattr(self, k) is not None]
+        given = [k for k in self.ARCHITECTURE if getattr(self, k) not in (None, {})]
         if self.name_or_path is not None and given:
             raise ConfigError(
                 f"model.{given[0]} describes a model built from scratch, but "
                 f"model.name_or_path={self.name_or_path!r} loads a pretrained one: remove one of them"
             )
-        for key in ("n_layer", "n_head", "n_embd", "n_positions", "n_inner", "vocab_size"):
+        for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "n_positions", "n_inner", "vocab_size"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"model.{key} must be >= 1 (got {value})")
-        if self.n_embd is not None or self.n_head is not None:
-            n_embd, n_head = self.n_embd or 768, self.n_head or 12
-            _require(
-                n_embd % n_head == 0,
-                f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})",
-            )
         for key in self.DROPOUTS:
             value = getattr(self, key)
             _require(value is None or 0.0 <= value < 1.0, f"model.{key} must be in [0, 1) (got {value})")
@@ -119,10 +148,70 @@ class ModelConfig:
             self.initializer_range is None or self.initializer_range > 0,
             "model.initializer_range must be > 0",
         )
+        if self.from_scratch:
+            self.scratch_settings()  # the architecture's own checks, while the recipe is parsed
 
     @property
     def from_scratch(self) -> bool:
         return self.name_or_path is None
+
+    @property
+    def architecture(self) -> str:
+        return self.model_type or architecture.DEFAULT_TYPE
+
+    def common(self, keys: tuple[str, ...]) -> dict:
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def scratch_settings(self) -> dict:
+        """The architecture config's keyword arguments for the fields set (vocabulary and
+        context come later, from the tokenizer and the data)."""
+        architecture.check_config_keys(self.architecture, self.config)
+        shape = tuple(k for k in self.ARCHITECTURE if k not in ("model_type", "config"))
+        return architecture.scratch_settings(self.architecture, self.common(shape + self.DROPOUTS), self.config)
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: LoRA adapters on a frozen pretrained model (the peft
+    package), or unset: full fine-tuning, every weight trains."""
+
+    method: Literal["lora"] | None = None
+    """lora: train low-rank adapters (two thin matrices, width x r and r x width, beside each target
+    layer) and freeze the pretrained weights: gradients and AdamW state for a fraction of a percent of the parameters.
+    Unset: full fine-tuning. Needs model.name_or_path and the peft package."""
+
+    r: int = 8
+    """Rank of each adapter: its parameters grow linearly with r (8-16 is common; more for more text)."""
+
+    alpha: float = 16.0
+    """Scale of the adapters' output: alpha / r multiplies it, so alpha = 2 r keeps the usual
+    learning rates working when r changes."""
+
+    dropout: float = 0.0
+    """Dropout on the adapters' input (peft's default 0; 0.05-0.1 against overfitting a small dataset)."""
+
+    target_modules: list[str] | None = None
+    """Layers that get an adapter, by name (the last part, e.g. q_proj, or a longer path suffix).
+    Unset: every linear layer inside the transformer blocks (GPT-2: c_attn, c_proj, c_fc; llama,
+    qwen, mistral: q/k/v/o_proj and gate/up/down_proj): adapting all of them comes closest to full
+    fine-tuning (QLoRA, Dettmers et al. 2023), attention alone falls short."""
+
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters, e.g. lm_head when the new text needs a
+    different output distribution (their AdamW state is then full-size too)."""
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, f"peft.r must be >= 1 (got {self.r}): the rank of each adapter")
+        _require(self.alpha > 0, f"peft.alpha must be > 0 (got {self.alpha})")
+        _require(0.0 <= self.dropout < 1.0, f"peft.dropout must be in [0, 1) (got {self.dropout})")
+        _require(
+            self.target_modules is None or bool(self.target_modules),
+            "peft.target_modules is empty: name the layers to adapt, or leave it unset for every linear layer",
+        )
+
+    @property
+    def lora(self) -> bool:
+        return self.method == "lora"
 
 
 @dataclass
@@ -151,6 +240,13 @@ class TokenizerConfig:
         )
         _require(self.vocab_size >= 257, "tokenizer.vocab_size must be >= 257 (256 bytes + EOS)")
         _require(self.min_frequency >= 1, "tokenizer.min_frequency must be >= 1")
+
+    def resolved_source(self, model_from_scratch: bool) -> str:
+        """The source with auto resolved: bundled for a model built from scratch, else the
+        pretrained model's own."""
+        if self.source != "auto":
+            return self.source
+        return "bundled" if model_from_scratch else "pretrained"
 
 
 @dataclass
@@ -346,9 +442,9 @@ class GenerateConfig:
     """Prompts generated together (left-padded)."""
 
     cache: Literal["dynamic", "static"] = "dynamic"
-    """KV cache. static: preallocated, and on a GPU transformers compiles the decoding step
-    (torch.compile): much faster per token once compiled, but the first call compiles for a
-    while. Same text either way."""
+    """KV cache. static: preallocated key/value buffers; a GPT-2 decodes through
+    hftextgen/decode.py, each step replayed as one CUDA graph on a GPU; other models use
+    transformers' static cache (compiled on a GPU). Same text either way."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -478,7 +574,7 @@ class TrainArguments(TrainingArguments):
 
     The subclass earns its place with a few fields: bf16 defaults to "where the hardware runs it
     natively", so one recipe is fast on a CPU and on a GPU without edits; overwrite_output_dir
-    and on_nan are hftextgen's (see safety.py), and logging_nan_inf_filter follows on_nan. It
+    and on_nan are hftextgen's (see rundir.py and guards.py), and logging_nan_inf_filter follows on_nan. It
     also rejects values TrainingArguments lets through (a learning rate or batch size <= 0).
     """
 
@@ -489,13 +585,14 @@ class TrainArguments(TrainingArguments):
             "GPUs with bf16, CPUs with AVX512-BF16 or AMX), off elsewhere."
         },
     )
-    fused_loss: bool = field(
-        default=False,
+    fused_loss: bool | Literal["auto", "liger"] = field(
+        default="auto",
         metadata={
-            "help": "Compute a GPT-2's training loss with lm_head and cross-entropy fused, a chunk of rows at a "
-            "time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
-            "in far less memory, e.g. for larger micro-batches on a GPU. Off: on a CPU it is no faster "
-            "(bench/RESULTS.md)."
+            "help": "Compute the training loss with the output layer and cross-entropy fused, a chunk of rows at "
+            "a time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
+            "in far less memory, for any model whose head is a plain linear layer (others keep their own, said "
+            "once). auto: on when training on a CPU, where it also measured as fast or faster (bench/RESULTS.md); "
+            "off elsewhere. liger: liger-kernel's Triton kernel, where that package and a CUDA GPU are there."
         },
     )
 
@@ -528,6 +625,25 @@ class TrainArguments(TrainingArguments):
         },
     )
 
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training once this many held-out evaluations in a row have not improved on the best one "
+            "(metric_for_best_model, the held-out loss by default), with the stock EarlyStoppingCallback; the best "
+            "checkpoint then becomes the final model (load_best_model_at_end is turned on). Needs held-out "
+            "evaluation (eval_strategy steps or epoch) and a checkpoint at every evaluation (save_steps a "
+            "multiple of eval_steps). Unset: train to the end."
+        },
+    )
+
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "How much better than the best so far an evaluation must be to count as an improvement "
+            "(early_stopping_patience), in the metric's units (nats for the loss)."
+        },
+    )
+
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate})")
         _require(
@@ -542,6 +658,12 @@ class TrainArguments(TrainingArguments):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1 (got {getattr(self, key)})")
         if self.bf16 is None:
             self.bf16 = not self.fp16 and bf16_is_native()
+        self._early_stopping()
+        renamed = hasattr(self, "activation_checkpointing") and self.activation_checkpointing is None
+        if renamed and self.gradient_checkpointing is not None:
+            # The name every tutorial uses; later transformers 5 releases call it activation_checkpointing
+            # and warn about the old name when only that one is set.
+            self.activation_checkpointing = self.gradient_checkpointing
         import torch
 
         if not torch.accelerator.is_available():
@@ -552,6 +674,39 @@ class TrainArguments(TrainingArguments):
             self.use_cpu = True
             self.dataloader_pin_memory = False
         super().__post_init__()
+
+    def _early_stopping(self) -> None:
+        """What EarlyStoppingCallback needs, set or said in one line before any work."""
+        if self.early_stopping_patience is None:
+            _require(
+                self.early_stopping_threshold == 0.0,
+                "train.early_stopping_threshold is only read with train.early_stopping_patience: set that too",
+            )
+            return
+        _require(
+            self.early_stopping_patience >= 1,
+            f"train.early_stopping_patience must be >= 1 (got {self.early_stopping_patience})",
+        )
+        evaluation = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        saving = str(getattr(self.save_strategy, "value", self.save_strategy))
+        _require(
+            evaluation != "no",
+            "train.early_stopping_patience watches held-out evaluations, and train.eval_strategy is no: set it to "
+            "steps (or epoch)",
+        )
+        _require(
+            saving in (evaluation, "best"),
+            f"train.early_stopping_patience keeps the best checkpoint, so checkpoints must follow the evaluations: "
+            f"set train.save_strategy {evaluation} (it is {saving})",
+        )
+        eval_steps = self.eval_steps or self.logging_steps
+        if evaluation == "steps" and saving == "steps" and eval_steps >= 1 and self.save_steps >= 1:
+            _require(
+                self.save_steps % eval_steps == 0,
+                f"train.early_stopping_patience keeps the best checkpoint, which needs a checkpoint at evaluation "
+                f"steps: make train.save_steps ({self.save_steps:g}) a multiple of train.eval_steps ({eval_steps:g})",
+            )
+        self.load_best_model_at_end = True
 
 
 # hftextgen's defaults for TrainingArguments fields: what a GPT-2 language-model run wants,
@@ -592,8 +747,16 @@ class Recipe:
     train: TrainArguments
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def __post_init__(self) -> None:
+        if self.peft.lora:
+            _require(
+                not self.model.from_scratch,
+                "peft.method=lora freezes pretrained weights and trains small adapters beside them, but a model "
+                "built from scratch has only random weights to freeze: set model.name_or_path to a pretrained "
+                "model, or drop peft.method to train every weight",
+            )
         if self.tokenizer.source == "train":
             _require(
                 self.model.from_scratch,
@@ -613,11 +776,19 @@ class Recipe:
             )
 
     @property
-    def tokenizer_source(self) -> str:
-        """The tokenizer source with auto resolved."""
-        if self.tokenizer.source != "auto":
-            return self.tokenizer.source
-        return "bundled" if self.model.from_scratch else "pretrained"
+    def effective_batch_size(self) -> int:
+        """Blocks per optimizer step, over every process."""
+        args = self.train
+        return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Blocks are packed, never padded: every step trains exactly this many tokens."""
+        return self.effective_batch_size * self.data.block_size
+
+    def schedule(self, train_blocks: int, first_step: int = 0) -> plan.Schedule:
+        """Steps, evaluations and checkpoints of this run over `train_blocks` training blocks."""
+        return plan.schedule(self.train, train_blocks, first_step)
 
 
 def training_field_help() -> dict[str, str]:

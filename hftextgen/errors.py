@@ -1,12 +1,27 @@
-"""The one exception type users are meant to see."""
+"""How problems reach the user: errors that end a command, stops that can be continued, warnings.
+
+Every problem a user can fix is one of the exceptions below, caught by the command line
+(cli.py) and printed as one line; anything else that escapes is a bug and keeps its traceback.
+Warnings (`warn`) go to stderr with the same prefix, so that logs can be searched for them.
+"""
+
+from __future__ import annotations
+
+import sys
 
 
 class UserError(Exception):
     """A problem with the user's input, explained in one line that names the fix.
 
     The CLI prints it as ``hftextgen: error: <message>`` with exit code 2 and no traceback
-    (``--debug`` shows one). Anything else that escapes is a bug and keeps its traceback.
+    (``--debug`` shows one).
     """
+
+
+class ConfigError(UserError, ValueError):
+    """An impossible recipe value, found while the recipe is parsed; the message names the key
+    and what to set instead. A ValueError too, because jsonargparse turns the ValueErrors of a
+    dataclass's __post_init__ into its own parse errors."""
 
 
 class RunStopped(Exception):
@@ -20,3 +35,8 @@ class RunStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def warn(message: str) -> None:
+    """Something the user should know that does not stop the command."""
+    print(f"hftextgen: warning: {message}", file=sys.stderr, flush=True)

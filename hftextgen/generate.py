@@ -9,7 +9,10 @@ So a sample does not depend on which other prompts shared its batch, or on the b
 its JSONL record reproduces it alone (`--generate.seed <its seed>`).
 
 A model whose context is shorter than prompt + max_new_tokens keeps generating by sliding its
-window: it continues from the last context - context // 2 tokens, half a context at a time.
+window: it continues from the last context - context // 2 tokens, half a context at a time. The
+context is the positions the model was built for (model.context_length: GPT-2's n_positions,
+max_position_embeddings elsewhere); RoPE models could run past it, but on positions they never
+trained on, so they slide too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -29,11 +32,9 @@ from transformers.generation.logits_process import (
 
 from . import model as model_stage
 from . import progress
-from . import tokenizer as tokenizer_stage
 from .config import NEUTRAL, GenerateConfig
 from .errors import UserError
 from .files import append_lines, write_atomic
-from .hub import load_from_hub
 
 
 @dataclass
@@ -48,29 +49,6 @@ class Sample:
     new_tokens: int
     finish: str
     """eos (the model ended the document), stop (a stop string), or length (max_new_tokens)."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load(name_or_path: str, key: str = "--model", device: torch.device | str | None = None):
-    """A causal LM and its tokenizer from a run directory, any save_pretrained folder or a hub name."""
-    path = Path(name_or_path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UserError(
-            f"{key}: {name_or_path} is not a model (no config.json): give a run directory, a checkpoint-N "
-            f"folder or a hub name"
-        )
-    try:
-        with progress.transformers_bars_off():  # a bar per load of a few tensors is noise
-            lm = load_from_hub(AutoModelForCausalLM.from_pretrained, name_or_path, "model", key)
-    except (OSError, ValueError, KeyError) as exc:  # a local folder with broken files
-        raise UserError(f"{key}: cannot load {name_or_path} as a causal language model ({exc})") from None
-    tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(name_or_path, key), name_or_path)
-    model_stage.ignore_padding_warning()
-    lm.to(device or default_device()).eval()
-    return lm, tok
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -96,6 +74,11 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
                     ) from None
         else:
             prompts += [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(
+                f"generate.prompts_file: {path} holds no prompts: write one per line (or a JSONL "
+                f'"prompt" field per line), or drop the option'
+            )
     return prompts if prompts else [""]
 
 
@@ -107,9 +90,22 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise [rows, vocab]: a hash of each row's 32-bit key (int64 tensor) and the token id."""
+    row = _mix32(keys)[:, None]
+    token = torch.arange(vocab, device=keys.device, dtype=torch.int64)[None, :]
+    bits = _mix32(_mix32(row ^ token) + token)
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) / 2**24  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
 class SeededGumbel(LogitsProcessor):
     """Adds Gumbel noise that depends only on (row seed, tokens generated so far, token id), so
     the argmax that follows is a reproducible draw from softmax(scores) for each row alone."""
+
+    # A row's key at a step: (seed * SEED + (done + step) * STEP) & MASK (hftextgen/decode.py
+    # computes the same keys on the device).
+    SEED, STEP, MASK = 0x9E3779B1, 0x7FEB352D, 0xFFFFFFFF
 
     def __init__(self, seeds: list[int], done: list[int], start: int):
         self.seeds = seeds
@@ -119,12 +115,8 @@ class SeededGumbel(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.start
         pairs = zip(self.seeds, self.done, strict=True)
-        keys = [(seed * 0x9E3779B1 + (done + step) * 0x7FEB352D) & 0xFFFFFFFF for seed, done in pairs]
-        row = _mix32(torch.tensor(keys, device=scores.device, dtype=torch.int64))[:, None]
-        token = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)[None, :]
-        bits = _mix32(_mix32(row ^ token) + token)
-        uniform = ((bits >> 8).to(torch.float32) + 0.5) / 2**24  # in (0, 1)
-        return scores + -torch.log(-torch.log(uniform))
+        keys = [(seed * self.SEED + (done + step) * self.STEP) & self.MASK for seed, done in pairs]
+        return scores + gumbel_noise(torch.tensor(keys, device=scores.device, dtype=torch.int64), scores.shape[1])
 
 
 def warpers(settings: dict) -> list[LogitsProcessor]:
@@ -150,6 +142,11 @@ class Generator:
         self.eos = tok.eos_token_id
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token, which marks where documents start and end")
+        self.fast = None  # generate.cache static: hftextgen.decode's loop instead of generate's (see _run)
+        if cfg.cache == "static":
+            from .decode import StaticDecoder
+
+            self.fast = StaticDecoder.create(lm)
 
     def record(self, sample: Sample, model_name: str) -> dict:
         """A JSONL record: the sample and every setting that produced it."""
@@ -205,6 +202,10 @@ class Generator:
             bos_token_id=self.eos,
             cache_implementation=None if self.cfg.cache == "dynamic" else self.cfg.cache,
         )
+        if self.fast is not None:
+            fast = self.fast(ids, mask, config, processors, self.tok if self.cfg.stop else None, streamer)
+            if fast is not None:
+                return fast
         device = self.lm.device
         out = self.lm.generate(
             input_ids=ids.to(device),

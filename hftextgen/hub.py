@@ -1,18 +1,18 @@
 """Reaching the Hugging Face Hub, or saying plainly that it cannot be reached.
 
 Left alone, transformers retries an unreachable hub for ~50 s and then prints a generic message.
-We probe the endpoint once (a TCP connect, a few seconds at most), use the local HF cache when
-the hub is away, and otherwise stop with one line that says what to do instead.
+We probe the endpoint once, through huggingface_hub's own HTTP session (so proxies,
+HF_HUB_OFFLINE and HF_ENDPOINT apply as they do to downloads) with a short timeout, use the
+local HF cache when the hub is away, and otherwise stop with one line that says what to do
+instead.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import socket
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import urlparse
 
 from .errors import UserError
 
@@ -22,14 +22,13 @@ T = TypeVar("T")
 @functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE:
         return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, is the hub
+    except Exception:  # no answer: the transport's error types differ between huggingface_hub releases
         return False
     return True
 
@@ -80,13 +79,22 @@ def check_push(args) -> None:
             "it can be reached, or drop train.push_to_hub and upload the run directory later with "
             "`hf upload <user>/<name> <run directory>`"
         )
-    from huggingface_hub import get_token
+    from huggingface_hub import HfApi, get_token
 
-    if not (args.hub_token or get_token()):
+    token = args.hub_token or get_token()
+    if not token:
         raise UserError(
             "train.push_to_hub needs a Hugging Face token with write access: run `hf auth login`, or set HF_TOKEN "
             "(or train.hub_token)"
         )
+    try:
+        HfApi().whoami(token=token)
+    except Exception as exc:  # HfHubHTTPError (401: a revoked or mistyped token), or the network went away
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"train.push_to_hub: the Hugging Face Hub does not accept this token ({reason}): run `hf auth login` "
+            f"with a token that has write access, or set HF_TOKEN (or train.hub_token)"
+        ) from None
 
 
 def push_run(trainer, output_dir) -> str:

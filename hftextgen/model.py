@@ -1,16 +1,19 @@
-"""Model stage: a GPT-2 built from a GPT2Config, or a pretrained causal LM loaded by name or path."""
+"""Model stage: build the model a recipe trains (any causal-LM architecture from scratch, or a
+pretrained one), or load a trained one (or a LoRA adapter on its base) for generation and evaluation."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import architecture, lora, progress
+from . import tokenizer as tokenizer_stage
 from .config import ModelConfig
 from .errors import UserError
 from .hub import load_from_hub
+from .runtime import ignore_padding_warning
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:
@@ -40,60 +43,105 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size
     return model
 
 
-class _NoPaddingWarning(logging.Filter):
-    """transformers warns that input starting or ending with the pad id may be padded and wants
-    an attention mask. Our pad id is EOS, which starts and ends documents inside packed blocks;
-    they are never padded, and a mask of ones would only slow every step."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "passing in an `attention_mask` since your input_ids may be padded" not in record.getMessage()
-
-
-def ignore_padding_warning() -> None:
-    logger = logging.getLogger("transformers.modeling_utils")
-    if not any(isinstance(f, _NoPaddingWarning) for f in logger.filters):
-        logger.addFilter(_NoPaddingWarning())
-
-
 def context_length(model: PreTrainedModel) -> int | None:
-    config = model.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    """Positions the model knows: GPT-2's n_positions, max_position_embeddings elsewhere (RoPE
+    models included: beyond what they were trained on they degrade, so generation slides)."""
+    return architecture.shape(model.config)["n_positions"]
 
 
-def check_source(cfg: ModelConfig) -> None:
-    """Fail before any data work when model.name_or_path is a local folder that holds no model."""
-    name = cfg.name_or_path
-    if name is not None and os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+def check_source(name: str | None, key: str = "model.name_or_path", adapter_ok: bool = False) -> None:
+    """Fail before any work when `name` is a local folder that holds no model (an adapter folder
+    is one, where `adapter_ok`: generate and evaluate load it on its base model)."""
+    if name is None or not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
+        return
+    if adapter_ok and lora.is_adapter(name):
+        return
+    if lora.is_adapter(name):
         raise UserError(
-            f"model.name_or_path: {name} is not a model (no config.json): point it at a directory written by "
-            f"save_pretrained, such as a run directory or a checkpoint-N folder inside one"
+            f"{key}: {name} holds a LoRA adapter, not a whole model: fine-tune the merged model of its run "
+            f"(the run directory) instead"
         )
+    raise UserError(
+        f"{key}: {name} is not a model (no config.json): point it at a directory written by "
+        f"save_pretrained, such as a run directory or a checkpoint-N folder inside one, or a hub name"
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(name_or_path: str, key: str = "--model", device: torch.device | str | None = None):
+    """A trained causal LM and its tokenizer, for generation and evaluation, from a run
+    directory, any save_pretrained folder, a LoRA adapter folder (loaded on its base model and
+    merged) or a hub name; in eval mode on `device`."""
+    check_source(name_or_path, key, adapter_ok=True)
+    adapter = os.path.isdir(name_or_path) and lora.is_adapter(name_or_path)
+    base = lora.base_of(name_or_path, key) if adapter else name_or_path
+    try:
+        with progress.transformers_bars_off():  # a bar per load of a few tensors is noise
+            lm = load_from_hub(AutoModelForCausalLM.from_pretrained, base, "model", key)
+            if adapter:
+                lm = lora.load_merged(lm, name_or_path)
+    except (OSError, ValueError, KeyError) as exc:  # a local folder with broken files
+        raise UserError(f"{key}: cannot load {name_or_path} as a causal language model ({exc})") from None
+    has_tokenizer = not adapter or lora.has_tokenizer(name_or_path)
+    tok_source = name_or_path if has_tokenizer else base
+    tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(tok_source, key), tok_source)
+    ignore_padding_warning()
+    lm.to(device or default_device()).eval()
+    return lm, tok
 
 
 def _from_scratch(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:
-    given = {k: getattr(cfg, k) for k in cfg.ARCHITECTURE + cfg.DROPOUTS if getattr(cfg, k) is not None}
-    given.setdefault("vocab_size", len(tokenizer))
-    if given["vocab_size"] < len(tokenizer):
+    settings = cfg.scratch_settings()
+    cls = architecture.config_class(cfg.architecture)
+    vocab_key, positions_key = (architecture.own_name(cls, k) for k in ("vocab_size", "n_positions"))
+    settings.setdefault(vocab_key, len(tokenizer))
+    if settings[vocab_key] < len(tokenizer):
         raise UserError(
-            f"model.vocab_size ({given['vocab_size']}) is smaller than the tokenizer ({len(tokenizer)} tokens): "
+            f"model.vocab_size ({settings[vocab_key]}) is smaller than the tokenizer ({len(tokenizer)} tokens): "
             f"raise it to at least {len(tokenizer)}, or leave it unset"
         )
-    # A scratch model only ever sees block_size positions; more would be untrained rows.
-    given.setdefault("n_positions", block_size)
-    config = GPT2Config(**given, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    # A scratch model only ever sees block_size positions; more would be untrained rows (GPT-2)
+    # or positions it never learned to use (RoPE).
+    if positions_key is not None:
+        settings.setdefault(positions_key, block_size)
+    settings.update(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = architecture.build_config(cfg.architecture, settings)
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    except (ValueError, ImportError) as exc:  # e.g. an attention kernel this architecture lacks
+        raise UserError(
+            f"model: cannot build a {cfg.architecture} model ({str(exc).splitlines()[0]}): "
+            f"try model.attn_implementation eager"
+        ) from None
+
+
+def pretrained_overrides(cfg: ModelConfig) -> dict:
+    """The dropouts the recipe sets for a pretrained model, in its config's own names (reads
+    config.json only); a one-line error for a dropout the architecture does not have."""
+    dropouts = cfg.common(cfg.DROPOUTS)
+    if not dropouts:
+        return {}
+    try:
+        config = load_from_hub(
+            AutoConfig.from_pretrained, cfg.name_or_path, "model", "model.name_or_path", revision=cfg.revision
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"model.name_or_path: cannot read the config of {cfg.name_or_path} ({exc})") from None
+    return architecture.pretrained_overrides(config, dropouts)
 
 
 def _pretrained(cfg: ModelConfig) -> PreTrainedModel:
     name = cfg.name_or_path
-    kwargs = {k: getattr(cfg, k) for k in cfg.DROPOUTS if getattr(cfg, k) is not None}
     # Mixed precision wants fp32 master weights, whatever dtype the checkpoint was saved in.
-    kwargs.update(attn_implementation=cfg.attn_implementation, dtype=torch.float32)
+    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **pretrained_overrides(cfg)}
     if not os.path.isdir(name):
         return load_from_hub(
             AutoModelForCausalLM.from_pretrained, name, "model", "model.name_or_path", revision=cfg.revision, **kwargs
         )
-    check_source(cfg)
+    check_source(name)
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

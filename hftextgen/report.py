@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, architecture, lora
 from .files import write_atomic
 
-TAGS = ["text-generation", "gpt2", "hftextgen"]
+TAGS = ["text-generation", "hftextgen"]  # and the model's architecture, and lora/peft for a LoRA run
 SAMPLES_SHOWN = 3
 
 
@@ -139,9 +140,15 @@ def _fence(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
-def _metadata(recipe: dict, name: str, scores: dict | None) -> str:
+def _tags(run: RunFiles) -> list[str]:
+    tags = [TAGS[0], *([run.config["model_type"]] if run.config and run.config.get("model_type") else []), *TAGS[1:]]
+    return tags + (["lora", "peft"] if run.lora else [])
+
+
+def _metadata(run: RunFiles, name: str) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
+    recipe, scores = run.recipe, run.scores
     model_section, data = recipe.get("model", {}), recipe.get("data", {})
     source = data.get("source")
     base = model_section.get("name_or_path")
@@ -174,7 +181,7 @@ def _metadata(recipe: dict, name: str, scores: dict | None) -> str:
     card = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=TAGS,
+        tags=_tags(run),
         datasets=[data["dataset"]] if source == "hub" else None,
         base_model=base if from_hub else None,
         language="en" if source == "shakespeare" else None,
@@ -185,20 +192,39 @@ def _metadata(recipe: dict, name: str, scores: dict | None) -> str:
 
 
 def _architecture(config: dict | None, parameters: int | None) -> str:
-    if not config:
+    if not config or not config.get("model_type"):
         return "A causal language model"
-    kind = {"gpt2": "GPT-2"}.get(config.get("model_type"), config.get("model_type", "causal language model"))
+    try:
+        shape = architecture.shape(config)
+    except (KeyError, ValueError, TypeError):  # an architecture this transformers does not know
+        shape = {"model_type": config["model_type"]}
+    kind = {"gpt2": "GPT-2"}.get(shape["model_type"], shape["model_type"])
     parts = [f"{_count(parameters)} parameters"] if parameters else []
     for key, label in (("n_layer", "layers"), ("n_head", "heads")):
-        if config.get(key):
-            parts.append(f"{config[key]} {label}")
-    if config.get("n_embd"):
-        parts.append(f"width {config['n_embd']}")
-    if config.get("n_positions"):
-        parts.append(f"context {config['n_positions']} tokens")
-    if config.get("vocab_size"):
-        parts.append(f"vocabulary {config['vocab_size']:,}")
+        if shape.get(key):
+            parts.append(f"{shape[key]} {label}")
+    if shape.get("n_kv_head") and shape["n_kv_head"] != shape.get("n_head"):
+        parts.append(f"{shape['n_kv_head']} key/value heads")
+    if shape.get("n_embd"):
+        parts.append(f"width {shape['n_embd']}")
+    if shape.get("n_inner"):
+        parts.append(f"MLP {shape['n_inner']}")
+    if shape.get("n_positions"):
+        parts.append(f"context {shape['n_positions']} tokens")
+    if shape.get("vocab_size"):
+        parts.append(
+            f"vocabulary {shape['vocab_size']:,}" + (", tied embeddings" if shape.get("tie_word_embeddings") else "")
+        )
     return f"A {kind} ({', '.join(parts)})"
+
+
+def _context(config: dict | None) -> int | None:
+    if not config or not config.get("model_type"):
+        return None
+    try:
+        return architecture.shape(config)["n_positions"]
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _source_text(recipe: dict) -> str:
@@ -215,57 +241,129 @@ def _source_text(recipe: dict) -> str:
     return f"local files ({paths})" if paths else "local files"
 
 
+@dataclass
+class RunFiles:
+    """What the model card is made of: the files of one run directory, read once."""
+
+    run_dir: Path
+    recipe_text: str
+    recipe: dict
+    info: dict
+    data_report: dict | None
+    scores: dict | None
+    trainer_eval: dict
+    train_results: dict
+    state: dict
+    config: dict | None
+    samples: list[dict]
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunFiles:
+        recipe_path = run_dir / "recipe.yaml"
+        recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
+        return cls(
+            run_dir=run_dir,
+            recipe_text=recipe_text,
+            recipe=(yaml.safe_load(recipe_text) or {}) if recipe_text else {},
+            info=_read_json(run_dir / "run_info.json") or {},
+            data_report=_read_json(run_dir / "data_report.json"),
+            scores=_read_json(run_dir / "eval.json"),
+            trainer_eval=_read_json(run_dir / "eval_results.json") or {},
+            train_results=_read_json(run_dir / "train_results.json") or {},
+            state=_read_json(run_dir / "trainer_state.json") or {},
+            config=_read_json(run_dir / "config.json"),
+            samples=_read_jsonl(run_dir / "samples.jsonl"),
+        )
+
+    @property
+    def base(self) -> str | None:
+        return self.recipe.get("model", {}).get("name_or_path")
+
+    @property
+    def lora(self) -> dict | None:
+        """The LoRA settings of a run that trained an adapter (its peft section), else None."""
+        peft = self.recipe.get("peft") or {}
+        return peft if peft.get("method") == "lora" else None
+
+    @property
+    def steps(self) -> int | None:
+        return self.state.get("global_step")
+
+    @property
+    def tokens(self) -> int | None:
+        per_step = self.info.get("tokens_per_step")
+        return self.steps * per_step if self.steps and per_step else None
+
+
 def model_card(run_dir: Path, model_id: str | None = None) -> str:
-    """README.md for a run directory: metadata, results, loss curve, samples, data, settings, how
-    to load it, and the recipe."""
-    recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8") if (run_dir / "recipe.yaml").is_file() else ""
-    recipe = (yaml.safe_load(recipe_text) or {}) if recipe_text else {}
-    info = _read_json(run_dir / "run_info.json") or {}
-    data_report = _read_json(run_dir / "data_report.json")
-    scores = _read_json(run_dir / "eval.json")
-    trainer_eval = _read_json(run_dir / "eval_results.json") or {}
-    train_results = _read_json(run_dir / "train_results.json") or {}
-    state = _read_json(run_dir / "trainer_state.json") or {}
-    config = _read_json(run_dir / "config.json")
-    samples = _read_jsonl(run_dir / "samples.jsonl")
+    """README.md for a run directory: metadata, how to load it, results, loss curve, samples,
+    data, settings, how to reproduce it, and the recipe."""
+    run = RunFiles.read(run_dir)
     name = run_dir.resolve().name
     model_id = model_id or str(run_dir)
-    model_section = recipe.get("model", {})
-    base = model_section.get("name_or_path")
+    sections = [
+        ["---", _metadata(run, name).rstrip(), "---", "", f"# {name}", "", _summary(run), ""],
+        _use_it(run, model_id),
+        _results(run),
+        _samples(run.samples),
+        _data(run.data_report),
+        _training(run),
+        _reproduce(run, name),
+    ]
+    return "\n".join(line for section in sections for line in section)
 
-    how = f"fine-tuned from `{base}`" if base else "trained from scratch"
-    steps = state.get("global_step")
-    tokens = steps * info["tokens_per_step"] if steps and info.get("tokens_per_step") else None
+
+def _summary(run: RunFiles) -> str:
+    how = f"fine-tuned from `{run.base}`" if run.base else "trained from scratch"
+    if run.lora:
+        trainable, total = run.info.get("trainable_parameters"), run.info.get("parameters")
+        share = f", {trainable / total:.2%} of the weights" if trainable and total else ""
+        how += f" with LoRA (rank {run.lora.get('r')}, alpha {run.lora.get('alpha')}{share}; merged into this model)"
+    return (
+        f"{_architecture(run.config, run.info.get('parameters'))}, {how} on {_source_text(run.recipe)} "
+        f"with hftextgen {run.info.get('hftextgen', __version__)} (the stock `transformers` Trainer)"
+        + (f": {run.steps:,} steps, {_count(run.tokens)} tokens." if run.tokens else ".")
+    )
+
+
+def _use_it(run: RunFiles, model_id: str) -> list[str]:
     lines = [
-        "---",
-        _metadata(recipe, name, scores).rstrip(),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"{_architecture(config, info.get('parameters'))}, {how} on {_source_text(recipe)} "
-        f"with hftextgen {info.get('hftextgen', __version__)} (the stock `transformers` Trainer)"
-        + (f": {steps:,} steps, {_count(tokens)} tokens." if tokens else "."),
-        "",
         "## Use it",
         "",
         "```python",
         "from transformers import pipeline",
         "",
         f'generate = pipeline("text-generation", model="{model_id}")',
-        f"print(generate({json.dumps(_example_prompt(recipe))}, max_new_tokens={_new_tokens(config)}, do_sample=True, "
-        f'top_k=50)[0]["generated_text"])',
+        f"print(generate({json.dumps(_example_prompt(run.recipe))}, max_new_tokens={_new_tokens(run.config)}, "
+        f'do_sample=True, top_k=50)[0]["generated_text"])',
         "```",
         "",
     ]
-    if config and config.get("n_positions") and not base:
+    context = _context(run.config)
+    if context and not run.base:
         lines += [
-            f"The model knows {config['n_positions']} positions: with `pipeline`, prompt plus new tokens must fit "
-            f"in them (`hftextgen generate --model {model_id}` slides its window instead).",
+            f"The model knows {context} positions: with `pipeline`, prompt plus new tokens must "
+            f"fit in them (`hftextgen generate --model {model_id}` slides its window instead).",
             "",
         ]
+    if run.lora:
+        lines += [
+            f"This is the base model with the LoRA adapter merged in. The adapter alone is in `{lora.ADAPTER_DIR}/` "
+            f"(`adapter_config.json`, `adapter_model.safetensors`); peft loads it on its base model `{run.base}`:",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{model_id}/{lora.ADAPTER_DIR}")',
+            "```",
+            "",
+        ]
+    return lines
 
-    lines += ["## Results", ""]
+
+def _results(run: RunFiles) -> list[str]:
+    lines = ["## Results", ""]
+    scores, trainer_eval = run.scores, run.trainer_eval
     if scores:
         lines += [
             f"Scored on {scores['documents']:,} documents held out from training: {scores.get('data', '')}.",
@@ -290,73 +388,78 @@ def model_card(run_dir: Path, model_id: str | None = None) -> str:
         ]
     else:
         lines += ["Not evaluated.", ""]
-    if (run_dir / "loss.png").is_file():
+    if (run.run_dir / "loss.png").is_file():
         lines += ["![Training and held-out loss](loss.png)", ""]
+    return lines
 
-    if samples:
-        first = samples[0]
-        lines += [
-            "## Samples",
-            "",
-            f"Preset `{first.get('preset')}`, {first.get('max_new_tokens')} new tokens at most; the prompt opens "
-            f"each text (an empty prompt: from nothing). Each has its seed in `samples.jsonl`.",
-            "",
-        ]
-        for sample in samples[:SAMPLES_SHOWN]:
-            lines += [_fence(sample["prompt"] + sample["completion"]), ""]
 
-    if data_report:
-        lines += [
-            "## Data",
-            "",
-            "| split | documents | characters | tokens | blocks |",
-            "|---|---|---|---|---|",
-        ]
-        for split in ("train", "validation"):
-            r = data_report[split]
-            lines.append(f"| {split} | {r['documents']:,} | {r['characters']:,} | {r['tokens']:,} | {r['blocks']:,} |")
-        lines += [
-            "",
-            ("Each document ends with EOS; the" if data_report.get("add_eos") else "Documents are joined without EOS;")
-            + f" text is packed into blocks of {data_report['block_size']} tokens. Whole documents are held out for "
-            "validation.",
-            "",
-        ]
+def _samples(samples: list[dict]) -> list[str]:
+    if not samples:
+        return []
+    first = samples[0]
+    lines = [
+        "## Samples",
+        "",
+        f"Preset `{first.get('preset')}`, {first.get('max_new_tokens')} new tokens at most; the prompt opens "
+        f"each text (an empty prompt: from nothing). Each has its seed in `samples.jsonl`.",
+        "",
+    ]
+    for sample in samples[:SAMPLES_SHOWN]:
+        lines += [_fence(sample["prompt"] + sample["completion"]), ""]
+    return lines
 
-    train_section = recipe.get("train", {})
-    train_points, _ = loss_history(state.get("log_history", []))
-    last_train_loss = train_points[-1][1] if train_points else None
-    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+
+def _data(data_report: dict | None) -> list[str]:
+    if not data_report:
+        return []
+    lines = ["## Data", "", "| split | documents | characters | tokens | blocks |", "|---|---|---|---|---|"]
+    for split in ("train", "validation"):
+        r = data_report[split]
+        lines.append(f"| {split} | {r['documents']:,} | {r['characters']:,} | {r['tokens']:,} | {r['blocks']:,} |")
+    joined = "Each document ends with EOS; the" if data_report.get("add_eos") else "Documents are joined without EOS;"
+    return lines + [
+        "",
+        f"{joined} text is packed into blocks of {data_report['block_size']} tokens. Whole documents are held "
+        "out for validation.",
+        "",
+    ]
+
+
+def _training(run: RunFiles) -> list[str]:
+    info, train = run.info, run.recipe.get("train", {})
+    train_points, _ = loss_history(run.state.get("log_history", []))
     rows = [
-        ("steps", f"{steps:,}" if steps else None),
-        ("tokens", f"{tokens:,}" if tokens else None),
+        ("steps", f"{run.steps:,}" if run.steps else None),
+        ("tokens", f"{run.tokens:,}" if run.tokens else None),
         (
             "batch",
             f"{info['effective_batch_size']} blocks ({info['tokens_per_step']:,} tokens) per step"
             if info.get("effective_batch_size")
             else None,
         ),
-        ("learning rate", _learning_rate(train_section)),
-        ("optimizer", _optimizer(train_section)),
+        ("learning rate", _learning_rate(train)),
+        ("optimizer", _optimizer(train)),
         ("precision", info.get("precision")),
         ("device", _device(info)),
-        ("training time", _seconds(train_results.get("train_runtime"))),
-        ("throughput", _get(train_results, "train_tokens_per_second", "{:,.0f} tokens/s")),
-        ("training loss, last logged", f"{last_train_loss:.4f}" if last_train_loss is not None else None),
+        ("training time", _seconds(run.train_results.get("train_runtime"))),
+        ("throughput", _get(run.train_results, "train_tokens_per_second", "{:,.0f} tokens/s")),
+        ("training loss, last logged", f"{train_points[-1][1]:.4f}" if train_points else None),
         ("versions", f"torch {info['torch']}, transformers {info['transformers']}" if "torch" in info else None),
     ]
-    lines += [f"| {key} | {value} |" for key, value in rows if value]
-    lines += [
-        "",
+    return ["## Training", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows if v), ""]
+
+
+def _reproduce(run: RunFiles, name: str) -> list[str]:
+    lines = [
         "## Reproduce",
         "",
         "```sh",
-        f"hftextgen finetune --config {run_dir}/recipe.yaml --train.output_dir runs/{name}-again",
+        f"hftextgen finetune --config {run.run_dir}/recipe.yaml --train.output_dir runs/{name}-again",
         "```",
         "",
     ]
-    if recipe_text:
-        body = "\n".join(line for line in recipe_text.splitlines() if not line.startswith("# "))
+    if run.recipe_text:
+        body = "\n".join(line for line in run.recipe_text.splitlines() if not line.startswith("# "))
         lines += [
             "<details><summary>recipe.yaml: every setting of this run</summary>",
             "",
@@ -367,7 +470,7 @@ def model_card(run_dir: Path, model_id: str | None = None) -> str:
             "</details>",
             "",
         ]
-    return "\n".join(lines)
+    return lines
 
 
 def _device(info: dict) -> str | None:
@@ -387,7 +490,7 @@ def _example_prompt(recipe: dict) -> str:
 
 
 def _new_tokens(config: dict | None) -> int:
-    positions = (config or {}).get("n_positions") or 1024
+    positions = _context(config) or 1024
     return max(1, min(60, positions // 2))
 
 

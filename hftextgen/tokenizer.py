@@ -21,7 +21,7 @@ import tokenizers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from . import cache
-from .config import Recipe
+from .config import ModelConfig, TokenizerConfig
 from .errors import UserError
 from .hub import load_from_hub
 
@@ -82,17 +82,22 @@ def ready_for_lm(tokenizer: PreTrainedTokenizerBase, what: str) -> PreTrainedTok
     return tokenizer
 
 
-def build_tokenizer(recipe: Recipe, corpus) -> PreTrainedTokenizerBase:
-    source = recipe.tokenizer_source
-    cfg = recipe.tokenizer
+def build_tokenizer(cfg: TokenizerConfig, model: ModelConfig, corpus) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer: bundled, the pretrained model's (or tokenizer.name_or_path), or a
+    BPE trained on the corpus's training split (cached by content)."""
+    source = cfg.resolved_source(model.from_scratch)
     if source == "bundled":
         return ready_for_lm(bundled_gpt2(), "the bundled GPT-2 tokenizer")
     if source == "pretrained":
         if cfg.name_or_path is not None:
             name, key, revision = cfg.name_or_path, "tokenizer.name_or_path", None
         else:
-            name, key, revision = recipe.model.name_or_path, "model.name_or_path", recipe.model.revision
+            name, key, revision = model.name_or_path, "model.name_or_path", model.revision
         return ready_for_lm(load_pretrained(name, key, revision), name)
+    return _trained(cfg, corpus)
+
+
+def _trained(cfg: TokenizerConfig, corpus) -> PreTrainedTokenizerBase:
 
     key = cache.key(
         kind="bpe",
@@ -101,13 +106,13 @@ def build_tokenizer(recipe: Recipe, corpus) -> PreTrainedTokenizerBase:
         min_frequency=cfg.min_frequency,
         tokenizers=tokenizers.__version__,
     )
-    cache_root = cache.root(recipe.data.cache_dir, "tokenizers")
+    cache_root = cache.root(corpus.cfg.cache_dir, "tokenizers")
     hit = cache.lookup(cache_root, key)
     if hit is not None:
         return ready_for_lm(AutoTokenizer.from_pretrained(hit), "the trained tokenizer")
     texts = (text for _, text in corpus.texts("train"))  # read as the trainer takes them
     tokenizer = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
-    tokenizer.model_max_length = recipe.data.block_size
+    tokenizer.model_max_length = corpus.cfg.block_size
     with cache.writing(cache_root, key) as tmp:
         tokenizer.save_pretrained(tmp)
     return ready_for_lm(tokenizer, "the trained tokenizer")

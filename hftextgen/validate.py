@@ -1,17 +1,17 @@
 """`hftextgen validate`: a dry run of `finetune` that says what the run will do and cost.
 
-It makes the same checks as finetune (the same errors, before any work), prepares the data
-(or finds it cached: finetune then loads it at once), builds the model, and trains a copy of it
-for a few steps with the stock Trainer in the recipe's precision, on the recipe's batches, in a
-temporary folder. From those it reports:
+It makes the same checks as finetune and builds the same tokenizer, data and model (build.py:
+the same errors, before any work; the data is then cached for finetune), then:
 
-  steps and tokens     the Trainer's own arithmetic (set_initial_training_values) on the real
-                       dataloader, so they are the numbers the run will log
-  time                 measured seconds per step (after a warm-up step) x steps, plus measured
-                       evaluation, checkpoint and sampling times x how often the recipe does them
-  memory               weights + gradients + AdamW state + activations (a formula), and the
-                       peak measured while stepping
-  disk                 a real checkpoint's size x the checkpoints kept, plus the final model
+  measure    trains a throwaway copy of the model for a few steps with the stock Trainer, in the
+             recipe's precision and on its batches, in a temporary folder; times a checkpoint, the
+             final save, Trainer evaluation, samples and the end-of-training evaluator; reads the
+             peak memory (`measure`)
+  schedule   steps, evaluations and checkpoints of the run: pure arithmetic that agrees with the
+             stock Trainer (plan.py, through Recipe.schedule)
+  estimate   time = measured seconds x how often the schedule does each thing; memory = weights +
+             gradients + AdamW state + activations (a formula) beside the measured peak; disk = a
+             real checkpoint's size x the checkpoints kept, plus the final model (`estimate`)
 
 Nothing is written to train.output_dir.
 """
@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,13 +35,235 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 
-from . import data, evaluation, generate, model, progress, tokenizer, train
+from . import architecture, build, data, evaluation, fused_loss, generate, lora, model, progress, rundir, runtime
 from .config import Recipe
+from .plan import Schedule
 
 # Timed steps: at least MIN_STEPS and MIN_SECONDS of them after the warm-up step, at most
 # MAX_STEPS: enough to average out noise on a fast model, few on a slow one.
 MIN_STEPS, MIN_SECONDS, MAX_STEPS = 5, 5.0, 30
 SAMPLE_TOKENS = 16  # generation is timed for this many new tokens and scaled to max_new_tokens
+
+
+def validate(recipe: Recipe) -> dict:
+    """Check and measure a recipe; returns the estimate (see the module docstring)."""
+    output_dir = Path(recipe.train.output_dir)
+    existed = output_dir.exists()
+    resume = build.preflight(recipe)
+    runtime.reuse_freed_memory()
+    set_seed(recipe.train.seed)
+
+    started = time.perf_counter()
+    built = build.build(recipe)
+    prepared = {
+        "cache": str(built.packed.cache_path),
+        "cached": built.packed.cache_hit,
+        "seconds": round(time.perf_counter() - started, 2),
+        "report": built.packed.report,
+    }
+    info = build.run_info(recipe, built.lm, built.packed.cache_path)
+    # Before the probe: a LoRA probe's final save folds the adapter into the model.
+    described = describe_model(built.lm, info)
+    formula = memory_formula(built.lm, recipe.train, recipe.data.block_size, info["precision"])
+    measured = measure(recipe, built)
+    schedule = recipe.schedule(len(built.packed.train), _resumed_step(resume))
+    return {
+        "output_dir": str(output_dir),
+        "output_dir_exists": existed,
+        "resume_from": resume,
+        "data": prepared,
+        "model": described,
+        **estimate(recipe, built, info, schedule, measured, resume, formula),
+    }
+
+
+@dataclass
+class Measured:
+    """What the probe measured on this hardware."""
+
+    step_seconds: float
+    timed_steps: int
+    checkpoint_seconds: float
+    checkpoint_bytes: int
+    final_save_seconds: float
+    final_model_bytes: int
+    eval_call_seconds: float
+    eval_block_seconds: float
+    sample_seconds: float
+    scoring_seconds: float
+    memory_peak: int
+    memory_what: str
+
+
+def measure(recipe: Recipe, built: build.Built) -> Measured:
+    """Train a copy of the model for a few steps with the recipe's batch, precision, optimizer
+    and data order in a temporary folder, and time everything else the run will do."""
+    args = recipe.train
+    device = torch.device(str(args.device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory(prefix="hftextgen-validate-") as tmp:
+        probe = copy.copy(args)
+        probe.output_dir = tmp
+        probe.max_steps = 10**9  # StepTimer stops it
+        probe.eval_strategy, probe.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
+        probe.report_to, probe.push_to_hub, probe.load_best_model_at_end = [], False, False
+        probe.save_total_limit = None
+        trainer = build.make_trainer(built, probe)
+        for stock in (PrinterCallback, ProgressCallback):
+            trainer.pop_callback(stock)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        with progress.transformers_bars_off():  # the probe's bars are not the run's
+            trainer.train()
+            memory_what, memory_peak = _peak_memory(device)
+            checkpoint = get_last_checkpoint(tmp)
+            eval_call, eval_block = _time_evaluation(trainer, built.packed.eval_blocks, args.per_device_eval_batch_size)
+            sample_seconds = _time_samples(built.lm, built.tok, recipe.generate)
+            scoring_seconds = _time_final_scoring(built, recipe.evaluate, recipe.data.block_size)
+            # Last: a LoRA run's final save merges the adapter into the model, in place.
+            final_dir = Path(tmp) / "final"
+            saving = time.perf_counter()
+            rundir.write_final(trainer, final_dir)
+            final_save_seconds = time.perf_counter() - saving
+            return Measured(
+                step_seconds=statistics.median(timer.times),  # robust to a step slowed by other work
+                timed_steps=len(timer.times),
+                checkpoint_seconds=timer.save_seconds or 0.0,
+                checkpoint_bytes=_folder_bytes(Path(checkpoint)) if checkpoint else 0,
+                final_save_seconds=final_save_seconds,
+                final_model_bytes=_folder_bytes(final_dir),
+                eval_call_seconds=eval_call,
+                eval_block_seconds=eval_block,
+                sample_seconds=sample_seconds,
+                scoring_seconds=scoring_seconds,
+                memory_peak=memory_peak,
+                memory_what=memory_what,
+            )
+
+
+def describe_model(lm, info: dict) -> dict:
+    """The model's shape in the recipe's names, its parameters, and its LoRA adapters if any."""
+    shape = architecture.shape(lm.config)
+    return {
+        "parameters": info["parameters"],
+        "trainable_parameters": info["trainable_parameters"],
+        "architecture": shape["model_type"],
+        "layers": shape["n_layer"],
+        "heads": shape["n_head"],
+        "kv_heads": shape["n_kv_head"],
+        "width": shape["n_embd"],
+        "mlp_width": shape["n_inner"],
+        "context": shape["n_positions"],
+        "vocab_size": shape["vocab_size"],
+        "tied_embeddings": shape["tie_word_embeddings"],
+        **({"lora": _lora(lm)} if lora.is_peft(lm) else {}),
+    }
+
+
+def estimate(
+    recipe: Recipe, built: build.Built, info: dict, st: Schedule, m: Measured, resume: str | None, formula: dict
+) -> dict:
+    """The estimate record: the schedule, and what it costs at the measured speeds."""
+    args = recipe.train
+    return {
+        "device": info["device"],
+        "precision": info["precision"],
+        "batch": {
+            key: info[key]
+            for key in (
+                "effective_batch_size",
+                "per_device_batch_size",
+                "processes",
+                "gradient_accumulation_steps",
+                "tokens_per_step",
+            )
+        },
+        "steps": {
+            "per_epoch": st.steps_per_epoch,
+            "epochs": round(st.total / st.steps_per_epoch, 3),
+            "total": st.total,
+            "first": st.first,
+            "to_run": st.to_run,
+            "evaluations": st.evaluations + _final_trainer_evaluation(args, st),
+            "checkpoints": st.saves,
+            "sample_rounds": _sample_rounds(recipe, st),
+        },
+        "tokens": {
+            "total": st.total * recipe.tokens_per_step,
+            "to_run": st.to_run * recipe.tokens_per_step,
+            "train_split": built.packed.report["train"]["tokens"],
+        },
+        "time": _time(recipe, built, st, m),
+        "memory": {
+            "formula": formula,
+            "measured_peak": m.memory_peak,
+            "measured": m.memory_what,
+        },
+        "disk": _disk(args, st, m, resume),
+    }
+
+
+def _lora(lm) -> dict:
+    config = lm.peft_config["default"]
+    trainable, total = lora.parameters(lm)
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules),
+        "trainable_share": round(trainable / total, 6),
+    }
+
+
+def _final_trainer_evaluation(args, st: Schedule) -> int:
+    """finetune evaluates once more after training unless an evaluation ran at the final step."""
+    return 0 if st.evaluations and not args.load_best_model_at_end else 1
+
+
+def _sample_rounds(recipe: Recipe, st: Schedule) -> int:
+    every = recipe.evaluate.sample_every
+    return st.to_run // every if every else 0
+
+
+def _time(recipe: Recipe, built: build.Built, st: Schedule, m: Measured) -> dict:
+    evaluations = st.evaluations + _final_trainer_evaluation(recipe.train, st)
+    eval_seconds = m.eval_call_seconds + m.eval_block_seconds * len(built.packed.eval_blocks)
+    final_eval_seconds = 0.0
+    if recipe.evaluate.at_end_of_training:
+        final_eval_seconds = m.scoring_seconds + (m.sample_seconds if recipe.evaluate.samples else 0.0)
+    total = (
+        st.to_run * m.step_seconds
+        + evaluations * eval_seconds
+        + st.saves * m.checkpoint_seconds
+        + _sample_rounds(recipe, st) * m.sample_seconds
+        + m.final_save_seconds
+        + final_eval_seconds
+    )
+    return {
+        "step_seconds": round(m.step_seconds, 4),
+        "timed_steps": m.timed_steps,
+        "tokens_per_second": round(recipe.tokens_per_step / m.step_seconds, 1),
+        "evaluation_seconds": round(eval_seconds, 2),
+        "checkpoint_seconds": round(m.checkpoint_seconds, 2),
+        "samples_seconds": round(m.sample_seconds, 2),
+        "final_evaluation_seconds": round(final_eval_seconds, 2),
+        "total_seconds": round(total, 1),
+    }
+
+
+def _disk(args, st: Schedule, m: Measured, resume: str | None) -> dict:
+    kept = st.saves if args.save_total_limit is None else min(st.saves, args.save_total_limit)
+    if args.load_best_model_at_end and args.save_total_limit:
+        kept = min(st.saves, max(args.save_total_limit, 2))  # the best checkpoint is kept besides the newest
+    output_dir = Path(args.output_dir)
+    if resume and output_dir.is_dir():
+        kept = max(0, kept - len(list(output_dir.glob("checkpoint-*"))))  # some are on disk already
+    return {
+        "checkpoint_bytes": m.checkpoint_bytes,
+        "checkpoints_kept": kept,
+        "final_model_bytes": m.final_model_bytes,
+        "total_bytes": m.checkpoint_bytes * kept + m.final_model_bytes,
+    }
 
 
 class StepTimer(TrainerCallback):
@@ -82,199 +305,44 @@ def _peak_memory(device: torch.device) -> tuple[str, int]:
     return "resident memory of this process, peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _interval(value: float | None, max_steps: int) -> int | None:
-    """eval/save/logging steps as the Trainer reads them: below 1 is a share of max_steps."""
-    if value is None:
-        return None
-    return math.ceil(max_steps * value) if value < 1 else int(value)
+def memory_formula(lm, args, block_size: int, precision: str) -> dict:
+    """Bytes of the fp32 weights (4 per parameter), and of gradients (4) and AdamW state (8) per
+    *trained* parameter: all of them, or a LoRA run's adapters (`lora_saves`: what full
+    fine-tuning would add). Tied embeddings count once.
 
-
-def _occurrences(strategy, every: int | None, first: int, last: int, epochs: int, delay: float = 0) -> int:
-    """How often a step/epoch strategy fires between step first (exclusive) and last (inclusive),
-    counting the extra one DefaultFlowCallback adds at the final step."""
-    strategy = getattr(strategy, "value", strategy)
-    if strategy == "steps" and every:
-        after = max(first, math.ceil(delay) - 1)  # multiples of `every` in (after, last]
-        fired = max(0, last // every - after // every)
-        return fired + (1 if last % every and last > after else 0)
-    if strategy == "epoch":
-        return epochs
-    return 0
-
-
-def memory_formula(lm, recipe: Recipe, precision: str) -> dict:
-    """Bytes of weights, gradients and AdamW state (fp32: 4 + 4 + 8 per parameter) and a rough
-    activation figure: per layer s*b*h*(34 + 5*a*s/h) bytes in 16-bit (Korthikanti et al. 2022,
-    "Reducing activation recomputation in large transformer models", eq. 1), doubled for fp32,
-    plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies)."""
-    params = lm.num_parameters()
-    config = lm.config
-    b, s = recipe.train.per_device_train_batch_size, recipe.data.block_size
-    h = getattr(config, "n_embd", None) or getattr(config, "hidden_size", 768)
-    a = getattr(config, "n_head", None) or getattr(config, "num_attention_heads", 12)
-    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", 12)
+    Activations, roughly: per layer, in 16-bit, Korthikanti et al. 2022 ("Reducing activation
+    recomputation in large transformer models", eq. 1: s*b*h*(34 + 5*a*s/h)) with its terms
+    written for any shape: attention 7sbh + 4sb*h_kv + 5as^2b (h_kv: the key/value width, below h
+    with grouped-query attention), MLP 3sbh + 4sbf (f: the MLP width; 8sbf for a gated, SwiGLU
+    MLP: gate, up, activation and product), norms 4sbh; GPT-2's f = 4h, h_kv = h gives eq. 1.
+    Doubled for fp32, plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies),
+    or with train.fused_loss in effect the one chunk of them it holds at a time.
+    """
+    trainable, params = lora.parameters(lm)
+    shape = architecture.shape(lm.config)
+    b, s = args.per_device_train_batch_size, block_size
+    h, a, layers = shape["n_embd"] or 768, shape["n_head"] or 12, shape["n_layer"] or 12
+    h_kv = (shape["n_kv_head"] or a) * h / a
+    f = shape["n_inner"] or 4 * h
+    gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in lm.named_modules())
+    per_layer = s * b * (7 * h + 4 * h_kv + 5 * a * s + 3 * h + (8 if gated else 4) * f + 4 * h)
     width = 1 if precision in ("bf16", "fp16") else 2
-    activations = layers * s * b * h * (34 + 5 * a * s / h) * width + 3 * b * s * config.vocab_size * 4
-    optim = str(getattr(recipe.train.optim, "value", recipe.train.optim))
-    optimizer = 8 * params if "adam" in optim.lower() else 4 * params  # two fp32 moments; else one, roughly
-    out = {"weights": 4 * params, "gradients": 4 * params, "optimizer": optimizer, "activations": int(activations)}
-    out["total"] = sum(out.values())
-    return out
-
-
-def validate(recipe: Recipe) -> dict:
-    """Check and measure a recipe; returns the estimate (see the module docstring)."""
-    args = recipe.train
-    output_dir = Path(args.output_dir)
-    existed = output_dir.exists()
-    resume = train.preflight(recipe)
-    train.reuse_freed_memory()
-    set_seed(args.seed)
-
-    started = time.perf_counter()
-    corpus = data.Corpus(recipe.data)
-    tok = tokenizer.build_tokenizer(recipe, corpus)
-    packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
-    prep_seconds = time.perf_counter() - started
-
-    lm = model.build_model(recipe.model, tok, recipe.data.block_size)
-    info = train.run_info(recipe, lm, packed)
-    device = torch.device(str(args.device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    with tempfile.TemporaryDirectory(prefix="hftextgen-validate-") as tmp:
-        probe = copy.copy(args)  # the recipe's batch, precision, optimizer and data order
-        probe.output_dir = tmp
-        probe.max_steps = 10**9  # StepTimer stops it
-        probe.eval_strategy, probe.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
-        probe.report_to, probe.push_to_hub, probe.load_best_model_at_end = [], False, False
-        probe.save_total_limit, probe.disable_tqdm = None, True
-        trainer = Trainer(
-            model=lm,
-            args=probe,
-            data_collator=train.collate_blocks,
-            train_dataset=packed.train,
-            eval_dataset=packed.eval_blocks,
-            processing_class=tok,
-        )
-        for stock in (PrinterCallback, ProgressCallback):
-            trainer.pop_callback(stock)
-        # The run's own step count: the Trainer's arithmetic on the recipe's arguments.
-        epochs, steps_per_epoch, _, _, _, _, max_steps = trainer.set_initial_training_values(
-            args, trainer.get_train_dataloader()
-        )
-        timer = StepTimer()
-        trainer.add_callback(timer)
-        with progress.transformers_bars_off():  # the probe's bars are not the run's
-            trainer.train()
-            memory_what, memory_peak = _peak_memory(device)
-            checkpoint = get_last_checkpoint(tmp)
-            checkpoint_bytes = _folder_bytes(Path(checkpoint)) if checkpoint else 0
-            final_dir = Path(tmp) / "final"
-            saving = time.perf_counter()
-            trainer.save_model(str(final_dir))
-            final_save_seconds = time.perf_counter() - saving
-            final_bytes = _folder_bytes(final_dir)
-            eval_call_seconds, eval_block_seconds = _time_evaluation(
-                trainer, packed.eval_blocks, args.per_device_eval_batch_size
-            )
-            sample_seconds = _time_samples(lm, tok, recipe)
-            scoring_seconds = _time_final_scoring(lm, tok, recipe, packed)
-    step_seconds = statistics.median(timer.times)  # robust to a step slowed by other work on the machine
-
-    first_step = _resumed_step(resume)
-    steps_left = max(0, max_steps - first_step)
-    eval_steps = _interval(args.eval_steps if args.eval_steps is not None else args.logging_steps, max_steps)
-    save_steps = _interval(args.save_steps, max_steps)
-    evaluations = _occurrences(args.eval_strategy, eval_steps, first_step, max_steps, epochs, args.eval_delay or 0)
-    saves = _occurrences(args.save_strategy, save_steps, first_step, max_steps, epochs)
-    final_trainer_eval = 0 if evaluations and not args.load_best_model_at_end else 1
-    evaluations_total = evaluations + final_trainer_eval
-    sample_rounds = steps_left // recipe.evaluate.sample_every if recipe.evaluate.sample_every else 0
-    val_blocks = len(packed.eval_blocks)
-    eval_seconds = eval_call_seconds + eval_block_seconds * val_blocks
-    final_eval_seconds = 0.0
-    if recipe.evaluate.at_end_of_training:
-        final_eval_seconds = scoring_seconds + (sample_seconds if recipe.evaluate.samples else 0.0)
-    total_seconds = (
-        steps_left * step_seconds
-        + evaluations_total * eval_seconds
-        + saves * (timer.save_seconds or 0.0)
-        + sample_rounds * sample_seconds
-        + final_save_seconds
-        + final_eval_seconds
-    )
-    kept = saves if args.save_total_limit is None else min(saves, args.save_total_limit)
-    if args.load_best_model_at_end and args.save_total_limit:
-        kept = min(saves, max(args.save_total_limit, 2))  # the best checkpoint is kept besides the newest
-    if resume and output_dir.is_dir():
-        kept = max(0, kept - len(list(output_dir.glob("checkpoint-*"))))  # some are on disk already
-    tokens_per_step = info["tokens_per_step"]
-    return {
-        "output_dir": str(output_dir),
-        "output_dir_exists": existed,
-        "resume_from": resume,
-        "data": {
-            "cache": str(packed.cache_path),
-            "cached": packed.cache_hit,
-            "seconds": round(prep_seconds, 2),
-            "report": packed.report,
-        },
-        "model": {
-            "parameters": info["parameters"],
-            "layers": getattr(lm.config, "n_layer", None),
-            "heads": getattr(lm.config, "n_head", None),
-            "width": getattr(lm.config, "n_embd", None),
-            "context": model.context_length(lm),
-            "vocab_size": lm.config.vocab_size,
-        },
-        "device": info["device"],
-        "precision": info["precision"],
-        "batch": {
-            "effective_batch_size": info["effective_batch_size"],
-            "per_device_batch_size": info["per_device_batch_size"],
-            "processes": info["processes"],
-            "gradient_accumulation_steps": info["gradient_accumulation_steps"],
-            "tokens_per_step": tokens_per_step,
-        },
-        "steps": {
-            "per_epoch": steps_per_epoch,
-            "epochs": round(max_steps / steps_per_epoch, 3),
-            "total": max_steps,
-            "first": first_step,
-            "to_run": steps_left,
-            "evaluations": evaluations_total,
-            "checkpoints": saves,
-            "sample_rounds": sample_rounds,
-        },
-        "tokens": {
-            "total": max_steps * tokens_per_step,
-            "to_run": steps_left * tokens_per_step,
-            "train_split": packed.report["train"]["tokens"],
-        },
-        "time": {
-            "step_seconds": round(step_seconds, 4),
-            "timed_steps": len(timer.times),
-            "tokens_per_second": round(tokens_per_step / step_seconds, 1),
-            "evaluation_seconds": round(eval_seconds, 2),
-            "checkpoint_seconds": round(timer.save_seconds or 0.0, 2),
-            "samples_seconds": round(sample_seconds, 2),
-            "final_evaluation_seconds": round(final_eval_seconds, 2),
-            "total_seconds": round(total_seconds, 1),
-        },
-        "memory": {
-            "formula": memory_formula(lm, recipe, info["precision"]),
-            "measured_peak": memory_peak,
-            "measured": memory_what,
-        },
-        "disk": {
-            "checkpoint_bytes": checkpoint_bytes,
-            "checkpoints_kept": kept,
-            "final_model_bytes": final_bytes,
-            "total_bytes": checkpoint_bytes * kept + final_bytes,
-        },
+    logits = 3 * b * s * shape["vocab_size"] * 4
+    if fused_loss.installed(lm):
+        logits = fused_loss.logits_bytes(b * s, shape["vocab_size"], lm.device)
+    activations = layers * per_layer * width + logits
+    optim = str(getattr(args.optim, "value", args.optim))
+    per_state = 8 if "adam" in optim.lower() else 4  # two fp32 moments; else one, roughly
+    out = {
+        "weights": 4 * params,
+        "gradients": 4 * trainable,
+        "optimizer": per_state * trainable,
+        "activations": int(activations),
     }
+    out["total"] = sum(out.values())
+    if trainable < params:
+        out["lora_saves"] = (4 + per_state) * (params - trainable)
+    return out
 
 
 def _resumed_step(resume: str | None) -> int:
@@ -302,16 +370,16 @@ def _time_evaluation(trainer: Trainer, blocks, batch_size: int) -> tuple[float, 
     return max(seconds[0] - per_block * small, 0.0), per_block
 
 
-def _time_final_scoring(lm, tok, recipe: Recipe, packed: data.Packed) -> float:
+def _time_final_scoring(built: build.Built, cfg, block_size: int) -> float:
     """Seconds the end-of-training evaluator will take to score the validation documents: its
     own scoring (windows, stride, batch, precision) timed on two batches of windows cut from the
     validation blocks, scaled to the windows of the whole split."""
-    cfg = recipe.evaluate
+    lm, tok, packed = built.lm, built.tok, built.packed
     context = cfg.context or model.context_length(lm) or 1024
     stride = cfg.stride or max(1, context // 2)
     bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
     wanted = context + 1 + stride * (2 * cfg.batch_size - 1)  # two batches of windows
-    blocks = math.ceil(wanted / recipe.data.block_size)
+    blocks = math.ceil(wanted / block_size)
     ids = packed.validation[: min(blocks, len(packed.validation))]["input_ids"]
     doc = [tok.eos_token_id, *ids.reshape(-1)[:wanted].tolist()]
     was_training = lm.training
@@ -329,9 +397,8 @@ def _time_final_scoring(lm, tok, recipe: Recipe, packed: data.Packed) -> float:
     return per_window * (docs.tokens / stride + len(docs))
 
 
-def _time_samples(lm, tok, recipe: Recipe) -> float:
+def _time_samples(lm, tok, cfg) -> float:
     """Seconds for one round of the recipe's samples, from SAMPLE_TOKENS new tokens each."""
-    cfg = recipe.generate
     new = min(SAMPLE_TOKENS, cfg.max_new_tokens)
     short = dataclasses.replace(cfg, max_new_tokens=new)
     was_training = lm.training
@@ -354,6 +421,17 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _lora_lines(m: dict, formula: dict) -> list[str]:
+    if "lora" not in m:
+        return []
+    lo = m["lora"]
+    return [
+        f"LoRA: {m['trainable_parameters']:,} of {m['parameters']:,} parameters trained ({lo['trainable_share']:.2%}; "
+        f"rank {lo['r']}, alpha {lo['alpha']:g}, on {', '.join(lo['target_modules'])}); gradients and AdamW state "
+        f"for those only: ~{_size(formula['lora_saves'])} less memory than full fine-tuning"
+    ]
+
+
 def describe(est: dict) -> str:
     """The estimate as lines a person reads before starting a run."""
     d, m, b, st, tk, t, mem, disk = (
@@ -362,9 +440,13 @@ def describe(est: dict) -> str:
     shape = ", ".join(
         text
         for value, text in (
+            (m["architecture"], m["architecture"]),
             (m["layers"], f"{m['layers']} layers"),
             (m["heads"], f"{m['heads']} heads"),
+            (m["kv_heads"] != m["heads"] and m["kv_heads"], f"{m['kv_heads']} key/value heads"),
             (m["width"], f"width {m['width']}"),
+            (m["mlp_width"], f"MLP {m['mlp_width']}"),
+            (m["tied_embeddings"], "tied embeddings"),
         )
         if value
     )
@@ -381,6 +463,7 @@ def describe(est: dict) -> str:
         data.format_report(d["report"]),
         f"model: {m['parameters']:,} parameters ({shape}; context {m['context']}, vocabulary {m['vocab_size']:,}); "
         f"precision {est['precision']} on {est['device']}",
+        *_lora_lines(m, f),
         f"batch: {b['effective_batch_size']} blocks = {b['per_device_batch_size']} per device x {b['processes']} "
         f"processes x {b['gradient_accumulation_steps']} accumulation ({b['tokens_per_step']:,} tokens per step)",
         f"steps: {st['total']:,} = {st['epochs']:g} epochs of {st['per_epoch']:,} steps"

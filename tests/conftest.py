@@ -22,6 +22,14 @@ WORDS = (
 SPEAKERS = ["HAMLET", "KING", "QUEEN", "HORATIO"]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that reads the session's trained model (a few seconds to make) is slow: the fast
+    subset (`pytest -m "not slow"`) never trains it."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def flags(settings: dict) -> list[str]:
     """{"train.max_steps": 40} -> ["--train.max_steps", "40"]"""
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
@@ -59,6 +67,26 @@ def write_corpus(folder: Path, n_docs: int = 8, lines: int = 60, suffix: str = "
     for i in range(n_docs):
         (folder / f"doc{i}{suffix}").write_text(make_text(i, lines), encoding="utf-8")
     return folder
+
+
+def save_tiny_pretrained(folder: Path, model_type: str = "gpt2", **shape):
+    """A tiny pretrained model of `model_type` with GPT-2's tokenizer, saved as a hub model would
+    be (2 layers, width 16, 64 positions; for llama, grouped-query attention and tied embeddings)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hftextgen.tokenizer import bundled_gpt2
+
+    tokenizer = bundled_gpt2()
+    settings = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 16, "max_position_embeddings": 64}
+    if model_type == "llama":
+        settings |= {"num_key_value_heads": 2, "intermediate_size": 32, "tie_word_embeddings": True}
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **settings, **ids, **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
 
 
 @pytest.fixture(autouse=True)
@@ -100,16 +128,20 @@ def trained_run(tmp_path_factory) -> Path:
     generation and evaluation tests read it and never write into it."""
     root = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(root / "corpus")
+    argv = files_args(corpus, root / "run", "--train.max_steps", "60", "--train.eval_steps", "60")
+    finetune_offline(argv + flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8}), root / "cache")
+    return root / "run"
+
+
+def finetune_offline(argv: list[str], cache: Path) -> None:
+    """Run `hftextgen finetune` for a fixture shared by several tests: offline, with its own cache."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HFTEXTGEN_CACHE", str(root / "cache"))
+        mp.setenv("HFTEXTGEN_CACHE", str(cache))
         import huggingface_hub.constants
 
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         hub.hub_reachable.cache_clear()
-        argv = files_args(corpus, root / "run", "--train.max_steps", "60", "--train.eval_steps", "60")
-        argv += flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8})
         assert cli.main(argv) == 0
-    return root / "run"
 
 
 # A run without GPT-2's 50k vocabulary (whose logits are most of a tiny model's work: a step
@@ -142,11 +174,5 @@ def small_run(tmp_path_factory) -> SmallRun:
     """Trained once for the session; tests copy its run directory and never write into it."""
     run = SmallRun(tmp_path_factory.mktemp("small"))
     write_corpus(run.corpus)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HFTEXTGEN_CACHE", str(run.cache))
-        import huggingface_hub.constants
-
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        hub.hub_reachable.cache_clear()
-        assert cli.main(run.argv(run.run_dir)) == 0
+    finetune_offline(run.argv(run.run_dir), run.cache)
     return run

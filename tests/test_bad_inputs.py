@@ -11,15 +11,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import files_args
 
-from hftextgen import safety
+from hftextgen import rundir
 
 N = "<N>"  # any number in an expected message
+ANY = "<ANY>"  # any text (what the operating system says)
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Ctx:
     tmp: Path
     run: Path
     small: object  # conftest.SmallRun
+    monkeypatch: pytest.MonkeyPatch
 
     def write(self, name: str, content: str | bytes) -> Path:
         path = self.tmp / name
@@ -58,6 +61,21 @@ def not_a_run(c: Ctx) -> list[str]:
     return c.finetune("--train.overwrite_output_dir", "true")
 
 
+def lora_of_the_small_run(c: Ctx, *extra: str) -> list[str]:
+    return c.pretrained(str(c.small.run_dir), "--peft.method", "lora", *extra)
+
+
+def without_peft(c: Ctx) -> list[str]:
+    c.monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` finds when it is not installed
+    return lora_of_the_small_run(c)
+
+
+def an_adapter_folder(c: Ctx) -> list[str]:
+    (c.tmp / "adapter").mkdir()
+    c.write("adapter/adapter_config.json", '{"base_model_name_or_path": "gpt2"}')
+    return c.pretrained(str(c.tmp / "adapter"))
+
+
 def stopped_before_first_save(c: Ctx) -> list[str]:
     c.run.mkdir()
     for name in ("recipe.yaml", "run_info.json", "data_report.json"):
@@ -72,7 +90,7 @@ def damaged_checkpoint(c: Ctx) -> list[str]:
 
 
 def every_checkpoint_damaged(c: Ctx) -> list[str]:
-    for checkpoint in safety.checkpoints(c.copy_run()):
+    for checkpoint in rundir.checkpoints(c.copy_run()):
         os.truncate(checkpoint / "trainer_state.json", 10)
     return c.finetune("--train.resume_from_checkpoint", "last")
 
@@ -160,11 +178,12 @@ CASES = {
     "model path that is not a model": (
         lambda c: c.pretrained(str(c.small.corpus)),
         "model.name_or_path: {corpus} is not a model (no config.json): point it at a directory written by "
-        "save_pretrained, such as a run directory or a checkpoint-N folder inside one",
+        "save_pretrained, such as a run directory or a checkpoint-N folder inside one, or a hub name",
     ),
     "model path that is not a model, in generate": (
         lambda c: ["generate", "--model", str(c.small.corpus)],
-        "--model: {corpus} is not a model (no config.json): give a run directory, a checkpoint-N folder or a hub name",
+        "--model: {corpus} is not a model (no config.json): point it at a directory written by save_pretrained, "
+        "such as a run directory or a checkpoint-N folder inside one, or a hub name",
     ),
     "hub name while offline": (
         lambda c: c.pretrained("gpt2"),
@@ -172,7 +191,114 @@ CASES = {
         "reached (no network, or HF_HUB_OFFLINE=1): save_pretrained it where there is internet and set "
         "model.name_or_path to that directory",
     ),
+    "empty prompts file": (
+        lambda c: c.finetune("--generate.prompts_file", str(c.write("prompts.txt", "\n  \n"))),
+        'generate.prompts_file: {tmp}/prompts.txt holds no prompts: write one per line (or a JSONL "prompt" '
+        "field per line), or drop the option",
+    ),
+    "empty prompts file, in generate": (
+        lambda c: ["generate", "--model", str(c.copy_run()), "--generate.prompts_file", str(c.write("p.jsonl", ""))],
+        'generate.prompts_file: {tmp}/p.jsonl holds no prompts: write one per line (or a JSONL "prompt" '
+        "field per line), or drop the option",
+    ),
+    # ---- architectures
+    "heads that do not divide the width": (
+        lambda c: c.finetune("--model.n_embd", "30", "--model.n_head", "4"),
+        "model.n_embd (30) must be divisible by model.n_head (4)",
+    ),
+    "width that the architecture's default heads do not divide": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.n_embd", "100", "--model.n_head", "null"),
+        "model.n_embd (100) must be divisible by model.n_head (32, llama's default)",
+    ),
+    "key/value heads that do not divide the heads": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.n_head", "4", "--model.n_kv_head", "3"),
+        "model.n_head (4) must be divisible by model.n_kv_head (3): each key/value head serves the same number of "
+        "query heads",
+    ),
+    "key/value heads in an architecture without them": (
+        lambda c: c.finetune("--model.model_type", "gpt2", "--model.n_kv_head", "1"),
+        "model.n_kv_head: gpt2 has no key/value head setting (every query head has its own key and value): remove it",
+    ),
+    "unknown model_type": (
+        lambda c: c.finetune("--model.model_type", "lama"),
+        "model.model_type: unknown architecture 'lama': did you mean llama?",
+    ),
+    "model_type that is not a causal language model": (
+        lambda c: c.finetune("--model.model_type", "t5"),
+        "model.model_type: t5 is not a causal language model (transformers has no AutoModelForCausalLM for it): "
+        "pick one that is, e.g. gpt2, llama, qwen3, mistral, gpt_neox",
+    ),
+    "unknown architecture setting": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.config", "{attention_bais: true}"),
+        "model.config: LlamaConfig (llama) has no setting 'attention_bais': did you mean model.config.attention_bias?",
+    ),
+    "a common shape in model.config": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.config", "{num_hidden_layers: 3}"),
+        "model.config.num_hidden_layers is a shape every architecture has: set model.n_layer instead",
+    ),
+    "a dropout the architecture does not have": (
+        lambda c: c.finetune("--model.model_type", "llama", "--model.resid_pdrop", "0.1"),
+        "model.resid_pdrop: llama has no dropout on residual branches: remove it (its dropouts: model.attn_pdrop)",
+    ),
+    "architecture keys with a pretrained model": (
+        lambda c: c.pretrained(str(c.small.run_dir), "--model.model_type", "llama"),
+        "model.model_type describes a model built from scratch, but model.name_or_path='{small}' loads a "
+        "pretrained one: remove one of them",
+    ),
+    "architecture settings with a pretrained model": (
+        lambda c: c.pretrained(str(c.small.run_dir), "--model.config", "{attention_bias: true}"),
+        "model.config describes a model built from scratch, but model.name_or_path='{small}' loads a "
+        "pretrained one: remove one of them",
+    ),
+    # ---- LoRA
+    "LoRA on a model built from scratch": (
+        lambda c: c.finetune("--peft.method", "lora"),
+        "peft.method=lora freezes pretrained weights and trains small adapters beside them, but a model built from "
+        "scratch has only random weights to freeze: set model.name_or_path to a pretrained model, or drop "
+        "peft.method to train every weight",
+    ),
+    "LoRA rank 0": (
+        lambda c: lora_of_the_small_run(c, "--peft.r", "0"),
+        "peft.r must be >= 1 (got 0): the rank of each adapter",
+    ),
+    "LoRA target module not in the model": (
+        lambda c: lora_of_the_small_run(c, "--peft.target_modules", "[q_proj, c_attn]"),
+        "peft.target_modules: 'q_proj' is not a module of this gpt2 model: its linear layers are c_attn, c_fc, c_proj",
+    ),
+    "LoRA target module that is not a layer": (
+        lambda c: lora_of_the_small_run(c, "--peft.target_modules", "[mlp]"),
+        "peft.target_modules: 'mlp' is a GPT2MLP in this gpt2 model, not a layer LoRA can adapt: name linear "
+        "layers (c_attn, c_fc, c_proj)",
+    ),
+    "fine-tuning a LoRA adapter folder": (
+        an_adapter_folder,
+        "model.name_or_path: {tmp}/adapter holds a LoRA adapter, not a whole model: fine-tune the merged model of "
+        "its run (the run directory) instead",
+    ),
+    "LoRA without the peft package": (
+        without_peft,
+        "peft.method=lora needs the peft package, which is not installed: pip install peft",
+    ),
+    # ---- training conveniences
+    "early stopping without held-out evaluation": (
+        lambda c: c.finetune("--train.early_stopping_patience", "2", "--train.eval_strategy", "no"),
+        "train.early_stopping_patience watches held-out evaluations, and train.eval_strategy is no: set it to steps "
+        "(or epoch)",
+    ),
+    "early stopping with checkpoints off the evaluation steps": (
+        lambda c: c.finetune("--train.early_stopping_patience", "2", "--train.eval_steps", "4"),
+        "train.early_stopping_patience keeps the best checkpoint, which needs a checkpoint at evaluation steps: "
+        "make train.save_steps (10) a multiple of train.eval_steps (4)",
+    ),
     # ---- the run directory
+    "output directory that cannot be created": (
+        lambda c: c.finetune("--train.output_dir", "/proc/hftextgen-test/run"),
+        "train.output_dir: cannot write to /proc/hftextgen-test/run (<ANY>): choose a directory you can write to",
+    ),
+    "output directory that is a file": (
+        lambda c: c.finetune("--train.output_dir", str(c.write("a-file", "x"))),
+        "train.output_dir: {tmp}/a-file is a file: choose a directory",
+    ),
     "output directory that holds another run": (
         lambda c: c.copy_run() and c.finetune(),
         "train.output_dir: {run} is not empty (README.md, all_results.json, checkpoint-20, ...): continue "
@@ -230,7 +356,7 @@ def snapshot(folder: Path) -> dict | None:
 def test_bad_input(case, small_run, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("HFTEXTGEN_CACHE", str(small_run.cache))  # the small run's tokenizer and data
     build, message = CASES[case]
-    c = Ctx(tmp_path, tmp_path / "run", small_run)
+    c = Ctx(tmp_path, tmp_path / "run", small_run, monkeypatch)
     argv = build(c)
     before = snapshot(c.run)
     code, _, err = run_cli(*argv)
@@ -238,8 +364,8 @@ def test_bad_input(case, small_run, tmp_path, run_cli, monkeypatch):
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("hftextgen: error: ")]
     assert len(errors) == 1, err
-    expected = message.format(tmp=tmp_path, run=c.run, corpus=small_run.corpus)
-    pattern = re.escape(expected).replace(re.escape(N), r"[\d,]+")
+    expected = message.format(tmp=tmp_path, run=c.run, corpus=small_run.corpus, small=small_run.run_dir)
+    pattern = re.escape(expected).replace(re.escape(N), r"[\d,]+").replace(re.escape(ANY), ".+")
     assert re.fullmatch(pattern, errors[0].removeprefix("hftextgen: error: ")), errors[0]
     assert snapshot(c.run) == before, "the run directory changed"
 
@@ -256,6 +382,31 @@ def test_overwrite_starts_the_run_over(small_run, tmp_path, run_cli, monkeypatch
     )
     assert code == 0, err
     assert f"train.overwrite_output_dir: deleted the earlier run in {run_dir}" in out
-    assert [p.name for p in safety.checkpoints(run_dir)] == ["checkpoint-10"]
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-10"]
     # The saved recipe continues this run as it is, without deleting it again.
     assert "overwrite_output_dir: false" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_a_token_the_hub_refuses_stops_before_any_work(corpus, tmp_path, run_cli, monkeypatch):
+    import huggingface_hub
+
+    from hftextgen import hub
+
+    def refuse(self, token=None):
+        response = huggingface_hub.utils.httpx.Response(401, request=huggingface_hub.utils.httpx.Request("GET", "x"))
+        raise huggingface_hub.errors.HfHubHTTPError(
+            "401 Client Error: Unauthorized for url: https://hf.co/api/whoami", response=response
+        )
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setenv("HF_TOKEN", "hf_revoked")
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", refuse)
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(*files_args(corpus, run_dir, "--train.push_to_hub", "true"))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (
+        "hftextgen: error: train.push_to_hub: the Hugging Face Hub does not accept this token (401 Client Error: "
+        "Unauthorized for url: https://hf.co/api/whoami): run `hf auth login` with a token that has write access, "
+        "or set HF_TOKEN (or train.hub_token)"
+    )
+    assert "Tokenizing" not in out and not run_dir.exists() and not (tmp_path / "cache").exists()

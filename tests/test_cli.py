@@ -27,6 +27,8 @@ def test_recipes_exist():
         "gpt2/wikitext2.yaml",
         "gpt2/fineweb-edu-10b.yaml",
         "custom/text-files.yaml",
+        "custom/lora.yaml",
+        "shakespeare/tiny-llama.yaml",
     } <= names
 
 
@@ -34,7 +36,7 @@ def test_recipes_exist():
 def test_every_recipe_parses_and_passes_its_checks(path):
     parser = finetune_parser()
     sections = parser.instantiate(parser.parse_args(["--config", str(path)]))
-    Recipe(sections.model, sections.tokenizer, sections.data, sections.train)
+    Recipe(sections.model, sections.tokenizer, sections.data, sections.train, peft=sections.peft)
     if path.suffix != ".json":
         head = path.read_text().splitlines()[0]
         assert head.startswith("# ") and ("hftextgen " in head or "make " in head), "recipes open with their command"
@@ -120,12 +122,34 @@ def test_debug_shows_the_traceback():
         main(["finetune", "--data.source", "files", "--data.paths", "[/nonexistent/*.txt]", "--debug"])
 
 
-def test_print_config_prints_the_resolved_recipe(run_cli):
+def test_print_config_prints_the_resolved_recipe(capsys, tmp_path):
+    """The printed recipe holds the file's values, the overrides and every default, and runs as
+    a recipe of its own: parsed again, it gives the same recipe."""
+    import yaml
+
+    from hftextgen.cli import main
+
     with pytest.raises(SystemExit) as exit_:
-        run_cli("finetune", "--config", ROOT / "recipes/shakespeare/tiny.yaml", "--print_config")
+        main(["finetune", "--config", str(ROOT / "recipes/shakespeare/tiny.yaml"), "--train.max_steps", "7",
+              "--print_config"])  # fmt: skip
     assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    recipe = yaml.safe_load(printed)
+    assert recipe["model"]["n_embd"] == 128 and recipe["data"]["block_size"] == 128  # from the file
+    assert recipe["train"]["max_steps"] == 7  # the override
+    assert recipe["train"]["lr_scheduler_type"] == "cosine" and recipe["evaluate"]["stride"] is None  # defaults
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    parser = finetune_parser()
+    printed_recipe = parser.instantiate(parser.parse_args(["--config", str(again)]))
+    original = parser.instantiate(
+        parser.parse_args(["--config", str(ROOT / "recipes/shakespeare/tiny.yaml"), "--train.max_steps", "7"])
+    )
+    for section in ("model", "tokenizer", "data", "train", "generate", "evaluate"):
+        assert printed_recipe[section] == original[section], section
 
 
+@pytest.mark.slow
 def test_console_entry_point_exit_code():
     result = subprocess.run(
         [sys.executable, "-m", "hftextgen", "finetune", "--train.learnin_rate", "1"],

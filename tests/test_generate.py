@@ -10,8 +10,9 @@ from collections import Counter
 import pytest
 import torch
 
-from hftextgen.config import GenerateConfig
-from hftextgen.generate import Generator, SeededGumbel, load
+from hftextgen.config import NEUTRAL, PRESETS, GenerateConfig
+from hftextgen.generate import Generator, SeededGumbel
+from hftextgen.model import load
 
 PROMPTS = ["HAMLET:", "", "KING: good night sweet prince o what a noble mind", "QUEEN"]
 
@@ -75,10 +76,16 @@ def test_beam_search_returns_several_sequences(model):
     assert [s.index for s in samples] == [0, 1, 2, 3] and [s.prompt for s in samples] == ["HAMLET:"] * 2 + ["KING:"] * 2
 
 
-def test_presets_and_overrides():
-    cfg = GenerateConfig(preset="precise", temperature=0.9)
-    assert cfg.settings()["temperature"] == 0.9 and cfg.settings()["top_p"] == 0.9
-    assert GenerateConfig(preset="greedy").settings()["do_sample"] is False
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_preset_sets_its_fields_and_any_field_overrides_it(preset):
+    """Settings = neutral values, then the preset's, then the fields set; nothing else."""
+    assert GenerateConfig(preset=preset).settings() == {**NEUTRAL, **PRESETS[preset]}
+    sampling = PRESETS[preset].get("do_sample", False)
+    overrides = {"temperature": 0.7, "top_k": 7, "top_p": 0.7, "typical_p": 0.7, "repetition_penalty": 1.3}
+    overrides |= {"no_repeat_ngram_size": 2} | ({} if sampling else {"num_beams": 3})
+    for key, value in overrides.items():
+        settings = GenerateConfig(preset=preset, **{key: value}).settings()
+        assert settings == {**NEUTRAL, **PRESETS[preset], key: value}, key
 
 
 def test_jsonl_records_reproduce_their_sample(trained_run, tmp_path, run_cli):
@@ -147,3 +154,20 @@ def test_static_cache_gives_the_same_text(model):
     dynamic = generate(model, preset="greedy", max_new_tokens=20)
     static = generate(model, preset="greedy", max_new_tokens=20, cache="static")
     assert texts(static) == texts(dynamic)
+
+
+@pytest.mark.parametrize(
+    "length, remaining, plan",
+    [
+        (10, 20, (10, 20)),  # fits the context: all at once
+        (10, 200, (10, 118)),  # a short history: all of it kept, as many new tokens as fit
+        (120, 50, (78, 50)),  # the history is cut to what leaves room for the new tokens
+        (300, 200, (64, 64)),  # a long history: half a context kept, half generated
+        (300, 3, (125, 3)),
+    ],
+)
+def test_a_short_context_slides_its_window_keeping_at_least_half_of_it(length, remaining, plan):
+    generator = Generator.__new__(Generator)
+    generator.context = 128
+    keep, new = generator._plan(length, remaining)
+    assert (keep, new) == plan and keep + new <= 128 and keep >= min(length, 64)

@@ -22,6 +22,35 @@ def test_probe_says_unreachable_quickly(monkeypatch):
     assert time.monotonic() - start < 5
 
 
+def test_probe_goes_through_huggingface_hubs_session(monkeypatch):
+    """The session huggingface_hub downloads with (its proxies, its endpoint), not a socket of our own:
+    any answer means reachable, an error status included; no answer means unreachable."""
+    import huggingface_hub.utils
+
+    asked = []
+
+    class Session:
+        def __init__(self, fails):
+            self.fails = fails
+
+        def head(self, url, timeout):
+            asked.append((url, timeout))
+            if self.fails:
+                raise ConnectionError("proxy refused")
+            return type("Response", (), {"status_code": 401})()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example")
+    for fails, reachable in ((False, True), (True, False)):
+        monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda fails=fails: Session(fails))
+        hub.hub_reachable.cache_clear()
+        assert hub.hub_reachable() is reachable
+    assert asked == [("https://hub.example", 3.0)] * 2
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub.hub_reachable.cache_clear()
+    assert hub.hub_reachable() is False and len(asked) == 2  # offline: not even asked
+
+
 def test_online_path_passes_arguments_and_explains_failures(monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     calls = []

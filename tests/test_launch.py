@@ -16,17 +16,19 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import TINY_MODEL, TINY_TRAIN, flags, write_corpus
+from runs import launch_two
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 from hftextgen import cache
+
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "launch").glob("*.yaml"))
@@ -129,19 +131,35 @@ def test_multi_gpu_config(monkeypatch):
     assert "ACCELERATE_USE_FSDP" not in env and env["ACCELERATE_MIXED_PRECISION"] == "no"
 
 
-def test_fsdp_config_wraps_gpt2_blocks_and_shards_checkpoints(monkeypatch):
+def tiny(model_type: str):
+    from transformers import AutoConfig
+
+    settings = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 16, "intermediate_size": 32}
+    config = AutoConfig.for_model(model_type, **settings, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type, block", [("gpt2", "GPT2Block"), ("llama", "LlamaDecoderLayer")])
+def test_fsdp_config_wraps_each_models_own_blocks_and_shards_checkpoints(monkeypatch, model_type, block):
     from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
     args = accelerate_args(["--config_file", str(ROOT / "launch/fsdp.yaml"), "--num_processes", "8"])
     env = torchrun_env(args, monkeypatch)
     assert env["ACCELERATE_USE_FSDP"] == "true" and args.nproc_per_node == "8"
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env  # no class named: the model's own list decides
     with patch_environment(**{k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}):
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"  # train.py gathers the final save whole
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, bos_token_id=0, eos_token_id=0))
-    plugin.set_auto_wrap_policy(model)
-    assert {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]} == {"GPT2Block"}
+    model = tiny(model_type)
+    # FSDP2's wrapping (what accelerate.prepare applies): one unit per block of the model, from
+    # its _no_split_modules, and nothing else.
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert {type(m).__name__ for m in model.modules() if policy(m)} == {block}
+    assert sum(policy(m) for m in model.modules()) == 2  # one per layer
+    plugin.set_auto_wrap_policy(model)  # FSDP1's reading of the same config agrees
+    assert {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]} == {block}
 
 
 def test_multi_node_config_gives_each_machine_its_rank(monkeypatch):
@@ -275,22 +293,6 @@ def finetune_args(corpus: Path, run_dir: Path, per_device_batch: int, *extra: st
         str(run_dir),
         *extra,
     ]
-
-
-def launch_two(argv: list[str], cache_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file launch/multi_gpu.yaml --num_processes 2 -m hftextgen ...`"""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "HFTEXTGEN_CACHE": str(cache_dir),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",  # two processes on a shared CPU; torchrun would set it and say so
-    }
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/multi_gpu.yaml")]
-    command += ["--num_processes", "2", "-m", "hftextgen", *argv]
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def log(run_dir: Path) -> list[dict]:

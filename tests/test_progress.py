@@ -30,6 +30,7 @@ def short_run(corpus, run_dir, *extra):
     return files_args(corpus, run_dir, "--train.max_steps", "6", "--train.eval_steps", "3", *extra)
 
 
+@pytest.mark.slow
 def test_quiet_prints_no_progress_and_no_carriage_return(corpus, tmp_path, run_fd):
     code, out, err = run_fd(*short_run(corpus, tmp_path / "run"), "--progress", "quiet")
     assert code == 0, err
@@ -38,6 +39,7 @@ def test_quiet_prints_no_progress_and_no_carriage_return(corpus, tmp_path, run_f
     assert not re.search(r"^step \d", out, re.M) and "Tokenizing" not in out + err and "Scoring" not in out + err
 
 
+@pytest.mark.slow
 def test_plain_prints_a_line_per_log_and_no_carriage_return(corpus, tmp_path, run_fd):
     code, out, err = run_fd(*short_run(corpus, tmp_path / "run"), "--progress", "plain")
     assert code == 0, err
@@ -53,6 +55,7 @@ def test_plain_prints_a_line_per_log_and_no_carriage_return(corpus, tmp_path, ru
     assert "Tokenizing 8 documents (1 unit, 1 process): 21.1 kB ..." in out and "training: 6 steps in" in out
 
 
+@pytest.mark.slow
 def test_bars_draw_bars(corpus, tmp_path, run_fd):
     """The same check that finds no carriage return in the modes above finds the bars' here."""
     code, out, err = run_fd(*short_run(corpus, tmp_path / "run"), "--progress", "bars", "--train.disable_tqdm", "false")
@@ -73,6 +76,7 @@ def test_bad_progress_mode_is_one_line(run_cli, tmp_path):
     assert code == 2 and "progress: expected one of auto, bars, plain, quiet" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_push_to_hub_offline_fails_before_any_work(corpus, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     for command in ("finetune", "validate"):
@@ -84,6 +88,7 @@ def test_push_to_hub_offline_fails_before_any_work(corpus, tmp_path, run_cli):
         assert not (tmp_path / "cache").exists()  # failed before reading the data
 
 
+@pytest.mark.slow
 def test_push_to_hub_needs_a_token(corpus, tmp_path, run_cli, monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -114,13 +119,16 @@ class FakeHub:
         return SimpleNamespace(commit_url="https://huggingface.co/someone/x/commit/1")
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_run_with_its_model_card(corpus, tmp_path, run_cli, monkeypatch):
+    import huggingface_hub
     import transformers.trainer
     import transformers.utils.hub
 
     fake = FakeHub()
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, token=None: {"name": "someone"})
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: fake)
     monkeypatch.setattr(transformers.utils.hub, "hf_api", lambda: fake)
     run_dir = tmp_path / "tiny-pushed"
@@ -133,3 +141,21 @@ def test_push_to_hub_uploads_the_run_with_its_model_card(corpus, tmp_path, run_c
     assert {"README.md", "loss.png", "model.safetensors", "eval.json"} <= set(last[2]["files"])
     assert 'model="someone/tiny-pushed"' in (run_dir / "README.md").read_text()
     assert "pushed to https://huggingface.co/someone/tiny-pushed" in out
+
+
+def test_durations_read_as_clocks_and_as_words():
+    assert [progress.duration(s) for s in (0, 65, 3725, -3)] == ["0:00", "1:05", "1:02:05", "0:00"]
+    assert [progress.spoken(s) for s in (42.3, 230, 3725)] == ["42 s", "3 min 50 s", "1 h 2 min"]
+
+
+def test_plain_line_shows_rate_and_eta(monkeypatch):
+    from hftextgen.callbacks import PlainLines
+
+    lines = PlainLines()
+    lines.started, lines.first_step = 100.0, 20
+    monkeypatch.setattr("hftextgen.callbacks.time.monotonic", lambda: 130.0)  # 30 s for 10 steps
+    state = SimpleNamespace(global_step=30, max_steps=120)
+    logs = {"loss": 5.12345, "learning_rate": 1.9e-3, "grad_norm": 0.612, "tokens_per_second": 2871.4}
+    assert lines.line(state, logs) == (
+        "step 30/120 (25%) | loss 5.1235 | lr 1.90e-03 | grad norm 0.612 | 2,871 tokens/s | 0:30 elapsed, ETA 4:30"
+    )

@@ -100,6 +100,7 @@ def test_tensorboard_holds_losses_throughput_perplexity_and_samples(trained_run)
     assert "final/samples/text_summary" in events.Tags()["tensors"]
 
 
+@pytest.mark.slow
 def test_tensorboard_curves_do_not_double_back_after_a_resume(corpus, tmp_path, run_cli):
     import shutil
 
@@ -117,3 +118,14 @@ def test_tensorboard_curves_do_not_double_back_after_a_resume(corpus, tmp_path, 
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == list(range(1, 9)), steps
+
+
+def test_counts_ticks_and_smoothing():
+    assert [report._count(n) for n in (999, 1234, 1_500_000, 2e9, 3e12)] == ["999", "1.23k", "1.5M", "2B", "3T"]
+    # Round numbers of each decade between the perplexities the loss axis spans.
+    assert report._perplexity_ticks(30, 600) == [50, 100, 200, 500]
+    assert report._perplexity_ticks(1.5, 3) == [2]
+    # A centred moving average: a constant stays put, a step is spread evenly over its middle.
+    assert report._smooth([2.0] * 45) == [2.0] * 45
+    smoothed = report._smooth([0.0] * 30 + [1.0] * 30)
+    assert smoothed[0] == 0 and smoothed[-1] == 1 and smoothed[29] == pytest.approx(0.4)

@@ -1,92 +1,20 @@
-"""The fast paths compute what the slow ones do: the fused loss against transformers' own loss,
-the fast training settings against plain ones, the fast tokenizing and packing against a
-run_clm-style datasets.map. No timings here: bench/ measures speed."""
+"""The fast paths compute what the slow ones do: the fast training settings against plain ones
+(tests/test_fused_loss.py: the fused loss against each model's own), the fast tokenizing and
+packing against a run_clm-style datasets.map. No timings here: bench/ measures speed."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
-import torch
 from conftest import files_args, flags, write_corpus
-from transformers import AutoModelForCausalLM, GPT2Config
 
 from bench.preprocess import blocks_array, run_clm_blocks
-from hftextgen import data, fused_loss, tokenizer
+from hftextgen import data, tokenizer
 from hftextgen.config import DataConfig
 
 VOCAB = 50257
-
-# ---------------------------------------------------------------- fused loss
-
-
-def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=VOCAB, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    model.loss_type = "ForCausalLM"
-    return model
-
-
-# Tolerances, relative to each gradient's largest element: the loss is the same fp32 arithmetic,
-# to rounding, and so are fp32 gradients. In bf16 each chunk's share of the output matrix's
-# gradient is rounded to bf16 before the shares are summed, where the stock path rounds the one
-# full product; those differences of bf16's epsilon (2^-7) compound through the layers below:
-# four epsilons.
-GRAD_TOLERANCE = {False: 1e-5, True: 4 * 2**-7}
-
-
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("rows", [7, None], ids=["uneven-chunks", "default-chunks"])
-@pytest.mark.parametrize("num_items", [None, 100], ids=["mean", "num_items_in_batch"])
-def test_fused_loss_matches_stock_loss_and_gradients(bf16, rows, num_items, monkeypatch):
-    if rows is not None:
-        monkeypatch.setattr(fused_loss, "CPU_CHUNK_ELEMENTS", rows * VOCAB)
-    stock = tiny_gpt2()
-    fused = copy.deepcopy(stock)
-    assert fused_loss.install(fused)
-    x = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    labels = x.clone()
-    labels[0, :5] = -100  # masked targets count neither in the loss nor in its normaliser
-    count = torch.tensor(num_items) if num_items is not None else None
-    losses = []
-    for model in (stock, fused):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=labels, num_items_in_batch=count).loss
-        (loss * 3).backward()  # a gradient other than 1 flows into the loss
-        losses.append(loss.item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    for (name, p), q in zip(stock.named_parameters(), fused.parameters(), strict=True):
-        error = ((p.grad - q.grad).abs().max() / p.grad.abs().max()).item()
-        assert error <= GRAD_TOLERANCE[bf16], (name, error)
-
-
-def test_fused_loss_leaves_evaluation_and_generation_stock():
-    model = tiny_gpt2()
-    fused_loss.install(model)
-    x = torch.randint(0, VOCAB, (2, 8))
-    model.eval()
-    out = model(input_ids=x, labels=x)
-    assert out.logits.shape == (2, 8, VOCAB) and out.loss is not None
-    generated = model.generate(x[:, :3], max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert generated.shape == (2, 5)
-    model.train()
-    assert model(input_ids=x, labels=x).logits is None
-
-
-def test_fused_loss_only_for_gpt2():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    )
-    assert not fused_loss.install(llama)
-    assert "forward" not in vars(llama)
-
 
 # ---------------------------------------------------------------- fast settings train like plain ones
 
@@ -100,6 +28,7 @@ NO_DROPOUT = flags({"model.resid_pdrop": 0, "model.embd_pdrop": 0, "model.attn_p
 PLAIN = flags({"train.bf16": "false", "train.optim": "adamw_torch", "train.fused_loss": "false"})
 
 
+@pytest.mark.slow
 def test_fast_settings_train_like_plain_settings(corpus, tmp_path, run_cli):
     """15 optimizer steps of the same model on the same batches, dropout off.
 
@@ -149,6 +78,7 @@ def test_batch_encoder_on_a_trained_tokenizer_uses_the_rust_backend(tmp_path):
     assert encode(probe) == tok(probe, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("add_eos", [True, False])
 @pytest.mark.parametrize("num_proc", [None, 2], ids=["in-process", "datasets-map"])
 def test_prepare_matches_the_run_clm_reference(tmp_path, add_eos, num_proc):
@@ -167,6 +97,7 @@ def test_prepare_matches_the_run_clm_reference(tmp_path, add_eos, num_proc):
         assert np.array_equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_shakespeare_blocks_match_the_run_clm_reference(tmp_path):
     """The bundled corpus itself, one of its splits (the held-out plays: two whole plays)."""
     cfg = DataConfig(source="shakespeare", block_size=128, cache_dir=str(tmp_path))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from hftextgen import data, tokenizer
+from hftextgen.build import collate_blocks
 from hftextgen.config import DataConfig, ModelConfig, Recipe, TokenizerConfig, TrainArguments
-from hftextgen.train import collate_blocks
 
 
 def test_bundled_tokenizer_is_gpt2():
@@ -25,23 +25,25 @@ def recipe_for(corpus, tmp_path, **tokenizer_kw) -> Recipe:
     )
 
 
+def build(recipe):
+    return tokenizer.build_tokenizer(recipe.tokenizer, recipe.model, data.Corpus(recipe.data))
+
+
 def test_trained_tokenizer_is_cached_by_content(corpus, tmp_path, monkeypatch):
     recipe = recipe_for(corpus, tmp_path, vocab_size=300)
-    tok = tokenizer.build_tokenizer(recipe, data.Corpus(recipe.data))
+    tok = build(recipe)
     assert 257 < len(tok) <= 300 and tok.eos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token
     text = "HAMLET:\nGood night sweet prince."
     assert tok.decode(tok(text)["input_ids"]) == text
     assert len(tok(text)["input_ids"]) < len(text.encode())  # it learned merges
 
     monkeypatch.setattr(tokenizer, "train_bpe", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
-    again = tokenizer.build_tokenizer(recipe, data.Corpus(recipe.data))
+    again = build(recipe)
     assert tokenizer.fingerprint(again) == tokenizer.fingerprint(tok)
 
     bigger = recipe_for(corpus, tmp_path, vocab_size=400)
     monkeypatch.undo()
-    assert tokenizer.fingerprint(tokenizer.build_tokenizer(bigger, data.Corpus(bigger.data))) != tokenizer.fingerprint(
-        tok
-    )
+    assert tokenizer.fingerprint(build(bigger)) != tokenizer.fingerprint(tok)
 
 
 def test_collator_keeps_eos_as_a_target():

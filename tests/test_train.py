@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import files_args
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
+from conftest import files_args, save_tiny_pretrained
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hftextgen.cli import finetune_parser
-from hftextgen.tokenizer import bundled_gpt2
+
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 
 def logged_losses(run_dir):
@@ -104,15 +105,6 @@ def test_resume_errors_are_one_line(corpus, tmp_path, run_cli):
     code, _, err = run_cli(*files_args(corpus, run_dir, "--train.resume_from_checkpoint", str(tmp_path)))
     assert code == 2 and "is not a Trainer checkpoint" in err
     assert not run_dir.exists()
-
-
-def save_tiny_pretrained(folder):
-    tokenizer = bundled_gpt2()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=16, n_positions=64))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
 
 
 def test_finetune_from_a_pretrained_folder(corpus, tmp_path, run_cli):
@@ -216,3 +208,50 @@ def test_final_metrics_describe_the_saved_model(corpus, tmp_path, run_cli):
     final = json.loads((run_dir / "eval_results.json").read_text())["eval_loss"]
     assert evals[0] > evals[-1] + 0.1, evals
     assert final == pytest.approx(evals[0], abs=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(corpus, tmp_path, run_cli, monkeypatch):
+    """train.gradient_checkpointing recomputes each block's activations in the backward pass
+    instead of keeping them: the same losses (dropout on: the recompute replays its random state),
+    and it really runs (every block's forward goes through torch's checkpoint)."""
+    import transformers.modeling_utils
+
+    calls = []
+    checkpoint = transformers.modeling_utils.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted)
+    runs = {}
+    for setting in ("false", "true"):
+        run_dir = tmp_path / setting
+        args = files_args(corpus, run_dir, "--train.max_steps", "6", "--evaluate.at_end_of_training", "false")
+        code, _, err = run_cli(*args, "--train.gradient_checkpointing", setting)
+        assert code == 0, err
+        assert "deprecated" not in err
+        runs[setting], _ = logged_losses(run_dir)
+        assert bool(calls) == (setting == "true")
+    assert len(calls) == 6 * 2  # 6 steps x 2 blocks
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-6)
+
+
+def test_early_stopping_stops_and_keeps_the_best_checkpoint(corpus, tmp_path, run_cli):
+    run_dir = tmp_path / "run"
+    args = files_args(
+        corpus,
+        run_dir,
+        *["--train.max_steps", "40", "--train.eval_steps", "2", "--train.save_steps", "2"],
+        *["--train.early_stopping_patience", "2", "--evaluate.at_end_of_training", "false"],
+        # "Better" = a higher loss: every evaluation after the first (at step 2) is worse.
+        *["--train.metric_for_best_model", "eval_loss", "--train.greater_is_better", "true"],
+    )
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    _, state = logged_losses(run_dir)
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    assert state["global_step"] == 6 and len(evals) == 3  # steps 2 (the best), 4 and 6: patience 2 used up
+    assert state["best_model_checkpoint"].endswith("checkpoint-2")
+    final = json.loads((run_dir / "eval_results.json").read_text())["eval_loss"]
+    assert final == pytest.approx(evals[0], abs=1e-4)  # the final model is the best checkpoint's

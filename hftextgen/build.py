@@ -1,0 +1,130 @@
+"""From a recipe to a ready stock Trainer: the checks before any work, then tokenizer, data, model
+and Trainer. finetune and validate both start here, so they refuse the same recipes and train
+the same thing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from . import __version__, callbacks, data, fused_loss, generate, hub, lora, model, progress, rundir, tokenizer
+from .config import Recipe
+from .errors import UserError
+
+
+@dataclass
+class Built:
+    """What a recipe builds before training."""
+
+    tok: PreTrainedTokenizerBase
+    corpus: data.Corpus
+    packed: data.Packed
+    lm: PreTrainedModel
+
+
+def preflight(recipe: Recipe) -> str | None:
+    """The checks that stop a run before any work (finetune and validate make the same ones).
+    Returns the checkpoint to resume from, if any."""
+    args = recipe.train
+    output_dir = Path(args.output_dir)
+    resume = rundir.resolve_resume(
+        args.resume_from_checkpoint, output_dir, not args.save_only_model, args.process_index == 0
+    )
+    rundir.check_output_dir(output_dir, resume is not None, args.overwrite_output_dir, args.process_index == 0)
+    model.check_source(recipe.model.name_or_path)
+    if not recipe.model.from_scratch:
+        model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
+    if recipe.peft.lora:
+        check_lora(recipe)
+    generate.read_prompts(recipe.generate)  # a missing or empty prompts file, before hours of training
+    if "tensorboard" in args.report_to and not callbacks.tensorboard_available():
+        raise UserError(
+            "train.report_to includes tensorboard, which is not installed: pip install tensorboard, or set "
+            "train.report_to none"
+        )
+    hub.check_push(args)
+    return resume
+
+
+def check_lora(recipe: Recipe) -> None:
+    """LoRA's own checks: peft installed, the target modules in the model, and no FSDP."""
+    if uses_fsdp(recipe.train):
+        raise UserError(
+            "peft.method=lora under FSDP (launch/fsdp.yaml) has not been run here: LoRA's training state is small, "
+            "so use data parallel instead (launch/multi_gpu.yaml)"
+        )
+    lora.check(recipe.peft, recipe.model)
+
+
+def uses_fsdp(args: TrainingArguments) -> bool:
+    """FSDP from the recipe (train.fsdp) or from accelerate launch's config."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def build(recipe: Recipe) -> Built:
+    """Tokenizer, prepared data and model. Under several processes the first one of each
+    machine prepares the data while the others wait, then read what it wrote."""
+    corpus = data.Corpus(recipe.data)
+    with recipe.train.main_process_first(desc="preprocessing"):
+        tok = tokenizer.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
+        packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
+    lm = model.build_model(recipe.model, tok, recipe.data.block_size)
+    tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
+    if recipe.peft.lora:
+        lm = lora.wrap(lm, recipe.peft, recipe.model.name_or_path)
+    return Built(tok, corpus, packed, lm)
+
+
+def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack packed blocks. Labels are the inputs (the model shifts them): no padding and no
+    masking, so EOS stays a target and the model learns to end documents."""
+    input_ids = torch.stack([e["input_ids"] for e in examples])
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
+    """A stock Trainer over the packed blocks, with the training loss fused when asked."""
+    setting = getattr(args, "fused_loss", False)
+    if setting is not False:
+        # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
+        target = built.lm.get_base_model() if lora.is_peft(built.lm) else built.lm
+        # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
+        note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only)
+        if note:
+            print(note, flush=True)
+    args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
+    return Trainer(
+        model=built.lm,
+        args=args,
+        data_collator=collate_blocks,
+        train_dataset=built.packed.train,
+        eval_dataset=built.packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
+        processing_class=built.tok,
+    )
+
+
+def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
+    """What run_info.json records: versions, device, precision, parameters and the batch."""
+    args = recipe.train
+    return {
+        "hftextgen": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(args.device),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "parameters": lm.num_parameters(),
+        "trainable_parameters": lora.parameters(lm)[0],
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "processes": args.world_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "effective_batch_size": recipe.effective_batch_size,
+        "tokens_per_step": recipe.tokens_per_step,
+        "data_cache": str(data_cache),
+    }
