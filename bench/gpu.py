@@ -6,21 +6,23 @@
 bench/gpu.sh runs it on a lent H100/H200 (after installing the carried wheels); bench/RESULTS.md
 has the exact device call and the time plan. Each configuration runs in a child process of its
 own with a timeout; one is skipped when what is left of --budget-s cannot fit its estimate
-(seconds on an H200, in plan()), so one call always brings back the first rows. In order:
+(seconds on an H200, in plan()), so one call always brings back the first rows. In order (what
+the issue asks first: our speed against the baseline, the loss check, generation, the fused
+losses, then FSDP's save and validate's estimate):
 
   ours             `hftextgen finetune --config recipes/shakespeare/gpt2-small.yaml`, as shipped
   baseline         a plain Trainer, TrainingArguments defaults (fp32), GPT-2 124M, block 1024,
                    micro-batch 16 (perf-notes' baseline)
-  generate         bench/generate.py on GPT-2 124M (random weights), 256 new tokens: HF generate vs
-                   ours with the dynamic and the static cache (hftextgen/decode.py), batch 1 and 64
-  fsdp             launch/fsdp.yaml on one process: 4 steps, a sharded checkpoint, the final model
-                   saved whole and loaded back with stock transformers
   slow, fast       the loss check: the recipe with every speed setting off (fp32, eager, stock
                    loss, adamw_torch) and as shipped, both without dropout (so that both compute
                    the same thing), 12 steps; per-step losses must agree within --loss-tolerance.
                    `fast` is also a throughput row: the recipe without dropout
-  validate         `hftextgen validate` on the recipe: its step time and memory vs `ours`
+  generate         bench/generate.py on GPT-2 124M (random weights), 256 new tokens: HF generate vs
+                   ours with the dynamic and the static cache (hftextgen/decode.py), batch 1 and 64
   fused_loss       ours + train.fused_loss
+  fsdp             launch/fsdp.yaml on one process: 4 steps, a sharded checkpoint, the final model
+                   saved whole and loaded back with stock transformers
+  validate         `hftextgen validate` on the recipe: its step time and memory vs `ours`
   liger            ours + liger-kernel's fused linear + cross-entropy (bench/training.py)
   batch64          ours + the faster of the two fused losses, micro-batch 64
   cudagraphs       ours + train.torch_compile_mode reduce-overhead (CUDA graphs through the Trainer)
@@ -92,12 +94,12 @@ def plan(args) -> list[Job]:
     return [
         Job("ours", "train", {**timing, "flags": smoke}, 90),
         Job("baseline", "train", baseline, 30),
-        Job("generate", "generate", {"args": generate}, 50, datasets=False),
-        Job("fsdp", "fsdp", {"recipe": RECIPE, "steps": 4, "flags": [*smoke, *NO_COMPILE]}, 50),
         Job("slow", "train", {**check, "flags": [*smoke, *SLOW]}, 30),
         Job("fast", "train", {**check, "warmup": args.warmup, "steps": args.steps, "flags": [*smoke, *NO_DROPOUT]}, 80),
-        Job("validate", "validate", {"recipe": RECIPE, "flags": light}, 100),
+        Job("generate", "generate", {"args": generate}, 50, datasets=False),
         Job("fused_loss", "train", {**timing, "flags": [*light, "--train.fused_loss", "true"]}, 85),
+        Job("fsdp", "fsdp", {"recipe": RECIPE, "steps": 4, "flags": [*smoke, *NO_COMPILE]}, 50),
+        Job("validate", "validate", {"recipe": RECIPE, "flags": light}, 100),
         Job("liger", "train", {**timing, "flags": light, "liger": "stand-in" if args.cpu_smoke else True}, 90),
         Job("batch64", "train", {**timing, "flags": light}, 95),  # + the faster fused loss, see _batch64
         Job("cudagraphs", "train", {**timing, "flags": [*smoke, "--train.torch_compile_mode", "reduce-overhead"]}, 100),
