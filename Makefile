@@ -15,7 +15,7 @@ LAUNCH ?=
 NPROC ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup finetune validate generate evaluate test test-fast lint bench clean-venv
+.PHONY: setup prepare finetune validate generate evaluate test test-fast lint bench clean-venv
 .DEFAULT_GOAL := finetune
 
 $(VENV)/.installed: pyproject.toml
@@ -45,6 +45,9 @@ else
 		-m hftextgen finetune --config $(RECIPE) $(ARGS)
 endif
 
+prepare: setup
+	$(BIN)/hftextgen prepare --config $(RECIPE) $(ARGS)
+
 validate: setup
 	$(BIN)/hftextgen validate --config $(RECIPE) $(ARGS)
 
@@ -61,8 +64,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check hftextgen tests
-	$(BIN)/ruff format --check hftextgen tests
+	$(BIN)/ruff check hftextgen tests bench
+	$(BIN)/ruff format --check hftextgen tests bench
 
 # CPU benchmarks, each against its baseline in the same run; tables on stdout, JSON in
 # bench/results/. ARGS="--quick" for a smoke run. The GPU one: see bench/RESULTS.md.
@@ -71,6 +74,7 @@ bench: setup
 	$(BIN)/python -m bench.train_cpu $(ARGS)
 	$(BIN)/python -m bench.generate $(ARGS)
 	$(BIN)/python -m bench.evaluate $(ARGS)
+	$(BIN)/python -m bench.scale $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

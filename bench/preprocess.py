@@ -58,7 +58,9 @@ def run_clm_blocks(docs, tokenizer, block_size: int, add_eos: bool = True):
 
 
 def blocks_array(ds) -> np.ndarray:
-    return np.asarray(ds.with_format("numpy")[:]["input_ids"], dtype=np.int64)
+    """All blocks of a datasets.Dataset (the reference) or of prepared data, as one array."""
+    blocks = ds.with_format("numpy")[:] if hasattr(ds, "with_format") else ds[:]
+    return np.asarray(blocks["input_ids"], dtype=np.int64)
 
 
 def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:

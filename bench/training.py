@@ -16,10 +16,8 @@ reports its peak resident memory, and its kernel time and page faults per timed 
 
 Also recorded: the loss of every step (kept on the device until the end, so that recording it
 costs no sync; bench/gpu.py's loss check compares them), and the peak memory (GPU memory
-allocated by torch on a GPU, else peak RSS). `"liger": true` routes the training loss of
-GPT-2 through liger-kernel's fused linear + cross-entropy (LigerForCausalLMLoss, the loss its
-model patches use; it has no GPT-2 patch of its own), `"liger": "stand-in"` through a plain
-PyTorch loss of the same signature where liger-kernel cannot run (bench/gpu.py --cpu-smoke).
+allocated by torch on a GPU, else peak RSS). liger-kernel's loss is the recipe's own
+`--train.fused_loss liger`.
 """
 
 from __future__ import annotations
@@ -166,49 +164,6 @@ def record_step_losses() -> list:
     return losses
 
 
-def use_liger_loss(stand_in: bool) -> str:
-    """Route GPT2LMHeadModel's training loss (labels given, training mode) through
-    LigerForCausalLMLoss: lm_head and cross-entropy fused in Triton kernels, the logits never
-    materialised. Returns what it installed."""
-    import functools
-    import importlib.metadata
-
-    from transformers import GPT2LMHeadModel
-    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-
-    try:
-        from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss as loss_fn
-
-        what = f"liger-kernel {importlib.metadata.version('liger-kernel')} LigerForCausalLMLoss"
-    except ImportError as exc:
-        if not stand_in:
-            raise SystemExit(
-                f"liger-kernel cannot be imported ({exc}): carry its wheel (bench/gpu_wheels.sh)"
-            ) from None
-        loss_fn, what = _stand_in_liger_loss, f"a PyTorch stand-in of LigerForCausalLMLoss (liger-kernel: {exc})"
-    stock = GPT2LMHeadModel.forward
-
-    @functools.wraps(stock)  # the signature the Trainer inspects (labels, **kwargs) stays the stock one
-    def forward(self, input_ids=None, *args, labels=None, **kwargs):
-        if labels is None or not self.training or args:
-            return stock(self, input_ids, *args, labels=labels, **kwargs)
-        num_items = kwargs.pop("num_items_in_batch", None)
-        kwargs["use_cache"] = False
-        hidden = self.transformer(input_ids, **kwargs).last_hidden_state
-        loss = loss_fn(hidden, self.lm_head.weight, labels, self.config.n_embd, num_items_in_batch=num_items)
-        return CausalLMOutputWithCrossAttentions(loss=loss, logits=None)
-
-    GPT2LMHeadModel.forward = forward
-    return what
-
-
-def _stand_in_liger_loss(hidden_states, lm_head_weight, labels, hidden_size, num_items_in_batch=None, **kwargs):
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    logits = hidden_states @ lm_head_weight.T
-    return ForCausalLMLoss(logits, labels, lm_head_weight.shape[0], num_items_in_batch=num_items_in_batch)
-
-
 def run(config: dict) -> dict:
     """Child side: run one configuration and return its measurements."""
     import transformers.trainer
@@ -216,8 +171,6 @@ def run(config: dict) -> dict:
     clock = make_clock(config["warmup"], config["steps"])
     transformers.trainer.DEFAULT_CALLBACKS.append(clock)
     losses = record_step_losses()
-    if config.get("liger"):
-        clock.result["liger"] = use_liger_loss(stand_in=config["liger"] == "stand-in")
     started = time.perf_counter()
     try:
         if config["kind"] == "plain":

@@ -104,7 +104,7 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
         args=args,
         data_collator=collate_blocks,
         train_dataset=built.packed.train,
-        eval_dataset=built.packed.validation,
+        eval_dataset=built.packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
         processing_class=built.tok,
     )
 

@@ -20,6 +20,7 @@ from . import __version__
 from .errors import RunStopped, UserError
 
 COMMANDS = {
+    "prepare": "read, split, tokenize and pack a recipe's data into the cache (finetune then finds it at once)",
     "finetune": "train a model from scratch or fine-tune a pretrained one (fully or with LoRA), from a recipe",
     "generate": "continue prompts with a model: from the command line, a file, or interactively",
     "evaluate": "perplexity, bits-per-byte and samples of a model on held-out documents",
@@ -87,6 +88,17 @@ def finetune_parser():
         "finetune",
         "Train a model from scratch (any causal-LM architecture) or fine-tune a pretrained one, fully or with "
         "LoRA, as a recipe describes.",
+        RECIPE_SECTIONS,
+    )
+
+
+def prepare_parser():
+    return _parser(
+        "prepare",
+        "Prepare a recipe's data as finetune would: read the sources in pieces, hold out validation documents, "
+        "tokenize in data.num_proc processes and write token shards to the cache; print the data report and where "
+        "the data lives. finetune, validate and evaluate then find it at once. Stopped (SIGTERM, Ctrl-C, a crash), "
+        "the same command continues where it was.",
         RECIPE_SECTIONS,
     )
 
@@ -242,6 +254,22 @@ def run_finetune(argv: list[str]) -> int:
     return 0
 
 
+def run_prepare(argv: list[str]) -> int:
+    from . import progress
+
+    cfg, s = parse(prepare_parser(), argv)
+    recipe = _recipe(s)
+    progress.configure(cfg.progress, no_bars=bool(s.train.disable_tqdm))
+    from . import data, tokenizer
+
+    corpus = data.Corpus(recipe.data)
+    tok = tokenizer.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
+    packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
+    print(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}")
+    print(data.format_report(packed.report))
+    return 0
+
+
 def run_validate(argv: list[str]) -> int:
     from . import progress
 
@@ -341,16 +369,18 @@ def _model_dir(model: str, otherwise: Path) -> Path:
 
 def run_evaluate(argv: list[str]) -> int:
     cfg, s = run_defaults(evaluate_parser, argv)
-    from . import data, evaluation, generate, model, runtime
+    from . import data, evaluation, generate, model, runtime, tokenizer
 
     runtime.reuse_freed_memory()
     lm, tok = model.load(cfg.model, device=cfg.device)
     corpus = data.Corpus(s.data)
+    # The model's tokenizer finds the data its run prepared; split all holds nothing out.
+    packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
     evaluation.run(
         lm,
         tok,
-        evaluation.documents(corpus, s.evaluate.split),
+        evaluation.documents(packed, s.evaluate.split),
         data=s.data,
         cfg=s.evaluate,
         generate_cfg=s.generate,
@@ -361,7 +391,13 @@ def run_evaluate(argv: list[str]) -> int:
     return 0
 
 
-RUNNERS = {"finetune": run_finetune, "generate": run_generate, "evaluate": run_evaluate, "validate": run_validate}
+RUNNERS = {
+    "prepare": run_prepare,
+    "finetune": run_finetune,
+    "generate": run_generate,
+    "evaluate": run_evaluate,
+    "validate": run_validate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

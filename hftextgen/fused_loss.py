@@ -212,15 +212,18 @@ def linear_cross_entropy(
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     rows = rows or chunk_rows(hidden.shape[0], vocab, hidden.device, compute_dtype)
+    row_weight = valid.to(torch.float32) * scale
+    return _fused(hidden, weight, torch.where(valid, targets, 0), row_weight, scale, compute_dtype, rows, workspace)
+
+
+# Outside any compiled graph: under torch.compile on an H200 (inductor, bf16, 8 chunks) this
+# function's backward gave zero gradients, so the model trained nothing (bench/RESULTS.md, GPU),
+# although the compiled CPU run matches the stock loss; run eagerly it is checked against the
+# stock loss on both. Its work is a few large matmuls a chunk, which compiling does not speed up.
+@torch.compiler.disable
+def _fused(hidden, weight, targets, row_weight, scale, compute_dtype, rows, workspace) -> torch.Tensor:
     return _LinearCrossEntropy.apply(
-        hidden,
-        weight,
-        torch.where(valid, targets, 0),
-        valid.to(torch.float32) * scale,
-        scale,
-        compute_dtype,
-        rows,
-        workspace or Workspace(),
+        hidden, weight, targets, row_weight, scale, compute_dtype, rows, workspace or Workspace()
     )
 
 
@@ -233,12 +236,19 @@ def liger_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """The same loss through liger-kernel's fused linear cross-entropy (Triton, CUDA only)."""
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = shifted_targets(labels, shift_labels, ignore_index).to(hidden.device)
-    loss = liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, reduction="sum")
+    loss = _liger(hidden, weight, targets, ignore_index)
     return loss / normaliser(targets, num_items_in_batch, ignore_index, hidden.device)
+
+
+# Outside any compiled graph: dynamo cannot trace liger-kernel 0.8.5's function (a `.item()`,
+# then an addmm with out_dtype it fails on: measured on an H200 under train.torch_compile).
+@torch.compiler.disable
+def _liger(hidden, weight, targets, ignore_index: int) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, reduction="sum")
 
 
 def liger_unavailable() -> str | None:

@@ -102,6 +102,15 @@ def duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def size(n: float) -> str:
+    """16301 -> 16.3 kB (powers of 1000, as disks are sold)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def spoken(seconds: float) -> str:
     """3725 -> 1 h 2 min; 230 -> 3 min 50 s; 42.3 -> 42 s."""
     seconds = int(round(max(seconds, 0)))
@@ -131,38 +140,47 @@ class _PlainBar(_Silent):
     while it runs, and one when it ends if it ran that long (for a short stage, what is printed
     next says it is over); never a carriage return."""
 
-    def __init__(self, total: int, desc: str, unit: str):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total: int | None, desc: str, unit: str, scale: bool = False):
+        self.total, self.desc, self.unit, self.scale = total, desc, unit, scale
         self.n = 0
         self.started = self.shown = time.monotonic()
-        print(f"{desc}: {total:,} {unit} ...", flush=True)
+        print(f"{desc}: {self._amount(total)} ..." if total is not None else f"{desc} ...", flush=True)
+
+    def _amount(self, n: int) -> str:
+        return size(n) if self.scale else f"{n:,} {self.unit}"
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.shown >= PLAIN_INTERVAL and self.n < self.total:
+        if now - self.shown >= PLAIN_INTERVAL and self.total is None:
+            self.shown = now
+            print(f"{self.desc}: {self._amount(self.n)} so far, {duration(now - self.started)} elapsed", flush=True)
+        elif now - self.shown >= PLAIN_INTERVAL and self.n < self.total:
             self.shown = now
             rate = self.n / (now - self.started)
             eta = duration((self.total - self.n) / rate) if rate > 0 else "?"
-            print(f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}, ETA {eta}", flush=True)
+            done = f"{size(self.n)} of {size(self.total)}" if self.scale else f"{self.n:,}/{self.total:,} {self.unit}"
+            print(f"{self.desc}: {done}, ETA {eta}", flush=True)
 
     def close(self) -> None:
         if self.started is not None and time.monotonic() - self.started >= PLAIN_INTERVAL:
             took = duration(time.monotonic() - self.started)
-            print(f"{self.desc}: done, {self.total:,} {self.unit} in {took}", flush=True)
+            print(f"{self.desc}: done, {self._amount(self.total or self.n)} in {took}", flush=True)
         self.started = None
 
 
-def bar(total: int, desc: str, unit: str = "it", show: bool = True):
+def bar(total: int | None, desc: str, unit: str = "it", show: bool = True, scale: bool = False):
     """A progress bar in the current mode: tqdm, plain lines, or nothing (also when not `show`).
-    Call update(n) as work is done, and close() (or use it as a context manager)."""
+    Call update(n) as work is done, and close() (or use it as a context manager). `scale`:
+    amounts are bytes, shown as kB, MB, GB. `total` None: not known (a stream)."""
     current = mode() if show else "quiet"
     if current == "bars":
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, leave=False)
+        options = {"unit": unit, "unit_scale": True, "unit_divisor": 1000} if scale else {"unit": f" {unit}"}
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, **options)
     if current == "plain":
-        return _PlainBar(total, desc, unit)
+        return _PlainBar(total, desc, unit, scale)
     return _Silent()
 
 

@@ -110,10 +110,8 @@ def _trained(cfg: TokenizerConfig, corpus) -> PreTrainedTokenizerBase:
     hit = cache.lookup(cache_root, key)
     if hit is not None:
         return ready_for_lm(AutoTokenizer.from_pretrained(hit), "the trained tokenizer")
-    train_docs = corpus.documents.train
-    tokenizer = train_bpe(
-        (batch["text"] for batch in train_docs.iter(batch_size=1000)), cfg.vocab_size, cfg.min_frequency
-    )
+    texts = (text for _, text in corpus.texts("train"))  # read as the trainer takes them
+    tokenizer = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
     tokenizer.model_max_length = corpus.cfg.block_size
     with cache.writing(cache_root, key) as tmp:
         tokenizer.save_pretrained(tmp)
@@ -184,18 +182,25 @@ def _is_gpt2_bpe(tokenizer: PreTrainedTokenizerBase) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or getattr(tokenizer, "split_special_tokens", False):
         return False
-    pre, model = backend.pre_tokenizer, backend.model
+    model = backend.model
     return (
-        backend.normalizer is None
-        and isinstance(pre, tokenizers.pre_tokenizers.ByteLevel)
-        and pre.use_regex
-        and not pre.add_prefix_space
-        and isinstance(model, tokenizers.models.BPE)
-        and model.dropout is None
+        _gpt2_pre_tokenizer(backend)
         and not model.continuing_subword_prefix
         and not model.end_of_word_suffix
         and tokenizer.get_vocab() == _gpt2_vocab()
     )
+
+
+def _tiktoken_tables(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[bytes, int], dict[str, int]]:
+    """GPT-2's BPE as tiktoken wants it: the mergeable ranks and the special tokens."""
+    special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
+    # Vocabulary strings back to bytes: each character stands for one byte (translate, then
+    # latin-1 turns code points 0-255 into those bytes).
+    to_byte = {ord(c): b for b, c in _bytes_to_unicode().items()}
+    ranks = {
+        token.translate(to_byte).encode("latin-1"): i for token, i in _gpt2_vocab().items() if token not in special
+    }
+    return ranks, special
 
 
 def _tiktoken_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
@@ -207,13 +212,7 @@ def _tiktoken_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
         import tiktoken
     except ImportError:
         return None
-    special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
-    # Vocabulary strings back to bytes: each character stands for one byte (translate, then
-    # latin-1 turns code points 0-255 into those bytes).
-    to_byte = {ord(c): b for b, c in _bytes_to_unicode().items()}
-    ranks = {
-        token.translate(to_byte).encode("latin-1"): i for token, i in _gpt2_vocab().items() if token not in special
-    }
+    ranks, special = _tiktoken_tables(tokenizer)
     encoding = tiktoken.Encoding("gpt2-hftextgen", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -241,17 +240,65 @@ def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
     return encode
 
 
+def _route(tokenizer: PreTrainedTokenizerBase) -> tuple[str, Encoder, list[list[int]]]:
+    """(route, its encoder, the reference ids of PROBES)."""
+
+    def reference(texts: list[str]) -> list[list[int]]:
+        return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+    expected = reference(PROBES)
+    for name, make in (("tiktoken", _tiktoken_encoder), ("backend", _backend_encoder)):
+        encode = make(tokenizer)
+        if encode is not None and encode(PROBES) == expected:
+            return name, encode, expected
+    return "reference", reference, expected
+
+
 def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder:
     """A function texts -> token ids that returns exactly what
     `tokenizer(texts, add_special_tokens=False)["input_ids"]` does, by the fastest route that
     agrees with it on PROBES: tiktoken for GPT-2's own BPE, else the Rust backend directly,
     else the tokenizer itself."""
+    return _route(tokenizer)[1]
 
-    def reference(texts: list[str]) -> list[list[int]]:
-        return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
-    for make in (_tiktoken_encoder, _backend_encoder):
-        encode = make(tokenizer)
-        if encode is not None and encode(PROBES) == reference(PROBES):
-            return encode
-    return reference
+def _gpt2_pre_tokenizer(backend) -> bool:
+    """Byte-level BPE that pre-tokenizes with GPT-2's pattern and nothing else: no normaliser,
+    no dropout, no prefix space."""
+    pre, model = backend.pre_tokenizer, backend.model
+    return (
+        backend.normalizer is None
+        and isinstance(pre, tokenizers.pre_tokenizers.ByteLevel)
+        and pre.use_regex
+        and not pre.add_prefix_space
+        and isinstance(model, tokenizers.models.BPE)
+        and model.dropout is None
+    )
+
+
+def encoder_spec(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """batch_encoder's route as plain data, which a worker process turns back into an encoder
+    (preparation.build_encoder) without importing transformers.
+
+    `cuttable`: a text may be cut at preparation.SAFE_CUT and its pieces encoded apart with the
+    same ids: the pre-tokenizer is GPT-2's pattern, which never joins the characters on either
+    side of such a cut into one piece, and BPE works within pieces; added tokens hold no
+    whitespace, so no cut falls inside one.
+    """
+    route, _, expected = _route(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    no_space_tokens = not any(any(c.isspace() for c in token) for token in added)
+    # The worker checks the encoder it rebuilds against these.
+    spec = {"route": route, "probes": {"texts": PROBES, "ids": expected}}
+    if route == "tiktoken":
+        ranks, special = _tiktoken_tables(tokenizer)
+        return {**spec, "pattern": GPT2_PATTERN, "ranks": ranks, "special": special, "cuttable": no_space_tokens}
+    if route == "backend":
+        return {
+            **spec,
+            "json": backend.to_str(),
+            "encode_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
+            "cuttable": _gpt2_pre_tokenizer(backend) and no_space_tokens,
+        }
+    return {**spec, "tokenizer": tokenizer, "cuttable": False}

@@ -47,7 +47,7 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
 
     result = guards.fit(trainer, resume, output_dir, command)
     metrics = save_final(trainer, result, recipe)
-    metrics.update(held_out_loss(trainer, packed.report["validation"]["tokens"], say))
+    metrics.update(held_out_loss(trainer, packed, say))
     instead = f"the model is saved in {output_dir}: run `hftextgen evaluate --model {output_dir}`"
     with guards.interruptible("the final evaluation", instead):
         if recipe.evaluate.at_end_of_training:
@@ -124,15 +124,16 @@ def save_final(trainer: Trainer, result, recipe: Recipe) -> dict:
     return metrics
 
 
-def held_out_loss(trainer: Trainer, validation_tokens: int, say) -> dict:
-    """The Trainer's held-out loss of the final model: the evaluation at the final step when one
-    ran, else a new one."""
+def held_out_loss(trainer: Trainer, packed: data.Packed, say) -> dict:
+    """The Trainer's held-out loss of the final model over the validation blocks it evaluates
+    (data.max_eval_tokens of them): the evaluation at the final step when one ran, else a new one."""
     metrics = last_evaluation(trainer) or trainer.evaluate()
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     trainer.save_metrics("eval", metrics)
     say(
         f"held-out loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f} "
-        f"over packed blocks ({validation_tokens:,} validation tokens)",
+        f"over packed blocks ({packed.eval_blocks.n_tokens:,} of {packed.report['validation']['tokens']:,} "
+        f"validation tokens)",
         flush=True,
     )
     return metrics
@@ -162,7 +163,7 @@ def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: build.Built, tensor
         return {}
     if trainer.args.process_index != 0:
         return {}
-    docs = built.corpus.documents.validation
+    docs = built.packed.eval_documents("validation")  # data.max_eval_tokens of the held-out documents
     scores = evaluate_run(trainer.model, built.tok, docs, recipe.data, recipe.evaluate, recipe.generate, output_dir)
     if tensorboard is not None:
         final = {f"final/{k}": scores[k] for k in ("perplexity", "bits_per_byte", "word_perplexity", "loss")}

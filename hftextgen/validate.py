@@ -118,7 +118,7 @@ def measure(recipe: Recipe, built: build.Built) -> Measured:
             trainer.train()
             memory_what, memory_peak = _peak_memory(device)
             checkpoint = get_last_checkpoint(tmp)
-            eval_call, eval_block = _time_evaluation(trainer, built.packed.validation, args.per_device_eval_batch_size)
+            eval_call, eval_block = _time_evaluation(trainer, built.packed.eval_blocks, args.per_device_eval_batch_size)
             sample_seconds = _time_samples(built.lm, built.tok, recipe.generate)
             scoring_seconds = _time_final_scoring(built, recipe.evaluate, recipe.data.block_size)
             # Last: a LoRA run's final save merges the adapter into the model, in place.
@@ -227,7 +227,7 @@ def _sample_rounds(recipe: Recipe, st: Schedule) -> int:
 
 def _time(recipe: Recipe, built: build.Built, st: Schedule, m: Measured) -> dict:
     evaluations = st.evaluations + _final_trainer_evaluation(recipe.train, st)
-    eval_seconds = m.eval_call_seconds + m.eval_block_seconds * len(built.packed.validation)
+    eval_seconds = m.eval_call_seconds + m.eval_block_seconds * len(built.packed.eval_blocks)
     final_eval_seconds = 0.0
     if recipe.evaluate.at_end_of_training:
         final_eval_seconds = m.scoring_seconds + (m.sample_seconds if recipe.evaluate.samples else 0.0)
@@ -315,7 +315,9 @@ def memory_formula(lm, args, block_size: int, precision: str) -> dict:
     written for any shape: attention 7sbh + 4sb*h_kv + 5as^2b (h_kv: the key/value width, below h
     with grouped-query attention), MLP 3sbh + 4sbf (f: the MLP width; 8sbf for a gated, SwiGLU
     MLP: gate, up, activation and product), norms 4sbh; GPT-2's f = 4h, h_kv = h gives eq. 1.
-    Doubled for fp32, plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies),
+    The 5as^2b of the attention scores only with eager attention: SDPA and flash attention keep
+    no scores (with them the formula read 56.2 GB against 23.5 GB measured for the gpt2-small
+    recipe on an H200, 32.0 without the term). Doubled for fp32, plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies),
     or with train.fused_loss in effect the one chunk of them it holds at a time.
     """
     trainable, params = lora.parameters(lm)
@@ -325,7 +327,8 @@ def memory_formula(lm, args, block_size: int, precision: str) -> dict:
     h_kv = (shape["n_kv_head"] or a) * h / a
     f = shape["n_inner"] or 4 * h
     gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in lm.named_modules())
-    per_layer = s * b * (7 * h + 4 * h_kv + 5 * a * s + 3 * h + (8 if gated else 4) * f + 4 * h)
+    scores = 5 * a * s if getattr(lm.config, "_attn_implementation", "eager") == "eager" else 0
+    per_layer = s * b * (7 * h + 4 * h_kv + scores + 3 * h + (8 if gated else 4) * f + 4 * h)
     width = 1 if precision in ("bf16", "fp16") else 2
     logits = 3 * b * s * shape["vocab_size"] * 4
     if fused_loss.installed(lm):
@@ -380,7 +383,7 @@ def _time_final_scoring(built: build.Built, cfg, block_size: int) -> float:
     bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
     wanted = context + 1 + stride * (2 * cfg.batch_size - 1)  # two batches of windows
     blocks = math.ceil(wanted / block_size)
-    ids = packed.validation.with_format("numpy")[: min(blocks, len(packed.validation))]["input_ids"]
+    ids = packed.validation[: min(blocks, len(packed.validation))]["input_ids"]
     doc = [tok.eos_token_id, *ids.reshape(-1)[:wanted].tolist()]
     was_training = lm.training
     lm.eval()
@@ -393,8 +396,8 @@ def _time_final_scoring(built: build.Built, cfg, block_size: int) -> float:
     finally:
         lm.train(was_training)
     per_window = seconds / len(evaluation.windows(len(doc), context, stride))
-    validation = packed.report["validation"]
-    return per_window * (validation["tokens"] / stride + validation["documents"])
+    docs = packed.eval_documents("validation")  # what the evaluator will score
+    return per_window * (docs.tokens / stride + len(docs))
 
 
 def _time_samples(lm, tok, cfg) -> float:

@@ -108,9 +108,9 @@ def test_a_dropout_set_to_zero_is_fine_where_there_is_none():
     assert "resid_pdrop" not in ModelConfig(model_type="llama", resid_pdrop=0.0, n_embd=64).scratch_settings()
 
 
-def lm_of(model_type: str, **shape):
+def lm_of(model_type: str, attention: str = "sdpa", **shape):
     config = architecture.build_config(model_type, ModelConfig(model_type=model_type, **shape).scratch_settings())
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
 
 
 ARGS = TrainingArguments(output_dir="unused", per_device_train_batch_size=2, use_cpu=True)
@@ -123,9 +123,12 @@ def activations(lm, s=32) -> float:
 
 def test_memory_formula_is_the_papers_for_gpt2_and_follows_other_shapes():
     b, s = ARGS.per_device_train_batch_size, 32
-    gpt2 = lm_of("gpt2", n_layer=2, n_head=4, n_embd=32, vocab_size=100)
+    gpt2 = lm_of("gpt2", "eager", n_layer=2, n_head=4, n_embd=32, vocab_size=100)
     h, a = 32, 4  # Korthikanti et al. eq. 1, in 16-bit: s*b*h*(34 + 5*a*s/h) per layer
     assert activations(gpt2) == pytest.approx(2 * s * b * h * (34 + 5 * a * s / h), abs=1)
+    # SDPA and flash attention keep no attention scores: the 5as^2b term goes.
+    sdpa = lm_of("gpt2", "sdpa", n_layer=2, n_head=4, n_embd=32, vocab_size=100)
+    assert activations(sdpa) == pytest.approx(2 * s * b * h * 34, abs=1)
     # Llama's MLP is gated (SwiGLU): with the same width f it keeps 4sbf more per layer.
     shape = {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_inner": 128, "vocab_size": 100}
     llama, plain = lm_of("llama", **shape), lm_of("gpt_neox", **shape)

@@ -25,6 +25,7 @@ def test_recipes_exist():
         "shakespeare/tiny.yaml",
         "shakespeare/gpt2-small.yaml",
         "gpt2/wikitext2.yaml",
+        "gpt2/fineweb-edu-10b.yaml",
         "custom/text-files.yaml",
         "custom/lora.yaml",
         "shakespeare/tiny-llama.yaml",

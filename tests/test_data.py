@@ -4,6 +4,8 @@ every bad input's one-line error."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_corpus
 
-from hftextgen import data
+from hftextgen import cache, data, sources
 from hftextgen.config import DataConfig
 from hftextgen.errors import UserError
 from hftextgen.tokenizer import bundled_gpt2, fingerprint
@@ -183,8 +185,11 @@ def test_cache_hit_and_every_invalidation(corpus, gpt2):
     doc.write_text(original)
     assert prepare(cfg, gpt2).cache_hit
 
+    # The shards hold the split's tokens, not blocks: another block size reads the same ones.
+    other_blocks = prepare(files_cfg(corpus / "*.txt", block_size=33), gpt2)
+    assert other_blocks.cache_hit and other_blocks.report["train"]["tokens"] == first.report["train"]["tokens"]
+    assert other_blocks.report["train"]["blocks"] == first.report["train"]["tokens"] // 33
     for changed in (
-        files_cfg(corpus / "*.txt", block_size=33),
         files_cfg(corpus / "*.txt", block_size=32, add_eos=False),
         files_cfg(corpus / "*.txt", block_size=32, split_seed=99),
         files_cfg(corpus / "*.txt", block_size=32, validation_fraction=0.3),
@@ -203,16 +208,20 @@ def test_an_unfinished_cache_entry_is_never_used(corpus, gpt2, tmp_path):
     cfg = files_cfg(corpus / "*.txt", block_size=32)
     first = prepare(cfg, gpt2)
     (first.cache_path / "COMPLETE").unlink()
-    (first.cache_path / "train" / "dataset_info.json").write_text("{broken")
+    (first.cache_path / "manifest.json").write_text("{broken")
     again = prepare(cfg, gpt2)
     assert not again.cache_hit and flat(again.train) == flat(first.train)
 
 
 def test_cached_prepare_does_not_read_documents(corpus, gpt2, monkeypatch):
+    for path in corpus.glob("*.txt"):  # not written a moment ago (see cache.RACY_SECONDS)
+        os.utime(path, (time.time() - 60, time.time() - 60))
     cfg = files_cfg(corpus / "*.txt", block_size=32)
     prepare(cfg, gpt2)
-    monkeypatch.setattr(data, "read_file", lambda *a: pytest.fail("a cache hit parsed a file"))
-    assert prepare(cfg, gpt2).cache_hit
+    monkeypatch.setattr(sources, "records", lambda *a: pytest.fail("a cache hit parsed a file"))
+    monkeypatch.setattr(cache.hashlib, "file_digest", lambda *a: pytest.fail("a cache hit hashed a file again"))
+    packed = prepare(cfg, gpt2)
+    assert packed.cache_hit and len(packed.train) > 0
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -273,6 +282,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, gpt2, setup, match):
         prepare(DataConfig(source="files", paths=paths), gpt2)
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "cache").rglob("*.tmp")), "a failed build left a partial cache entry"
+    assert not list((tmp_path / "cache").rglob(".*.partial")), "a bad input left a work folder to continue"
 
 
 def test_encoding_option_reads_other_encodings(tmp_path, gpt2):

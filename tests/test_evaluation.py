@@ -87,7 +87,7 @@ def test_batching_does_not_change_the_result(random_model):
 
 def test_perplexity_metric_is_token_weighted():
     metric = load_metric("perplexity")
-    result = metric.compute(nll=[10.0, 2.0], tokens=[8, 2], text=["ab cd", "é"])
+    result = metric.compute(nll=[10.0, 2.0], tokens=[8, 2], bytes=[5, 2], words=[2, 1])
     assert result["tokens"] == 10 and result["bytes"] == 5 + 2 and result["words"] == 3
     assert result["perplexity"] == pytest.approx(math.exp(12 / 10))  # not the mean of exp(10/8), exp(2/2)
     assert result["bits_per_byte"] == pytest.approx(12 / math.log(2) / 7)
@@ -150,3 +150,18 @@ def test_evaluate_errors_are_one_line(trained_run, tmp_path, run_cli):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli("evaluate", "--model", tmp_path)
     assert code == 2 and "is not a model (no config.json)" in err
+
+
+@pytest.mark.slow
+def test_evaluate_split_all_scores_a_file_that_is_one_document(trained_run, tmp_path, run_cli):
+    """Nothing is held out with split all, so one document is enough (a hold-out would refuse it)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("HAMLET:\nTo be, or not to be, that is the question.\n")
+    argv = ["evaluate", "--model", trained_run, "--data.source", "files", "--data.paths", f"[{notes}]"]
+    code, out, err = run_cli(*argv, "--evaluate.split", "all", "--evaluate.output_dir", tmp_path / "eval")
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["documents"] == 1 and result["data"] == f"files, 1 document ({notes})"
+    assert result["tokens"] == len(bundled_gpt2()(notes.read_text())["input_ids"]) + 1
+    code, _, err = run_cli(*argv, "--evaluate.split", "validation", "--evaluate.output_dir", tmp_path / "v")
+    assert code == 2 and "too few to hold out whole documents" in err

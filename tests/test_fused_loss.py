@@ -97,6 +97,30 @@ def test_fused_loss_matches_each_architectures_loss_and_gradients(model_type, bf
     assert error <= GRAD_TOLERANCE[bf16]
 
 
+def test_the_fused_loss_runs_outside_compiled_graphs(monkeypatch):
+    """Under train.torch_compile the fused loss runs eagerly, as checked above: compiled on an
+    H200 its backward gave zero gradients (the model trained nothing). Dynamo traces a function
+    with fake tensors, so the loss's forward must only ever see real ones."""
+    seen = []
+    forward = fused_loss._LinearCrossEntropy.forward
+
+    def recording(ctx, hidden, *args):
+        seen.append(isinstance(hidden, torch._subclasses.FakeTensor))
+        return forward(ctx, hidden, *args)
+
+    monkeypatch.setattr(fused_loss._LinearCrossEntropy, "forward", staticmethod(recording))
+    monkeypatch.setattr(fused_loss, "chunk_rows", lambda *args: 7)  # several chunks, as on the GPU
+    stock = tiny()
+    fused = copy.deepcopy(stock)
+    assert fused_loss.install(fused) is None
+    compiled = torch.compile(fused, backend="aot_eager")  # dynamo and autograd tracing, no C++ build
+    torch._dynamo.reset()
+    losses, error = losses_and_gradients(stock, compiled, bf16=True)
+    assert seen and not any(seen)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert error <= GRAD_TOLERANCE[True]
+
+
 @pytest.mark.parametrize("how", ["num_items_in_batch", "shift_labels"])
 def test_fused_loss_takes_the_loss_arguments_trainer_and_context_parallelism_pass(how):
     stock = tiny("llama")

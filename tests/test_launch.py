@@ -330,7 +330,7 @@ def test_two_processes_write_one_run_directory_and_say_everything_once(two_proce
     assert info["tokens_per_step"] == 4 * 32
 
     # Preprocessing ran once (the other process read the cache), and nothing is said twice.
-    assert output.count("Tokenizing train: 6 documents") == 1, output
+    assert output.count("Tokenizing 8 documents") == 1, output
     entries = list((cache_dir / "data").iterdir())
     assert len(entries) == 1 and (entries[0] / cache.COMPLETE).is_file()
     assert output.count("batch: 4 blocks = 2 per device x 2 processes x 1 accumulation (128 tokens per step)") == 1

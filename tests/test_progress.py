@@ -52,7 +52,7 @@ def test_plain_prints_a_line_per_log_and_no_carriage_return(corpus, tmp_path, ru
     assert (
         len(re.findall(r"^eval at step \d/6: loss [\d.]+, perplexity [\d.]+, ~[\d.]+ bits per byte$", out, re.M)) == 2
     )
-    assert "Tokenizing train: 6 documents ..." in out and "training: 6 steps in" in out
+    assert "Tokenizing 8 documents (1 unit, 1 process): 21.1 kB ..." in out and "training: 6 steps in" in out
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_bars_draw_bars(corpus, tmp_path, run_fd):
     """The same check that finds no carriage return in the modes above finds the bars' here."""
     code, out, err = run_fd(*short_run(corpus, tmp_path / "run"), "--progress", "bars", "--train.disable_tqdm", "false")
     assert code == 0, err
-    assert "\r" in err and "Training:" in err and "Tokenizing train" in err
+    assert "\r" in err and "Training:" in err and "Tokenizing 8 documents" in err
     assert re.search(r"loss [\d.]+, [\d,]+ tokens/s", err)
     assert not re.search(r"^step \d", out, re.M)
 

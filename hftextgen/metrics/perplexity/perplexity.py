@@ -4,7 +4,8 @@ An `evaluate` module kept in the package and loaded by path (`evaluate.load(<thi
 it works offline. The model scoring happens in hftextgen.evaluation; this module owns the
 arithmetic peers get wrong: every total is a sum over tokens (never a mean of per-batch means),
 and bits-per-byte divides by the UTF-8 bytes of the text, which makes models with different
-tokenizers comparable.
+tokenizers comparable. The caller counts each document's bytes and words (from its text, or
+from the prepared data's document table, which counted them from the text).
 """
 
 import math
@@ -17,7 +18,8 @@ _KWARGS_DESCRIPTION = """
 Args:
     nll: per document, the summed negative log-likelihood of its scored tokens, in nats.
     tokens: per document, how many tokens were scored.
-    text: per document, the text that was scored (for its bytes and words).
+    bytes: per document, the UTF-8 bytes of the text that was scored.
+    words: per document, its whitespace-separated words (len(text.split())).
 Returns:
     loss (nats per token), perplexity, bits_per_byte, word_perplexity, and the totals behind
     them: tokens, bytes, words, nll.
@@ -31,15 +33,20 @@ class Perplexity(evaluate.Metric):
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
-                {"nll": datasets.Value("float64"), "tokens": datasets.Value("int64"), "text": datasets.Value("string")}
+                {
+                    "nll": datasets.Value("float64"),
+                    "tokens": datasets.Value("int64"),
+                    "bytes": datasets.Value("int64"),
+                    "words": datasets.Value("int64"),
+                }
             ),
         )
 
-    def _compute(self, nll, tokens, text):
+    def _compute(self, nll, tokens, bytes, words):  # noqa: A002  (the input's name)
         total = math.fsum(nll)
         n_tokens = sum(tokens)
-        n_bytes = sum(len(t.encode("utf-8")) for t in text)
-        n_words = sum(len(t.split()) for t in text)
+        n_bytes = sum(bytes)
+        n_words = sum(words)
 
         def exp(x):
             return math.exp(x) if x < 700 else math.inf

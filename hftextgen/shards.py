@@ -1,0 +1,216 @@
+"""Token shards: the prepared data's format on disk, and what reads it: memory-mapped blocks for
+the Trainer, whole documents for the evaluator, each with a seeded subset capped in tokens.
+
+An entry of the data cache holds
+  manifest.json          format, tokenizer fingerprint, dtype, EOS; per split: documents,
+                         characters, bytes, tokens, and its shards in order, each with its token
+                         count and SHA-256; the data report
+  train/*.bin            token ids of the split's documents one after another (EOS after each,
+  validation/*.bin       with data.add_eos): raw little-endian integers of the smallest unsigned
+                         type that holds the vocabulary (uint16 up to 65,536 tokens), no header
+  <split>.docs.npy       a row per document, in order: tokens, UTF-8 bytes, whitespace-separated
+                         words (for bits-per-byte and word perplexity without the text)
+  <split>.ids.jsonl      the documents' ids (file, file:line, play, split:row), one a line
+
+Raw files read through np.memmap, not Arrow: 2 bytes a GPT-2 token and nothing else, a block
+is one slice of one or two maps (no per-row conversion), blocks of any size come from the same
+files, and nothing but numpy is needed to read them (bench/RESULTS.md measures both).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 1
+SPLITS = ("train", "validation")
+DOCS = np.dtype([("tokens", "<i8"), ("bytes", "<i8"), ("words", "<i8")])
+# A part's rows, before they are joined: `continues` marks a row that goes on with the document
+# of the row before it (a long document cut between units of work).
+PART_DOCS = np.dtype([("tokens", "<i8"), ("bytes", "<i8"), ("words", "<i8"), ("continues", "u1")])
+
+
+def dtype_for(vocabulary: int) -> str:
+    """The smallest unsigned type that holds every token id."""
+    return "uint16" if vocabulary <= 1 << 16 else "uint32"
+
+
+class Tokens:
+    """A split's token ids across its shards: any range [start, stop) read from the memory maps,
+    found by the shards' cumulative token counts (no scan)."""
+
+    def __init__(self, root: Path, shards: list[dict], dtype: str):
+        self.files = [Path(root) / s["file"] for s in shards]
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.offsets = np.cumsum([0, *(s["tokens"] for s in shards)])
+        self._maps: list | None = None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def check(self) -> str | None:
+        """What is wrong with the shard files (a missing or cut-short file), without reading them."""
+        for path, tokens in zip(self.files, np.diff(self.offsets), strict=True):
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != tokens * self.dtype.itemsize:
+                return f"{path} holds {path.stat().st_size:,} bytes, not the {tokens * self.dtype.itemsize:,} listed"
+        return None
+
+    def _map(self, shard: int) -> np.memmap:
+        if self._maps is None:
+            self._maps = [None] * len(self.files)
+        if self._maps[shard] is None:
+            self._maps[shard] = np.memmap(self.files[shard], self.dtype, mode="r")
+        return self._maps[shard]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as int64."""
+        out = np.empty(stop - start, np.int64)
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        at = start
+        while at < stop:
+            first, end = self.offsets[shard], self.offsets[shard + 1]
+            take = min(stop, end) - at
+            out[at - start : at - start + take] = self._map(shard)[at - first : at - first + take]
+            at += take
+            shard += 1
+        return out
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn get the file names, never a copy of the data.
+        return {**self.__dict__, "_maps": None}
+
+
+class BlockDataset:
+    """Blocks of `block_size` tokens of a split, as the Trainer takes them: item i is
+    {"input_ids": LongTensor[block_size]}, tokens [b * block_size, (b + 1) * block_size) of the
+    split for block b = indices[i] (all blocks, in order, without indices). Only the final
+    partial block is left out, as the packing of the whole split into blocks always did."""
+
+    def __init__(self, tokens: Tokens, block_size: int, indices: np.ndarray | None = None):
+        self.tokens, self.block_size, self.indices = tokens, block_size, indices
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.tokens) // self.block_size
+
+    def _block(self, i: int) -> np.ndarray:
+        b = int(self.indices[i]) if self.indices is not None else i
+        return self.tokens.read(b * self.block_size, (b + 1) * self.block_size)
+
+    def __getitem__(self, item):
+        import torch
+
+        if isinstance(item, slice):
+            rows = [self._block(i) for i in range(*item.indices(len(self)))]
+            stacked = np.stack(rows) if rows else np.empty((0, self.block_size), np.int64)
+            return {"input_ids": torch.from_numpy(stacked)}
+        if item < 0:
+            item += len(self)
+        if not 0 <= item < len(self):
+            raise IndexError(f"block {item} of {len(self)}")
+        return {"input_ids": torch.from_numpy(self._block(item))}
+
+    def select(self, indices) -> BlockDataset:
+        """The blocks at `indices` (of this dataset), in that order."""
+        chosen = np.asarray(indices, np.int64)
+        base = self.indices[chosen] if self.indices is not None else chosen
+        return BlockDataset(self.tokens, self.block_size, base)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self) * self.block_size
+
+
+def sample_blocks(blocks: BlockDataset, max_tokens: int, seed: int) -> BlockDataset:
+    """A fixed, seeded subset of whole blocks holding at most `max_tokens` tokens (at least one
+    block), in the split's order; all of them when they fit."""
+    n, k = len(blocks), max(1, max_tokens // blocks.block_size)
+    if n <= k:
+        return blocks
+    return blocks.select(np.sort(np.random.default_rng(seed).choice(n, k, replace=False)))
+
+
+@dataclass
+class Documents:
+    """Whole documents for the evaluator: each as it scores them, [EOS] + the document's tokens
+    as they were trained, with its UTF-8 bytes and words; and the size of the split they were
+    drawn from."""
+
+    ids: list[list[int]]
+    names: list[str]
+    bytes: list[int]
+    words: list[int]
+    split_documents: int
+    split_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens scored: each document's own, its final EOS included."""
+        return sum(len(d) - 1 for d in self.ids)
+
+
+def load_table(path: Path) -> np.ndarray:
+    table = np.load(path, mmap_mode=None) if path.stat().st_size < 1 << 20 else np.load(path, mmap_mode="r")
+    return table
+
+
+def choose_documents(lengths: np.ndarray, max_tokens: int, seed: int) -> np.ndarray:
+    """Indices of whole documents holding at most `max_tokens` tokens, drawn in a seeded order
+    (a document that does not fit is passed over), in the split's order; all when they fit. At
+    least one document, even if it alone is longer."""
+    n = len(lengths)
+    if n == 0 or int(lengths.sum()) <= max_tokens:
+        return np.arange(n)
+    order = np.random.default_rng(seed).permutation(n)
+    budget, chosen, shortest = max_tokens, [], int(lengths.min())
+    for i in order:
+        length = int(lengths[i])
+        if length <= budget:
+            chosen.append(i)
+            budget -= length
+            if budget < shortest:
+                break
+    return np.sort(np.asarray(chosen or [order[0]], np.int64))
+
+
+def read_names(path: Path, chosen: np.ndarray) -> list[str]:
+    wanted, names = set(chosen.tolist()), []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i in wanted:
+                names.append(json.loads(line))
+    return names
+
+
+def documents(root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, max_tokens: int, seed: int) -> Documents:
+    """The evaluator's documents of a split. With add_eos the documents are separate texts: a
+    seeded subset of whole documents (choose_documents). Without it they are pieces of one text
+    (lines of an article): the first ones that fit, scored as one text."""
+    table = load_table(root / f"{split}.docs.npy")
+    lengths = np.asarray(table["tokens"])
+    starts = np.cumsum(lengths) - lengths
+    if add_eos:
+        chosen = choose_documents(lengths, max_tokens, seed)
+        ids = [[eos, *tokens.read(int(starts[i]), int(starts[i] + lengths[i])).tolist()] for i in chosen]
+        n_bytes = [int(table["bytes"][i]) for i in chosen]
+        words = [int(table["words"][i]) for i in chosen]
+    else:
+        fit = int(np.searchsorted(np.cumsum(lengths), max_tokens, side="right"))
+        chosen = np.arange(max(1, fit) if len(lengths) else 0)
+        end = int(lengths[chosen].sum())
+        ids = [[eos, *tokens.read(0, end).tolist()]] if len(chosen) else []
+        n_bytes = [int(table["bytes"][chosen].sum())] if len(chosen) else []
+        words = [int(table["words"][chosen].sum())] if len(chosen) else []
+    names = read_names(root / f"{split}.ids.jsonl", chosen)
+    return Documents(ids, names, n_bytes, words, len(lengths), int(lengths.sum()))
+
+
+def read_manifest(root: Path) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
