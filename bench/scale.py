@@ -328,7 +328,9 @@ def first_step(cache: Path, run_dir: Path, *data: str) -> dict:
     argv = hftextgen(
         "finetune",
         "--config",
-        "recipes/shakespeare/tiny.yaml",
+        # The GPT-2 default's shape and bundled tokenizer, the one `prepare` above used (the
+        # default recipe's own tokenizer is trained on the data, which would come first here).
+        "bench/tiny-gpt2.yaml",
         *data,
         "--train.max_steps",
         "1",
