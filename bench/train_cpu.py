@@ -3,8 +3,9 @@
     python -m bench.train_cpu [--quick] [--explore] [--repeats N] [--recipe FILE ...] [--out FILE]
 
 Shapes: bench/tiny-gpt2.yaml (the default recipe before the default recipe search: GPT-2 4 x 128
-wide with GPT-2's 50,257 tokens, 8 blocks of 128 tokens a step) and bench/wide.yaml (recipes/custom/text-files.yaml's model and batch: 6 x 256 wide, 16
-blocks of 256 tokens), both on the bundled plays; --recipe (repeatable) times others instead.
+wide with GPT-2's 50,257 tokens, 8 blocks of 128 tokens a step) and bench/wide.yaml
+(recipes/custom/text-files.yaml's model and batch: 6 x 256 wide, 16 blocks of 256 tokens), both
+on the bundled plays; --recipe (repeatable) times others instead.
 
 Baseline: transformers.Trainer(TrainingArguments(output_dir, per_device_train_batch_size=<the
 recipe's>, report_to="none")) - fp32, AdamW (adamw_torch) - on the recipe's GPT-2 and its packed
