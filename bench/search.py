@@ -1,13 +1,15 @@
 """Default recipe search: the architecture, tokenizer and hyper-parameters that give the lowest
 held-out bits/byte for `make finetune` (recipes/shakespeare/tiny.yaml) within its budget.
 
-    python -m bench.search [--only NAME ...] [--stage S ...] [--list] [--quick] [--jobs N] [--out FILE]
+    python -m bench.search [--only NAME ...] [--stage S ...] [--threads N] [--list] [--quick] [--jobs N] [--out FILE]
     python -m bench.search --throughput [--only NAME ...] [--stage S ...] [--steps N] [--warmup N]
+    python -m bench.search --table      (every full run recorded, as bench/RESULTS.md shows them)
 
 The budget: 300 s wall on a 2-core CPU from the command's start to its exit, preparing the data
 and the final evaluation included; the held-out plays, the evaluator and its stride are the
 recipe's (stride: half the context, unless a candidate sets it). CANDIDATES below is the search:
-each one is the recipe plus command-line overrides, named by what it changes.
+each one is bench/tiny-gpt2.yaml (the default before the search) plus command-line overrides,
+named by what it changes, or a recipe file of its own (the default the search chose).
 
 Full runs (the default): each candidate is `hftextgen finetune --config <recipe> <overrides>` in
 a process of its own, one at a time, with HFTEXTGEN_CACHE in a fresh temporary directory: the
@@ -15,15 +17,18 @@ cache is cold, so training a tokenizer and tokenizing the plays count, as they d
 first run. Recorded per candidate: wall seconds, the child's CPU seconds (user + system: less
 moved by other processes than wall time on a shared machine), training tokens/s, the load
 average before and after, eval.json's bits/byte and perplexity, and the samples. Results
-accumulate in bench/results/search.json by candidate name (a re-run replaces its row).
+accumulate in bench/results/search.json by candidate name (a re-run's row replaces it, the
+earlier one kept in its `earlier` list). --threads 1 gives each run one thread: on a shared
+machine two threads wait for each other at every step, one keeps a core's speed.
 
 --throughput: the training rate of each candidate over steady steps (bench/training.py, no
-evaluation or saving), each measured between two runs of the recipe as shipped in the same
-window. A candidate's rate over the reference's (the mean of its neighbours) times the
+evaluation or saving, one thread), each measured between two runs of bench/tiny-gpt2.yaml in
+the same window. A candidate's rate over the reference's (the mean of its neighbours) times the
 reference's rate on a quiet machine (bench/RESULTS.md, CPU training) predicts its quiet rate,
 hence the steps that fill the budget: bits/byte depends only on the recipe (a seeded CPU run
 gives the same numbers under any load), wall time depends on the load, so steps are chosen from
-rates measured as ratios and final wall times are taken on a quiet machine.
+rates measured as ratios and final wall times are taken on a quiet machine. The prediction is
+conservative for small shapes, which gain more from a second thread than the reference does.
 
 --jobs N runs N candidates at once (each with cores / N threads): for pruning runs on a bigger
 machine only; wall times of such runs say nothing about the budget.
@@ -48,12 +53,10 @@ import yaml
 
 from bench import common
 
-RECIPE = common.ROOT / "recipes" / "shakespeare" / "tiny.yaml"
 # The default recipe as shipped before this search: every candidate is BASE plus its overrides,
 # and --throughput's reference is BASE as is, so the search means the same whatever tiny.yaml
 # holds now.
 BASE = common.ROOT / "bench" / "tiny-gpt2.yaml"
-BUDGET_S = 300
 # BASE's training rate on a quiet machine (bench/RESULTS.md, CPU training), the yardstick of
 # --throughput; and its steps.
 REFERENCE_QUIET_TOKENS_PER_S = 3_677
