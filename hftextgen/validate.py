@@ -317,8 +317,9 @@ def memory_formula(lm, args, block_size: int, precision: str) -> dict:
     MLP: gate, up, activation and product), norms 4sbh; GPT-2's f = 4h, h_kv = h gives eq. 1.
     The 5as^2b of the attention scores only with eager attention: SDPA and flash attention keep
     no scores (with them the formula read 56.2 GB against 23.5 GB measured for the gpt2-small
-    recipe on an H200, 32.0 without the term). Doubled for fp32, plus the logits and their gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies),
-    or with train.fused_loss in effect the one chunk of them it holds at a time.
+    recipe on an H200, 32.0 without the term). Doubled for fp32, plus the logits and their
+    gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies), or with train.fused_loss in effect the
+    one chunk of them it holds at a time.
     """
     trainable, params = lora.parameters(lm)
     shape = architecture.shape(lm.config)
