@@ -592,7 +592,8 @@ class TrainArguments(TrainingArguments):
             "a time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
             "in far less memory, for any model whose head is a plain linear layer (others keep their own, said "
             "once). auto: on when training on a CPU, where it also measured as fast or faster (bench/RESULTS.md); "
-            "off elsewhere. liger: liger-kernel's Triton kernel, where that package and a CUDA GPU are there."
+            "off elsewhere. liger: liger-kernel's Triton kernel, where that package and a CUDA GPU are there. "
+            "Under train.torch_compile it runs outside the compiled graph."
         },
     )
 

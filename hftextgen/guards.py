@@ -9,6 +9,8 @@ checkpoint holds it, and a full disk ends it with one line; `fit` runs the Train
   (`NanGuard`).
 - A full disk during training: one line naming the newest complete checkpoint and the command
   that continues, not a traceback.
+- Gradients that are all zero from the start: a warning that nothing is learning
+  (`ZeroGradients`), instead of a run that looks healthy and trains nothing.
 """
 
 from __future__ import annotations
@@ -249,18 +251,48 @@ class NanGuard(TrainerCallback):
         return f"{head}: {cause}, and start over (--train.overwrite_output_dir true); {kept}{instead}"
 
 
+class ZeroGradients(TrainerCallback):
+    """Warns once when the first LOGS gradient norms the Trainer logs are all exactly 0: no weight
+    is learning (every parameter frozen, or a loss cut off from the model: on an H200 a compiled
+    fused loss once trained at full speed with zero gradients and a flat loss). Reads the
+    logged norm, so it costs no device sync; a single nonzero norm ends the watch."""
+
+    LOGS = 3
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.done = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.done or not logs or logs.get("grad_norm") is None:
+            return
+        if logs["grad_norm"] != 0:
+            self.done = True
+            return
+        self.steps.append(state.global_step)
+        if len(self.steps) == self.LOGS:
+            self.done = True
+            if state.is_world_process_zero:
+                warn(
+                    f"the gradient norm is 0 at steps {', '.join(map(str, self.steps))}: no weight is learning "
+                    f"(every parameter frozen, or a loss that does not reach the model); stop the run and check "
+                    f"the recipe (peft, train.fused_loss)"
+                )
+
+
 # ---------------------------------------------------------------- training
 
 
 def fit(trainer, resume: str | None, output_dir: Path, command: list[str] | None):
-    """trainer.train() under GracefulStop and NanGuard. Returns its TrainOutput when the run
+    """trainer.train() under GracefulStop, NanGuard and ZeroGradients. Returns its TrainOutput when the run
     reached its end; raises RunStopped (a signal) or UserError (a NaN, a full disk) when it did
     not, so that the final model, metrics and evaluation, which are for a finished run, are not
     written."""
     args = trainer.args
-    stop, guard = GracefulStop(), NanGuard(args.on_nan, args.fp16)
+    stop, guard, zero = GracefulStop(), NanGuard(args.on_nan, args.fp16), ZeroGradients()
     trainer.add_callback(stop)
     trainer.add_callback(guard)  # after GracefulStop, so that it sees the save that one asks for
+    trainer.add_callback(zero)
     continue_with = resume_command(command, args.world_size)
     try:
         with stop:
@@ -282,8 +314,8 @@ def fit(trainer, resume: str | None, output_dir: Path, command: list[str] | None
         message = f"interrupted at step {trainer.state.global_step} without saving ({saved}); continue with: "
         raise RunStopped(_main_only(args, message + continue_with), 128 + signal.SIGINT) from None
     finally:
-        trainer.remove_callback(stop)
-        trainer.remove_callback(guard)
+        for callback in (stop, guard, zero):
+            trainer.remove_callback(callback)
     if guard.fault is not None:
         raise UserError(guard.message(args, output_dir))
     if stop.received is not None:

@@ -137,9 +137,10 @@ def test_resume_command_drops_resume_and_overwrite_options():
 # ---------------------------------------------------------------- NaN guard
 
 
-def poison(monkeypatch, steps) -> None:
+def poison(monkeypatch, steps, factor: float = float("nan")) -> None:
     """NaN hidden states (so NaN logits) in the training forward passes of these steps (1-based;
-    one forward a step). On the base model's output: the fused loss never calls lm_head."""
+    one forward a step), or hidden states times another `factor`. On the base model's output:
+    the fused loss never calls lm_head."""
     build = model_stage.build_model
 
     def build_model(*args, **kwargs):
@@ -148,7 +149,7 @@ def poison(monkeypatch, steps) -> None:
 
         def hook(module, inputs, output):
             if module.training and next(forwards) in steps:
-                output.last_hidden_state = output.last_hidden_state * float("nan")
+                output.last_hidden_state = output.last_hidden_state * factor
                 return output
 
         lm.base_model.register_forward_hook(hook)
@@ -173,6 +174,21 @@ def test_a_nan_loss_stops_the_run_before_any_checkpoint_holds_it(small_run, tmp_
     assert sorted(p.name for p in rundir.checkpoints(run_dir)) == ["checkpoint-10", "checkpoint-5"]
     assert all(torch.isfinite(t).all() for t in load_file(run_dir / "checkpoint-10" / "model.safetensors").values())
     assert not (run_dir / "model.safetensors").exists()
+
+
+def test_gradients_that_are_all_zero_are_said_once(small_run, tmp_path, run_cli, monkeypatch):
+    """Hidden states times 0: the logits are 0 whatever the weights (GPT-2 ties its output layer
+    to the embedding), so every gradient is 0 and the loss stays at log(vocabulary)."""
+    poison(monkeypatch, set(range(1, 100)), factor=0.0)
+    argv = small_run.argv(tmp_path / "run", "--train.max_steps", "8", "--train.logging_steps", "2")
+    code, out, err = run_cli(*argv)
+    assert code == 0, err
+    warning = (
+        "hftextgen: warning: the gradient norm is 0 at steps 1, 2, 4: no weight is learning (every parameter "
+        "frozen, or a loss that does not reach the model); stop the run and check the recipe (peft, "
+        "train.fused_loss)\n"
+    )
+    assert err.count("gradient norm is 0") == 1 and warning in err
 
 
 def test_on_nan_skip_drops_the_step_and_goes_on(small_run, tmp_path, run_cli, monkeypatch):
