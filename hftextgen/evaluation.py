@@ -90,12 +90,29 @@ def score(
             counts[w.doc] += w.stop - w.first
         with autocast:
             logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
-        targets = torch.tensor(targets, device=device)
-        losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        losses = nll_rows(logits, torch.tensor(targets, device=device))
+        del logits  # before the next batch's forward makes its own: one batch of logits at a time
         nll.index_add_(0, torch.tensor(owner), losses.double().cpu())
         shown.update(len(batch))
     shown.close()
     return list(zip(nll.tolist(), counts, strict=True))
+
+
+# Elements of the logits turned into losses at once: cross-entropy's fp32 log-softmax of a whole
+# batch of windows is as large as the logits again (8 windows x 256 positions x 50,257 tokens:
+# 0.4 GB), a chunk of rows at a time is 64 MiB. Each row's loss is the same either way.
+LOSS_CHUNK_ELEMENTS = 2**24
+
+
+def nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each row of `logits` [N, V] against `targets` [N], in fp32."""
+    rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+    return torch.cat(
+        [
+            torch.nn.functional.cross_entropy(logits[i : i + rows].float(), targets[i : i + rows], reduction="none")
+            for i in range(0, len(targets), rows)
+        ]
+    )
 
 
 def load_metric(name: str):

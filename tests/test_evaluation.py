@@ -165,3 +165,16 @@ def test_evaluate_split_all_scores_a_file_that_is_one_document(trained_run, tmp_
     assert result["tokens"] == len(bundled_gpt2()(notes.read_text())["input_ids"]) + 1
     code, _, err = run_cli(*argv, "--evaluate.split", "validation", "--evaluate.output_dir", tmp_path / "v")
     assert code == 2 and "too few to hold out whole documents" in err
+
+
+def test_losses_in_chunks_of_rows_are_each_rows_cross_entropy(monkeypatch):
+    """The evaluator turns logits into losses a chunk of rows at a time (memory): the same
+    numbers as one call over the whole batch, whatever the chunking, last chunk short."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(23, 11, generator=generator)
+    targets = torch.randint(0, 11, (23,), generator=generator)
+    whole = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    monkeypatch.setattr(evaluation, "LOSS_CHUNK_ELEMENTS", 5 * 11)  # 5 rows a chunk: 5 x 4 + 3
+    assert torch.equal(evaluation.nll_rows(logits, targets), whole)
+    monkeypatch.setattr(evaluation, "LOSS_CHUNK_ELEMENTS", 1)
+    assert torch.equal(evaluation.nll_rows(logits, targets), whole)
