@@ -38,6 +38,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_
 from . import architecture, build, data, evaluation, fused_loss, generate, lora, model, progress, rundir, runtime
 from .config import Recipe
 from .plan import Schedule
+from .progress import size
 
 # Timed steps: at least MIN_STEPS and MIN_SECONDS of them after the warm-up step, at most
 # MAX_STEPS: enough to average out noise on a fast model, few on a slow one.
@@ -364,9 +365,9 @@ def _time_evaluation(trainer: Trainer, blocks, batch_size: int) -> tuple[float, 
     small, large = min(n, batch_size), min(n, 4 * batch_size)
     trainer.evaluate(blocks.select(range(small)))
     seconds = []
-    for size in (small, large):
+    for count in (small, large):
         started = time.perf_counter()
-        trainer.evaluate(blocks.select(range(size)))
+        trainer.evaluate(blocks.select(range(count)))
         seconds.append(time.perf_counter() - started)
     if large == small:
         return 0.0, seconds[1] / large
@@ -417,14 +418,6 @@ def _time_samples(lm, tok, cfg) -> float:
         lm.train(was_training)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _lora_lines(m: dict, formula: dict) -> list[str]:
     if "lora" not in m:
         return []
@@ -432,7 +425,7 @@ def _lora_lines(m: dict, formula: dict) -> list[str]:
     return [
         f"LoRA: {m['trainable_parameters']:,} of {m['parameters']:,} parameters trained ({lo['trainable_share']:.2%}; "
         f"rank {lo['r']}, alpha {lo['alpha']:g}, on {', '.join(lo['target_modules'])}); gradients and AdamW state "
-        f"for those only: ~{_size(formula['lora_saves'])} less memory than full fine-tuning"
+        f"for those only: ~{size(formula['lora_saves'])} less memory than full fine-tuning"
     ]
 
 
@@ -480,10 +473,10 @@ def describe(est: dict) -> str:
         f"  {st['evaluations']} evaluations x {t['evaluation_seconds']:.1f} s, {st['checkpoints']} checkpoints x "
         f"{t['checkpoint_seconds']:.1f} s, {st['sample_rounds']} rounds of samples x {t['samples_seconds']:.1f} s, "
         f"final evaluation ~{t['final_evaluation_seconds']:.1f} s",
-        f"memory: ~{_size(f['total'])} by formula (weights {_size(f['weights'])}, gradients {_size(f['gradients'])}, "
-        f"optimizer {_size(f['optimizer'])}, activations ~{_size(f['activations'])}); measured: "
-        f"{_size(mem['measured_peak'])} ({mem['measured']})",
-        f"disk: ~{_size(disk['total_bytes'])} = {disk['checkpoints_kept']} checkpoints kept x "
-        f"{_size(disk['checkpoint_bytes'])} + final model {_size(disk['final_model_bytes'])}",
+        f"memory: ~{size(f['total'])} by formula (weights {size(f['weights'])}, gradients {size(f['gradients'])}, "
+        f"optimizer {size(f['optimizer'])}, activations ~{size(f['activations'])}); measured: "
+        f"{size(mem['measured_peak'])} ({mem['measured']})",
+        f"disk: ~{size(disk['total_bytes'])} = {disk['checkpoints_kept']} checkpoints kept x "
+        f"{size(disk['checkpoint_bytes'])} + final model {size(disk['final_model_bytes'])}",
     ]
     return "\n".join(lines)
