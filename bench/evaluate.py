@@ -4,7 +4,7 @@
 
 Baseline: the loop of the transformers perplexity guide (one window per forward, stride half
 the context, labels masked with -100, logits for every position). Ours:
-hftextgen.evaluation.score: windows batched (evaluate.batch_size), logits computed only at the
+hftextgen.evaluate.score: windows batched (evaluate.batch_size), logits computed only at the
 scored positions. Both score the same held-out Shakespeare text with the same windows, so
 their perplexities differ only by the guide's off-by-one (the first token of each window is
 never scored there): both values are printed. Throughput = scored tokens / s.
@@ -41,9 +41,9 @@ def guide_loop(lm, ids: torch.Tensor, context: int, stride: int) -> tuple[float,
 
 
 def main() -> None:
-    from hftextgen import data
     from hftextgen.config import DataConfig
-    from hftextgen.evaluation import document_ids, score
+    from hftextgen.data import corpus as data
+    from hftextgen.evaluate.run import document_ids, score
 
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("tiny", "gpt2"), default=None)

@@ -9,7 +9,7 @@ on a CUDA GPU where there is one, else on the CPU. Defaults: bench/wide.yaml's s
 rows, 256 wide, GPT-2's 50,257 tokens). Configurations, each in a child process of its own so
 that its peak memory is its own (CPU: peak RSS less the process's RSS before; GPU: peak
 allocated memory): the stock path (`F.linear` under autocast, then transformers'
-ForCausalLMLoss), hftextgen.fused_loss at each --chunk-mib budget (CPU; on a GPU its default
+ForCausalLMLoss), hftextgen.train.fused_loss at each --chunk-mib budget (CPU; on a GPU its default
 chunks), and liger-kernel's fused linear cross-entropy where it can run. Every configuration's
 loss and gradients are compared with the stock path's: the largest difference relative to the
 largest element is printed. `--check` runs tiny GPT-2, Llama, Qwen2 and GPT-NeoX models through
@@ -39,11 +39,11 @@ def run(config: dict) -> dict:
     """Child side: time one configuration."""
     import torch
 
-    from hftextgen import fused_loss
+    from hftextgen.train import fused_loss
 
     cuda = torch.cuda.is_available()
     if not cuda:
-        from hftextgen.train import reuse_freed_memory
+        from hftextgen.runtime import reuse_freed_memory
 
         reuse_freed_memory()  # as hftextgen finetune runs, and the stock path's best case
     device = torch.device("cuda" if cuda else "cpu")
@@ -111,7 +111,7 @@ def check() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hftextgen import fused_loss
+    from hftextgen.train import fused_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layers = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64, "intermediate_size": 128}
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    from hftextgen import fused_loss
+    from hftextgen.train import fused_loss
 
     cuda = torch.cuda.is_available()
     shape = {"rows": args.rows, "width": args.width, "vocab": args.vocab}

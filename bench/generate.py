@@ -37,7 +37,7 @@ TOP_K = {"preset": "balanced", "top_p": 1.0, "temperature": 1.0}  # top-k 50, li
 def build(model: str, device: str):
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from hftextgen import tokenizer
+    from hftextgen.model import tokenizer
 
     tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")
     shape = {"tiny": dict(n_layer=4, n_head=4, n_embd=128, n_positions=1024), "gpt2": {}}[model]
@@ -81,8 +81,8 @@ def hf_generate(lm, tok, prompts: list[str], new: int, **kwargs):
 def generator(lm, tok, new: int, batch: int, compiled: bool = False, **settings):
     """One Generator, kept across calls (its static decoder keeps its captured steps)."""
     from hftextgen.config import GenerateConfig
-    from hftextgen.decode import StaticDecoder
-    from hftextgen.generate import Generator
+    from hftextgen.generate.generator import Generator
+    from hftextgen.generate.static import StaticDecoder
 
     made = Generator(lm, tok, GenerateConfig(max_new_tokens=new, batch_size=batch, **settings))
     if compiled:

@@ -66,8 +66,9 @@ def blocks_array(ds) -> np.ndarray:
 def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
     import datasets
 
-    from hftextgen import data, tokenizer
     from hftextgen.config import DataConfig
+    from hftextgen.data import corpus as data
+    from hftextgen.model import tokenizer
 
     datasets.disable_progress_bars()
     cfg = DataConfig(source="shakespeare", block_size=block_size)

@@ -57,7 +57,7 @@ FILE_BYTES = 2_500_000
 
 
 def speeches() -> list[str]:
-    from hftextgen import sources
+    from hftextgen.data import sources
 
     out = []
     for _, path in sources.shakespeare_files():
@@ -191,7 +191,7 @@ def raw_tiktoken(config: dict) -> dict:
     """encode_ordinary_batch over the corpus, a batch of files at a time; only the calls timed."""
     import tiktoken
 
-    from hftextgen import tokenizer
+    from hftextgen.model import tokenizer
 
     tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "gpt2")
     ranks, special = tokenizer._tiktoken_tables(tok)
@@ -217,7 +217,7 @@ def run_clm(config: dict) -> dict:
 
     import datasets
 
-    from hftextgen import tokenizer
+    from hftextgen.model import tokenizer
 
     datasets.disable_progress_bars()
     tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "gpt2")
@@ -249,7 +249,7 @@ def storage(config: dict) -> dict:
     import pyarrow as pa
     import torch
 
-    from hftextgen import shards
+    from hftextgen.data import shards
 
     entry, block = Path(config["entry"]), config["block_size"]
     manifest = shards.read_manifest(entry)

@@ -47,7 +47,7 @@ def flops_per_token(model, block_size: int) -> tuple[int, float]:
             continue
         seen.add(id(p))
         n += p.numel()
-    from hftextgen import architecture
+    from hftextgen.model import architecture
 
     cfg = architecture.shape(model.config)  # the common names, whatever the architecture
     layers, heads, head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
@@ -223,9 +223,10 @@ def _ours(config: dict) -> None:
 def _plain(config: dict) -> None:
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, set_seed
 
-    from hftextgen import data, tokenizer
-    from hftextgen.build import collate_blocks
     from hftextgen.config import DataConfig
+    from hftextgen.data import corpus as data
+    from hftextgen.model import tokenizer
+    from hftextgen.train.setup import collate_blocks
 
     block = config["block_size"]
     tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")

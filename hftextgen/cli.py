@@ -248,9 +248,9 @@ def run_finetune(argv: list[str]) -> int:
     # How this command treats the directory, not part of the run: the saved recipe re-runs or
     # continues it with either option given anew.
     cfg.train.resume_from_checkpoint, cfg.train.overwrite_output_dir = None, False
-    from .train import finetune
+    from .train import finetune_recipe
 
-    finetune(recipe, parser.dump(cfg, skip_unset=False), argv)
+    finetune_recipe(recipe, parser.dump(cfg, skip_unset=False), argv)
     return 0
 
 
@@ -260,11 +260,11 @@ def run_prepare(argv: list[str]) -> int:
     cfg, s = parse(prepare_parser(), argv)
     recipe = _recipe(s)
     progress.configure(cfg.progress, no_bars=bool(s.train.disable_tqdm))
-    from . import data, tokenizer
+    from . import data, model
 
     corpus = data.Corpus(recipe.data)
-    tok = tokenizer.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
-    packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
+    tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
+    packed = data.prepare(corpus, tok, model.fingerprint(tok))
     print(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}")
     print(data.format_report(packed.report))
     return 0
@@ -276,10 +276,10 @@ def run_validate(argv: list[str]) -> int:
     cfg, s = parse(validate_parser(), argv)
     recipe = _recipe(s)
     progress.configure(cfg.progress, no_bars=bool(s.train.disable_tqdm))
-    from .validate import describe, validate
+    from .train import describe_estimate, validate_recipe
 
-    estimate = validate(recipe)
-    print(json.dumps(estimate, indent=2) if cfg.json else describe(estimate))
+    estimate = validate_recipe(recipe)
+    print(json.dumps(estimate, indent=2) if cfg.json else describe_estimate(estimate))
     return 0
 
 
@@ -298,7 +298,7 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
     what the model was trained and sampled with. A LoRA run's adapter/ folder is part of its run."""
     import yaml
 
-    from .lora import ADAPTER_DIR
+    from .model import ADAPTER_DIR
 
     model = parse_args(build(), argv).model
     recipe = Path(model) / "recipe.yaml"
@@ -369,18 +369,18 @@ def _model_dir(model: str, otherwise: Path) -> Path:
 
 def run_evaluate(argv: list[str]) -> int:
     cfg, s = run_defaults(evaluate_parser, argv)
-    from . import data, evaluation, generate, model, runtime, tokenizer
+    from . import data, evaluate, generate, model, runtime
 
     runtime.reuse_freed_memory()
     lm, tok = model.load(cfg.model, device=cfg.device)
     corpus = data.Corpus(s.data)
     # The model's tokenizer finds the data its run prepared; split all holds nothing out.
-    packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
+    packed = data.prepare(corpus, tok, model.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
-    evaluation.run(
+    evaluate.evaluate_model(
         lm,
         tok,
-        evaluation.documents(packed, s.evaluate.split),
+        evaluate.documents_of_split(packed, s.evaluate.split),
         data=s.data,
         cfg=s.evaluate,
         generate_cfg=s.generate,

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-from . import architecture, plan
+from . import model as model_stage
+from . import train as train_stage
 from .errors import ConfigError
 
 
@@ -157,7 +158,7 @@ class ModelConfig:
 
     @property
     def architecture(self) -> str:
-        return self.model_type or architecture.DEFAULT_TYPE
+        return self.model_type or model_stage.DEFAULT_TYPE
 
     def common(self, keys: tuple[str, ...]) -> dict:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
@@ -165,9 +166,9 @@ class ModelConfig:
     def scratch_settings(self) -> dict:
         """The architecture config's keyword arguments for the fields set (vocabulary and
         context come later, from the tokenizer and the data)."""
-        architecture.check_config_keys(self.architecture, self.config)
+        model_stage.check_config_keys(self.architecture, self.config)
         shape = tuple(k for k in self.ARCHITECTURE if k not in ("model_type", "config"))
-        return architecture.scratch_settings(self.architecture, self.common(shape + self.DROPOUTS), self.config)
+        return model_stage.scratch_settings(self.architecture, self.common(shape + self.DROPOUTS), self.config)
 
 
 @dataclass
@@ -787,9 +788,9 @@ class Recipe:
         """Blocks are packed, never padded: every step trains exactly this many tokens."""
         return self.effective_batch_size * self.data.block_size
 
-    def schedule(self, train_blocks: int, first_step: int = 0) -> plan.Schedule:
+    def schedule(self, train_blocks: int, first_step: int = 0) -> train_stage.Schedule:
         """Steps, evaluations and checkpoints of this run over `train_blocks` training blocks."""
-        return plan.schedule(self.train, train_blocks, first_step)
+        return train_stage.schedule(self.train, train_blocks, first_step)
 
 
 def training_field_help() -> dict[str, str]:

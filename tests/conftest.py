@@ -74,7 +74,7 @@ def save_tiny_pretrained(folder: Path, model_type: str = "gpt2", **shape):
     be (2 layers, width 16, 64 positions; for llama, grouped-query attention and tied embeddings)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hftextgen.tokenizer import bundled_gpt2
+    from hftextgen.model.tokenizer import bundled_gpt2
 
     tokenizer = bundled_gpt2()
     settings = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 16, "max_position_embeddings": 64}

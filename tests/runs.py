@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = """
 import os, signal, sys, time
 from transformers import Trainer
-from hftextgen import build, cli
+from hftextgen import cli
+from hftextgen.train import setup as build
 
 collate, delay = build.collate_blocks, float(os.environ.get("STEP_DELAY", "0"))
 build.collate_blocks = lambda examples: (time.sleep(delay), collate(examples))[1]

@@ -13,12 +13,12 @@ import torch
 from conftest import files_args, flags, save_tiny_pretrained
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, pipeline
 
-from hftextgen import architecture
 from hftextgen.config import GenerateConfig, ModelConfig
 from hftextgen.errors import ConfigError
-from hftextgen.generate import Generator
-from hftextgen.model import load
-from hftextgen.validate import memory_formula
+from hftextgen.generate.generator import Generator
+from hftextgen.model import architecture
+from hftextgen.model.build import load
+from hftextgen.train.validate import memory_formula
 
 TYPES = ["gpt2", "llama", "qwen2", "qwen3", "gpt_neox", "mistral"]
 WITH_KV_HEADS = {"llama", "qwen2", "qwen3", "mistral"}

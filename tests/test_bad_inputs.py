@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import files_args
 
-from hftextgen import rundir
+from hftextgen.train import rundir
 
 N = "<N>"  # any number in an expected message
 ANY = "<ANY>"  # any text (what the operating system says)

@@ -13,10 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_corpus
 
-from hftextgen import cache, data, sources
+from hftextgen import cache
 from hftextgen.config import DataConfig
+from hftextgen.data import corpus as data
+from hftextgen.data import sources
 from hftextgen.errors import UserError
-from hftextgen.tokenizer import bundled_gpt2, fingerprint
+from hftextgen.model.tokenizer import bundled_gpt2, fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from hftextgen import decode, tokenizer
 from hftextgen.config import GenerateConfig
-from hftextgen.generate import Generator
+from hftextgen.generate import static as decode
+from hftextgen.generate.generator import Generator
+from hftextgen.model import tokenizer
 
 PROMPTS = ["HAMLET:", "", "KING: good night sweet prince o what a noble mind", "QUEEN"]
 CONTEXT = 48  # 60 new tokens after a 13-token prompt slide the window

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from hftextgen import evaluation
 from hftextgen.config import EvaluateConfig
-from hftextgen.evaluation import document_ids, load_metric, score, windows
-from hftextgen.tokenizer import bundled_gpt2, ready_for_lm
+from hftextgen.evaluate import run as evaluation
+from hftextgen.evaluate.run import document_ids, load_metric, score, windows
+from hftextgen.model.tokenizer import bundled_gpt2, ready_for_lm
 
 CONTEXT = 16
 
@@ -128,7 +128,7 @@ def test_finetune_and_standalone_evaluate_agree(trained_run, tmp_path, run_cli):
 
 
 def test_smaller_stride_never_scores_worse_on_a_trained_model(trained_run):
-    from hftextgen.model import load
+    from hftextgen.model.build import load
 
     lm, tok = load(str(trained_run), device="cpu")
     texts = [(p.parent / p.name).read_text() for p in sorted((trained_run.parent / "corpus").glob("*.txt"))[:3]]

@@ -11,8 +11,9 @@ import pytest
 from conftest import files_args, flags, write_corpus
 
 from bench.preprocess import blocks_array, run_clm_blocks
-from hftextgen import data, tokenizer
 from hftextgen.config import DataConfig
+from hftextgen.data import corpus as data
+from hftextgen.model import tokenizer
 
 VOCAB = 50257
 
@@ -109,7 +110,7 @@ def test_shakespeare_blocks_match_the_run_clm_reference(tmp_path):
 
 def test_gpt2_small_recipe_pads_the_vocabulary_and_never_generates_padding():
     from hftextgen.config import ModelConfig
-    from hftextgen.model import build_model
+    from hftextgen.model.build import build_model
 
     tok = gpt2()
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304), tok, 16)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
 
-from hftextgen import fused_loss
+from hftextgen.train import fused_loss
 
 VOCAB = 1000
 LLAMA_LIKE = {

@@ -19,8 +19,8 @@ import torch
 from runs import DRIVER, ROOT, assert_same_run, losses, said, start, wait_for, weight_difference
 from safetensors.torch import load_file
 
-from hftextgen import guards, rundir
 from hftextgen import model as model_stage
+from hftextgen.train import guards, rundir
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 

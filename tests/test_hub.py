@@ -9,8 +9,9 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-from hftextgen import data, hub
+from hftextgen import hub
 from hftextgen.config import DataConfig
+from hftextgen.data import corpus as data
 from hftextgen.errors import UserError
 
 

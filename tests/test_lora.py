@@ -18,7 +18,8 @@ from runs import kill_once_saved, launch_two
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, pipeline
 
-from hftextgen import lora, rundir
+from hftextgen.model import lora
+from hftextgen.train import rundir
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hftextgen import plan
+from hftextgen.train import plan
 
 
 class Toy(torch.nn.Module):

@@ -22,9 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_corpus
 
-from hftextgen import data, preparation, shards, sources, tokenizer
 from hftextgen.config import DataConfig
+from hftextgen.data import corpus as data
+from hftextgen.data import preparation, shards, sources
 from hftextgen.errors import RunStopped
+from hftextgen.model import tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,7 +270,9 @@ def test_resume_keeps_the_finished_shards_and_ends_the_same(tiny, tmp_path, gpt2
 SMALL = {"UNIT_BYTES": (2000, 2000), "SHARD_TOKENS": 300, "PIECE_CHARS": 300}
 DRIVER = f"""
 import sys
-from hftextgen import cli, preparation, sources
+from hftextgen import cli
+from hftextgen.data import preparation
+from hftextgen.data import sources
 for name, value in {SMALL!r}.items():
     setattr(preparation, name, value)
 sources.READ_BYTES = 1000

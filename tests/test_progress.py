@@ -149,11 +149,11 @@ def test_durations_read_as_clocks_and_as_words():
 
 
 def test_plain_line_shows_rate_and_eta(monkeypatch):
-    from hftextgen.callbacks import PlainLines
+    from hftextgen.train.callbacks import PlainLines
 
     lines = PlainLines()
     lines.started, lines.first_step = 100.0, 20
-    monkeypatch.setattr("hftextgen.callbacks.time.monotonic", lambda: 130.0)  # 30 s for 10 steps
+    monkeypatch.setattr("hftextgen.train.callbacks.time.monotonic", lambda: 130.0)  # 30 s for 10 steps
     state = SimpleNamespace(global_step=30, max_steps=120)
     logs = {"loss": 5.12345, "learning_rate": 1.9e-3, "grad_norm": 0.612, "tokens_per_second": 2871.4}
     assert lines.line(state, logs) == (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hftextgen import report
+from hftextgen.train import report
 
 
 def front_matter(text: str) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from runs import assert_same_run, kill_once_saved, learning_rates, losses, said, start, weight_difference
 
-from hftextgen import rundir
+from hftextgen.train import rundir
 
 
 @pytest.fixture(autouse=True)

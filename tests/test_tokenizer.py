@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hftextgen import data, tokenizer
-from hftextgen.build import collate_blocks
 from hftextgen.config import DataConfig, ModelConfig, Recipe, TokenizerConfig, TrainArguments
+from hftextgen.data import corpus as data
+from hftextgen.model import tokenizer
+from hftextgen.train.setup import collate_blocks
 
 
 def test_bundled_tokenizer_is_gpt2():

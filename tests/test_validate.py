@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import files_args
 
-from hftextgen.validate import describe, memory_formula
+from hftextgen.train.validate import describe, memory_formula
 
 
 def validate_args(argv: list[str]) -> list[str]:
@@ -102,8 +102,8 @@ def test_memory_formula_counts_a_lora_models_training_state_as_torch_holds_it():
     them, and the formula says what full fine-tuning would add."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hftextgen import lora
     from hftextgen.config import PeftConfig
+    from hftextgen.model import lora
 
     shape = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 16, "intermediate_size": 32}
     base = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, vocab_size=300, **shape))

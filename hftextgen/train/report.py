@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, architecture, lora
-from .files import write_atomic
+from .. import __version__, model
+from ..files import write_atomic
 
 TAGS = ["text-generation", "hftextgen"]  # and the model's architecture, and lora/peft for a LoRA run
 SAMPLES_SHOWN = 3
@@ -195,7 +195,7 @@ def _architecture(config: dict | None, parameters: int | None) -> str:
     if not config or not config.get("model_type"):
         return "A causal language model"
     try:
-        shape = architecture.shape(config)
+        shape = model.shape(config)
     except (KeyError, ValueError, TypeError):  # an architecture this transformers does not know
         shape = {"model_type": config["model_type"]}
     kind = {"gpt2": "GPT-2"}.get(shape["model_type"], shape["model_type"])
@@ -222,7 +222,7 @@ def _context(config: dict | None) -> int | None:
     if not config or not config.get("model_type"):
         return None
     try:
-        return architecture.shape(config)["n_positions"]
+        return model.shape(config)["n_positions"]
     except (KeyError, ValueError, TypeError):
         return None
 
@@ -348,13 +348,13 @@ def _use_it(run: RunFiles, model_id: str) -> list[str]:
         ]
     if run.lora:
         lines += [
-            f"This is the base model with the LoRA adapter merged in. The adapter alone is in `{lora.ADAPTER_DIR}/` "
+            f"This is the base model with the LoRA adapter merged in. The adapter alone is in `{model.ADAPTER_DIR}/` "
             f"(`adapter_config.json`, `adapter_model.safetensors`); peft loads it on its base model `{run.base}`:",
             "",
             "```python",
             "from peft import AutoPeftModelForCausalLM",
             "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{model_id}/{lora.ADAPTER_DIR}")',
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{model_id}/{model.ADAPTER_DIR}")',
             "```",
             "",
         ]

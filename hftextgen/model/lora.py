@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, PeftConfig
-from .errors import UserError
+from ..config import ModelConfig, PeftConfig
+from ..errors import UserError
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,7 +67,7 @@ def check(cfg: PeftConfig, model_cfg: ModelConfig) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .hub import load_from_hub
+    from ..hub import load_from_hub
 
     name = model_cfg.name_or_path
     config = load_from_hub(AutoConfig.from_pretrained, name, "model", "model.name_or_path", revision=model_cfg.revision)

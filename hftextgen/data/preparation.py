@@ -48,8 +48,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import progress, shards, sources
-from .errors import UserError
+from .. import progress
+from ..errors import UserError
+from . import shards, sources
 from .sources import Segment
 
 # A part (one shard per split) closes after the document that brings it to this many tokens.

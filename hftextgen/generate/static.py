@@ -48,7 +48,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
 
-from .generate import SeededGumbel, gumbel_noise
+from .generator import SeededGumbel, gumbel_noise
 
 CHECK_EVERY = 16  # decoding steps between two reads of the tokens by the host, once past the first few
 ALIGN = 64  # buffer lengths are rounded up to this, so windows of nearby sizes share a captured step

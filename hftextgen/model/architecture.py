@@ -16,7 +16,7 @@ import functools
 import inspect
 import warnings
 
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 
 DEFAULT_TYPE = "gpt2"
 

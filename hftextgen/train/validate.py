@@ -1,6 +1,6 @@
 """`hftextgen validate`: a dry run of `finetune` that says what the run will do and cost.
 
-It makes the same checks as finetune and builds the same tokenizer, data and model (build.py:
+It makes the same checks as finetune and builds the same tokenizer, data and model (setup.py:
 the same errors, before any work; the data is then cached for finetune), then:
 
   measure    trains a throwaway copy of the model for a few steps with the stock Trainer, in the
@@ -35,10 +35,11 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 
-from . import architecture, build, data, evaluation, fused_loss, generate, lora, model, progress, rundir, runtime
-from .config import Recipe
+from .. import data, evaluate, generate, model, progress, runtime
+from ..config import Recipe
+from ..progress import size
+from . import fused_loss, rundir, setup
 from .plan import Schedule
-from .progress import size
 
 # Timed steps: at least MIN_STEPS and MIN_SECONDS of them after the warm-up step, at most
 # MAX_STEPS: enough to average out noise on a fast model, few on a slow one.
@@ -50,19 +51,19 @@ def validate(recipe: Recipe) -> dict:
     """Check and measure a recipe; returns the estimate (see the module docstring)."""
     output_dir = Path(recipe.train.output_dir)
     existed = output_dir.exists()
-    resume = build.preflight(recipe)
+    resume = setup.preflight(recipe)
     runtime.reuse_freed_memory()
     set_seed(recipe.train.seed)
 
     started = time.perf_counter()
-    built = build.build(recipe)
+    built = setup.build(recipe)
     prepared = {
         "cache": str(built.packed.cache_path),
         "cached": built.packed.cache_hit,
         "seconds": round(time.perf_counter() - started, 2),
         "report": built.packed.report,
     }
-    info = build.run_info(recipe, built.lm, built.packed.cache_path)
+    info = setup.run_info(recipe, built.lm, built.packed.cache_path)
     # Before the probe: a LoRA probe's final save folds the adapter into the model.
     described = describe_model(built.lm, info)
     formula = memory_formula(built.lm, recipe.train, recipe.data.block_size, info["precision"])
@@ -96,7 +97,7 @@ class Measured:
     memory_what: str
 
 
-def measure(recipe: Recipe, built: build.Built) -> Measured:
+def measure(recipe: Recipe, built: setup.Built) -> Measured:
     """Train a copy of the model for a few steps with the recipe's batch, precision, optimizer
     and data order in a temporary folder, and time everything else the run will do."""
     args = recipe.train
@@ -110,7 +111,7 @@ def measure(recipe: Recipe, built: build.Built) -> Measured:
         probe.eval_strategy, probe.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
         probe.report_to, probe.push_to_hub, probe.load_best_model_at_end = [], False, False
         probe.save_total_limit = None
-        trainer = build.make_trainer(built, probe)
+        trainer = setup.make_trainer(built, probe)
         for stock in (PrinterCallback, ProgressCallback):
             trainer.pop_callback(stock)
         timer = StepTimer()
@@ -145,7 +146,7 @@ def measure(recipe: Recipe, built: build.Built) -> Measured:
 
 def describe_model(lm, info: dict) -> dict:
     """The model's shape in the recipe's names, its parameters, and its LoRA adapters if any."""
-    shape = architecture.shape(lm.config)
+    shape = model.shape(lm.config)
     return {
         "parameters": info["parameters"],
         "trainable_parameters": info["trainable_parameters"],
@@ -158,12 +159,12 @@ def describe_model(lm, info: dict) -> dict:
         "context": shape["n_positions"],
         "vocab_size": shape["vocab_size"],
         "tied_embeddings": shape["tie_word_embeddings"],
-        **({"lora": _lora(lm)} if lora.is_peft(lm) else {}),
+        **({"lora": _lora(lm)} if model.is_peft(lm) else {}),
     }
 
 
 def estimate(
-    recipe: Recipe, built: build.Built, info: dict, st: Schedule, m: Measured, resume: str | None, formula: dict
+    recipe: Recipe, built: setup.Built, info: dict, st: Schedule, m: Measured, resume: str | None, formula: dict
 ) -> dict:
     """The estimate record: the schedule, and what it costs at the measured speeds."""
     args = recipe.train
@@ -207,7 +208,7 @@ def estimate(
 
 def _lora(lm) -> dict:
     config = lm.peft_config["default"]
-    trainable, total = lora.parameters(lm)
+    trainable, total = model.lora_parameters(lm)
     return {
         "r": config.r,
         "alpha": config.lora_alpha,
@@ -226,7 +227,7 @@ def _sample_rounds(recipe: Recipe, st: Schedule) -> int:
     return st.to_run // every if every else 0
 
 
-def _time(recipe: Recipe, built: build.Built, st: Schedule, m: Measured) -> dict:
+def _time(recipe: Recipe, built: setup.Built, st: Schedule, m: Measured) -> dict:
     evaluations = st.evaluations + _final_trainer_evaluation(recipe.train, st)
     eval_seconds = m.eval_call_seconds + m.eval_block_seconds * len(built.packed.eval_blocks)
     final_eval_seconds = 0.0
@@ -322,8 +323,8 @@ def memory_formula(lm, args, block_size: int, precision: str) -> dict:
     gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies), or with train.fused_loss in effect the
     one chunk of them it holds at a time.
     """
-    trainable, params = lora.parameters(lm)
-    shape = architecture.shape(lm.config)
+    trainable, params = model.lora_parameters(lm)
+    shape = model.shape(lm.config)
     b, s = args.per_device_train_batch_size, block_size
     h, a, layers = shape["n_embd"] or 768, shape["n_head"] or 12, shape["n_layer"] or 12
     h_kv = (shape["n_kv_head"] or a) * h / a
@@ -375,7 +376,7 @@ def _time_evaluation(trainer: Trainer, blocks, batch_size: int) -> tuple[float, 
     return max(seconds[0] - per_block * small, 0.0), per_block
 
 
-def _time_final_scoring(built: build.Built, cfg, block_size: int) -> float:
+def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
     """Seconds the end-of-training evaluator will take to score the validation documents: its
     own scoring (windows, stride, batch, precision) timed on two batches of windows cut from the
     validation blocks, scaled to the windows of the whole split."""
@@ -391,13 +392,13 @@ def _time_final_scoring(built: build.Built, cfg, block_size: int) -> float:
     lm.eval()
     try:
         with progress.silenced():
-            evaluation.score(lm, [doc[: context + 1]], context, stride, cfg.batch_size, bf16=bf16)  # warm-up
+            evaluate.score(lm, [doc[: context + 1]], context, stride, cfg.batch_size, bf16=bf16)  # warm-up
             started = time.perf_counter()
-            evaluation.score(lm, [doc], context, stride, cfg.batch_size, bf16=bf16)
+            evaluate.score(lm, [doc], context, stride, cfg.batch_size, bf16=bf16)
             seconds = time.perf_counter() - started
     finally:
         lm.train(was_training)
-    per_window = seconds / len(evaluation.windows(len(doc), context, stride))
+    per_window = seconds / len(evaluate.windows(len(doc), context, stride))
     docs = packed.eval_documents("validation")  # what the evaluator will score
     return per_window * (docs.tokens / stride + len(docs))
 

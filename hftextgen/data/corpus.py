@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cache, preparation, shards, sources
-from .config import DataConfig
-from .errors import RunStopped, UserError
-from .hub import load_from_hub
+from .. import cache
+from ..config import DataConfig
+from ..errors import RunStopped, UserError
+from ..hub import load_from_hub
+from . import preparation, shards, sources
 from .sources import expand_paths, play_to_text, shakespeare_files  # noqa: F401  (the data stage's API)
 
 # Bump when a change here alters what the same inputs produce; it is part of every cache key.
@@ -330,10 +331,10 @@ def _vocabulary(tokenizer) -> int:
 
 
 def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, hold_out: bool) -> None:
-    from . import tokenizer as tokenizer_stage
+    from .. import model as model_stage
 
     cfg = corpus.cfg
-    spec = tokenizer_stage.encoder_spec(tokenizer)
+    spec = model_stage.encoder_spec(tokenizer)
     segments, mode, every = corpus.plan(spec["cuttable"], hold_out)
     units = preparation.group(segments, every)
     dtype = shards.dtype_for(_vocabulary(tokenizer))

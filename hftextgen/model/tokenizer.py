@@ -20,10 +20,10 @@ from pathlib import Path
 import tokenizers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
-from . import cache
-from .config import ModelConfig, TokenizerConfig
-from .errors import UserError
-from .hub import load_from_hub
+from .. import cache
+from ..config import ModelConfig, TokenizerConfig
+from ..errors import UserError
+from ..hub import load_from_hub
 
 EOS = "<|endoftext|>"
 GPT2_CONTEXT = 1024

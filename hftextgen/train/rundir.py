@@ -28,9 +28,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import architecture, lora
-from .errors import UserError, warn
-from .files import write_atomic, write_json
+from .. import model
+from ..errors import UserError, warn
+from ..files import write_atomic, write_json
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Files hftextgen or the Trainer write into every run directory before or while training; a
@@ -124,8 +124,8 @@ def check_same_model(checkpoint: Path, lm) -> None:
     """A checkpoint of another architecture, shape or adapter would fail deep inside the Trainer
     with a size mismatch for every tensor; say which setting differs instead."""
     checkpoint = Path(checkpoint)
-    adapter = checkpoint / lora.ADAPTER_CONFIG
-    if adapter.is_file() != lora.is_peft(lm):
+    adapter = checkpoint / model.ADAPTER_CONFIG
+    if adapter.is_file() != model.is_peft(lm):
         holds, builds = (
             ("a LoRA adapter", "trains every weight")
             if adapter.is_file()
@@ -144,10 +144,10 @@ def check_same_model(checkpoint: Path, lm) -> None:
         return
     try:
         saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-        saved_shape = architecture.shape(saved)
+        saved_shape = model.shape(saved)
     except (OSError, ValueError, KeyError):
         return  # an FSDP checkpoint keeps no config.json; the Trainer reports what it finds
-    built_shape = architecture.shape(lm.config)
+    built_shape = model.shape(lm.config)
     for key, value in saved_shape.items():
         if value != built_shape[key]:
             _refuse(checkpoint, f"holds a model with {key}={value}, but this recipe builds {key}={built_shape[key]}")
@@ -362,11 +362,11 @@ def save_final_model(trainer, output_dir: Path) -> None:
         shutil.rmtree(staging)  # left by a run killed while saving; its files are in checkpoints
     write_final(trainer, staging)
     if main:
-        adapter = staging / lora.ADAPTER_DIR
+        adapter = staging / model.ADAPTER_DIR
         if adapter.is_dir():  # a folder: renamed whole, so it is never seen half-written
-            if (output_dir / lora.ADAPTER_DIR).exists():
-                shutil.rmtree(output_dir / lora.ADAPTER_DIR)  # a resumed run saving its end again
-            os.replace(adapter, output_dir / lora.ADAPTER_DIR)
+            if (output_dir / model.ADAPTER_DIR).exists():
+                shutil.rmtree(output_dir / model.ADAPTER_DIR)  # a resumed run saving its end again
+            os.replace(adapter, output_dir / model.ADAPTER_DIR)
 
         def weights_last(path: Path) -> tuple[bool, bool, str]:
             weights = path.suffix == ".safetensors" or path.name.startswith("pytorch_model")
@@ -383,9 +383,9 @@ def write_final(trainer, folder: Path) -> None:
     """The final model's files in `folder`, as the Trainer saves them (model, tokenizer, training
     arguments). A LoRA run saves its adapter into folder/adapter, then folds it into the base
     weights (in place: lora.merge) and saves that merged model like any other."""
-    if lora.is_peft(trainer.accelerator.unwrap_model(trainer.model)):
-        trainer.save_model(str(folder / lora.ADAPTER_DIR), _internal_call=True)
-        lora.merge(trainer)
+    if model.is_peft(trainer.accelerator.unwrap_model(trainer.model)):
+        trainer.save_model(str(folder / model.ADAPTER_DIR), _internal_call=True)
+        model.merge_adapter(trainer)
     trainer.save_model(str(folder), _internal_call=True)  # every process: FSDP gathers here
 
 

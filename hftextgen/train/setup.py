@@ -13,9 +13,10 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from . import __version__, callbacks, data, fused_loss, generate, hub, lora, model, progress, rundir, tokenizer
-from .config import Recipe
-from .errors import UserError
+from .. import __version__, data, generate, hub, model, progress
+from ..config import Recipe
+from ..errors import UserError
+from . import callbacks, fused_loss, rundir
 
 
 @dataclass
@@ -59,7 +60,7 @@ def check_lora(recipe: Recipe) -> None:
             "peft.method=lora under FSDP (launch/fsdp.yaml) has not been run here: LoRA's training state is small, "
             "so use data parallel instead (launch/multi_gpu.yaml)"
         )
-    lora.check(recipe.peft, recipe.model)
+    model.check_lora_recipe(recipe.peft, recipe.model)
 
 
 def uses_fsdp(args: TrainingArguments) -> bool:
@@ -72,12 +73,12 @@ def build(recipe: Recipe) -> Built:
     machine prepares the data while the others wait, then read what it wrote."""
     corpus = data.Corpus(recipe.data)
     with recipe.train.main_process_first(desc="preprocessing"):
-        tok = tokenizer.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
-        packed = data.prepare(corpus, tok, tokenizer.fingerprint(tok))
+        tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
+        packed = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     if recipe.peft.lora:
-        lm = lora.wrap(lm, recipe.peft, recipe.model.name_or_path)
+        lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
     return Built(tok, corpus, packed, lm)
 
 
@@ -93,7 +94,7 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     setting = getattr(args, "fused_loss", False)
     if setting is not False:
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
-        target = built.lm.get_base_model() if lora.is_peft(built.lm) else built.lm
+        target = built.lm.get_base_model() if model.is_peft(built.lm) else built.lm
         # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
         note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only)
         if note:
@@ -120,7 +121,7 @@ def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
         "device": str(args.device),
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "parameters": lm.num_parameters(),
-        "trainable_parameters": lora.parameters(lm)[0],
+        "trainable_parameters": model.lora_parameters(lm)[0],
         "per_device_batch_size": args.per_device_train_batch_size,
         "processes": args.world_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,

@@ -1,7 +1,7 @@
 """Token-weighted perplexity, bits-per-byte and word perplexity from per-document NLL sums.
 
 An `evaluate` module kept in the package and loaded by path (`evaluate.load(<this folder>)`), so
-it works offline. The model scoring happens in hftextgen.evaluation; this module owns the
+it works offline. The model scoring happens in hftextgen.evaluate; this module owns the
 arithmetic peers get wrong: every total is a sum over tokens (never a mean of per-batch means),
 and bits-per-byte divides by the UTF-8 bytes of the text, which makes models with different
 tokenizers comparable. The caller counts each document's bytes and words (from its text, or

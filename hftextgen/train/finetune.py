@@ -1,7 +1,7 @@
 """Train stage: `hftextgen finetune`, a recipe run end to end on a stock Trainer (AdamW).
 
 `finetune` reads as its steps: the checks before any work, the tokenizer, data and model
-(build.py), a Trainer with the run's callbacks, the run directory (rundir.py), training under
+(setup.py), a Trainer with the run's callbacks, the run directory (rundir.py), training under
 the guards (guards.py), the final model and metrics, the evaluator on the held-out documents,
 and the report. What the run directory ends up holding is listed in the README.
 """
@@ -12,10 +12,11 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback, Trainer, set_seed
 
-from . import build, callbacks, data, evaluation, generate, guards, hub, report, rundir, runtime
+from .. import data, evaluate, generate, hub, runtime
+from ..config import DataConfig, EvaluateConfig, GenerateConfig, Recipe
+from ..errors import warn
+from . import callbacks, guards, report, rundir, setup
 from .callbacks import perplexity
-from .config import DataConfig, EvaluateConfig, GenerateConfig, Recipe
-from .errors import warn
 
 
 def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str] | None = None) -> dict:
@@ -27,20 +28,20 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     main = args.process_index == 0
     say = print if main else lambda *lines, **kw: None
 
-    resume = build.preflight(recipe)
+    resume = setup.preflight(recipe)
     if not main:
         runtime.quiet_replica(args)
     runtime.reuse_freed_memory()
     set_seed(args.seed)
 
-    built = build.build(recipe)
+    built = setup.build(recipe)
     packed = built.packed
     say(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}", flush=True)
     say(data.format_report(packed.report), flush=True)
     if resume is not None:
         rundir.check_same_model(Path(resume), built.lm)
     trainer, tensorboard = setup_trainer(recipe, built)
-    info = build.run_info(recipe, built.lm, packed.cache_path)
+    info = setup.run_info(recipe, built.lm, packed.cache_path)
     say(describe_run(info), flush=True)
     if main:
         start_run_dir(recipe, built, info, resume, resolved_yaml)
@@ -57,9 +58,9 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     return metrics
 
 
-def setup_trainer(recipe: Recipe, built: build.Built) -> tuple[Trainer, callbacks.TensorBoard | None]:
+def setup_trainer(recipe: Recipe, built: setup.Built) -> tuple[Trainer, callbacks.TensorBoard | None]:
     """The stock Trainer with the run's metrics, progress display, TensorBoard and samples."""
-    trainer = build.make_trainer(built, recipe.train)
+    trainer = setup.make_trainer(built, recipe.train)
     validation = built.packed.report["validation"]
     output_dir = Path(recipe.train.output_dir)
     tensorboard = callbacks.install(
@@ -90,7 +91,7 @@ def describe_run(info: dict) -> str:
     )
 
 
-def start_run_dir(recipe: Recipe, built: build.Built, info: dict, resume: str | None, resolved_yaml: str | None):
+def start_run_dir(recipe: Recipe, built: setup.Built, info: dict, resume: str | None, resolved_yaml: str | None):
     """Warn when the disk looks too small, then make the run directory ready (main process)."""
     args = recipe.train
     output_dir = Path(args.output_dir)
@@ -153,7 +154,7 @@ def last_evaluation(trainer: Trainer) -> dict | None:
     return None
 
 
-def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: build.Built, tensorboard, say) -> dict:
+def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: setup.Built, tensorboard, say) -> dict:
     """The generation evaluator on the held-out documents (main process): eval.json, samples,
     and the final figures in TensorBoard."""
     output_dir = Path(recipe.train.output_dir)
@@ -180,7 +181,7 @@ def evaluate_run(
     was_training = lm.training
     lm.eval()
     try:
-        return evaluation.run(
+        return evaluate.evaluate_model(
             lm,
             tok,
             docs,

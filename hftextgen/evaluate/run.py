@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, progress, shards
-from . import model as model_stage
-from .config import DataConfig, EvaluateConfig, GenerateConfig
-from .errors import UserError
-from .files import write_atomic, write_json
-from .generate import Generator, samples_markdown, write_samples
+from .. import __version__, progress
+from .. import model as model_stage
+from ..config import DataConfig, EvaluateConfig, GenerateConfig
+from ..data import Documents
+from ..errors import UserError
+from ..files import write_atomic, write_json
+from ..generate import Generator, samples_markdown, write_samples
 
 METRICS = Path(__file__).parent / "metrics"
 
@@ -131,7 +132,7 @@ def diversity_metrics(texts: list[str]) -> dict:
     return load_metric("diversity").compute(predictions=texts)
 
 
-def documents(packed, split: str) -> shards.Documents:
+def documents(packed, split: str) -> Documents:
     """The documents `evaluate.split` names, from the prepared data (data.prepare; prepared with
     hold_out false for split all): a seeded subset of whole documents holding at most
     data.max_eval_tokens tokens, as token ids, with their bytes and words."""
@@ -223,7 +224,7 @@ def markdown(result: dict, sample_texts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe(data: DataConfig, split: str, docs: shards.Documents) -> str:
+def describe(data: DataConfig, split: str, docs: Documents) -> str:
     source = {"shakespeare": "the bundled Shakespeare plays", "files": "files", "hub": f"hub dataset {data.dataset}"}
     names = docs.names
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4:,} more" if len(names) > 4 else "")
@@ -244,7 +245,7 @@ def describe(data: DataConfig, split: str, docs: shards.Documents) -> str:
 def run(
     lm,
     tok,
-    docs: shards.Documents,
+    docs: Documents,
     *,
     data: DataConfig,
     cfg: EvaluateConfig,

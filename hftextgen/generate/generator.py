@@ -30,11 +30,11 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from . import model as model_stage
-from . import progress
-from .config import NEUTRAL, GenerateConfig
-from .errors import UserError
-from .files import append_lines, write_atomic
+from .. import model as model_stage
+from .. import progress
+from ..config import NEUTRAL, GenerateConfig
+from ..errors import UserError
+from ..files import append_lines, write_atomic
 
 
 @dataclass
@@ -142,9 +142,9 @@ class Generator:
         self.eos = tok.eos_token_id
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token, which marks where documents start and end")
-        self.fast = None  # generate.cache static: hftextgen.decode's loop instead of generate's (see _run)
+        self.fast = None  # generate.cache static: hftextgen.generate.static's loop instead of generate's (see _run)
         if cfg.cache == "static":
-            from .decode import StaticDecoder
+            from .static import StaticDecoder
 
             self.fast = StaticDecoder.create(lm)
 

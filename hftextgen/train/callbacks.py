@@ -24,9 +24,9 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import generate, progress
-from .config import GenerateConfig
-from .files import append_lines
+from .. import generate, progress
+from ..config import GenerateConfig
+from ..files import append_lines
 
 
 def perplexity(loss: float) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .errors import RunStopped, UserError, warn
+from ..errors import RunStopped, UserError, warn
 from .rundir import checkpoint_step, newest_complete
 
 # ---------------------------------------------------------------- graceful stop

@@ -8,12 +8,13 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import architecture, lora, progress
+from .. import progress
+from ..config import ModelConfig
+from ..errors import UserError
+from ..hub import load_from_hub
+from ..runtime import ignore_padding_warning
+from . import architecture, lora
 from . import tokenizer as tokenizer_stage
-from .config import ModelConfig
-from .errors import UserError
-from .hub import load_from_hub
-from .runtime import ignore_padding_warning
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:

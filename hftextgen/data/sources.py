@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import UserError
+from ..errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 ROW_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")

@@ -1,0 +1,21 @@
+"""The data stage: read a corpus (plays, files, hub datasets), split it, tokenize it into cached token shards.
+
+The rest of the house uses only the names below; the modules behind them are the stage's own.
+"""
+
+from .. import stage_exports
+
+_EXPORTS = {
+    "Corpus": "corpus",
+    "Packed": "corpus",
+    "prepare": "corpus",
+    "format_report": "corpus",
+    "expand_paths": "sources",
+    "play_to_text": "sources",
+    "shakespeare_files": "sources",
+    "Documents": "shards",
+    "SAFE_CUT": "preparation",
+    "build_encoder": "preparation",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = stage_exports(__name__, _EXPORTS)

@@ -1,0 +1,15 @@
+"""The evaluate stage: exact perplexity, bits-per-byte and word perplexity of documents, and samples.
+
+The rest of the house uses only the names below; the modules behind them are the stage's own.
+"""
+
+from .. import stage_exports
+
+_EXPORTS = {
+    "evaluate_model": "run:run",
+    "documents_of_split": "run:documents",
+    "score": "run",
+    "windows": "run",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = stage_exports(__name__, _EXPORTS)

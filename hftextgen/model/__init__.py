@@ -1,0 +1,33 @@
+"""The model stage: the tokenizer, the model a recipe builds or loads, its architecture's shape names, LoRA.
+
+The rest of the house uses only the names below; the modules behind them are the stage's own.
+"""
+
+from .. import stage_exports
+
+_EXPORTS = {
+    "build_model": "build",
+    "context_length": "build",
+    "check_source": "build",
+    "load": "build",
+    "pretrained_overrides": "build",
+    "DEFAULT_TYPE": "architecture",
+    "build_config": "architecture",
+    "check_config_keys": "architecture",
+    "scratch_settings": "architecture",
+    "shape": "architecture",
+    "bundled_gpt2": "tokenizer",
+    "build_tokenizer": "tokenizer",
+    "encoder_spec": "tokenizer",
+    "fingerprint": "tokenizer",
+    "ready_for_lm": "tokenizer",
+    "ADAPTER_CONFIG": "lora",
+    "ADAPTER_DIR": "lora",
+    "check_lora_recipe": "lora:check",
+    "is_peft": "lora",
+    "lora_parameters": "lora:parameters",
+    "merge_adapter": "lora:merge",
+    "wrap_lora": "lora:wrap",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = stage_exports(__name__, _EXPORTS)
