@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hftextgen.config import NEUTRAL, PRESETS, GenerateConfig
-from hftextgen.generate.generator import Generator, SeededGumbel
+from hftextgen.generate.generator import Generator
+from hftextgen.generate.sampling import SeededGumbel
 from hftextgen.model.build import load
 
 PROMPTS = ["HAMLET:", "", "KING: good night sweet prince o what a noble mind", "QUEEN"]

@@ -10,7 +10,7 @@ removes only part of that. Here:
 - prefill: one forward over the window writes its keys and values into buffers sized for the
   window plus the new tokens;
 - decoding step: embed the last token, attend over the buffers under a mask, logits, the
-  logits processors, the seeded Gumbel draw (generate.SeededGumbel's keys, computed on the
+  logits processors, the seeded Gumbel draw (sampling.SeededGumbel's keys, computed on the
   device), argmax, write the token. Shapes are fixed and every counter lives on the device, so
   on a GPU the whole step is captured once per (batch, buffer length, settings) and replayed;
 - the host reads the tokens only every few steps (after 1, 2, 4, 8 and then every 16) to learn
@@ -48,7 +48,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
 
-from .generator import SeededGumbel, gumbel_noise
+from .sampling import SeededGumbel, gumbel_noise
 
 CHECK_EVERY = 16  # decoding steps between two reads of the tokens by the host, once past the first few
 ALIGN = 64  # buffer lengths are rounded up to this, so windows of nearby sizes share a captured step
