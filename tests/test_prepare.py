@@ -25,6 +25,7 @@ from conftest import make_text, write_corpus
 from hftextgen.config import DataConfig
 from hftextgen.data import corpus as data
 from hftextgen.data import preparation, shards, sources
+from hftextgen.data.split import held_out_by_hash
 from hftextgen.errors import RunStopped
 from hftextgen.model import tokenizer
 
@@ -393,7 +394,7 @@ def test_streamed_hub_data_is_held_out_by_a_hash_of_each_document(tmp_path, gpt2
         source="hub", dataset=str(tmp_path / "hub"), streaming=True, text_field="body", block_size=16, num_proc=num_proc
     )
     packed = prepare(cfg, gpt2)
-    held = [t for t in texts if preparation.held_out_by_hash(t, cfg.validation_fraction)]
+    held = [t for t in texts if held_out_by_hash(t, cfg.validation_fraction)]
     assert 0 < len(held) < len(texts) / 4
     assert packed.report["validation"]["documents"] == len(held)
     assert packed.report["train"]["documents"] == len(texts) - len(held)

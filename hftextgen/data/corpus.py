@@ -24,6 +24,7 @@ from ..errors import RunStopped, UserError
 from ..hub import load_from_hub
 from . import preparation, shards, sources
 from .sources import expand_paths, play_to_text, shakespeare_files  # noqa: F401  (the data stage's API)
+from .split import held_out_indices, split_of
 
 # Bump when a change here alters what the same inputs produce; it is part of every cache key.
 PREPROCESS_VERSION = 2
@@ -211,15 +212,9 @@ class Corpus:
         held = None
         if mode == "seeded":
             n = sum(1 for _ in self._whole_documents())
-            held = set(preparation.held_out_indices(n, cfg.validation_fraction, cfg.split_seed).tolist())
+            held = held_out_indices(n, cfg.validation_fraction, cfg.split_seed)
         for index, (fixed, doc_id, text) in enumerate(self._whole_documents()):
-            if mode == "fixed":
-                where = fixed
-            elif mode == "seeded":
-                where = "validation" if index in held else "train"
-            else:
-                where = "validation" if preparation.held_out_by_hash(text, cfg.validation_fraction) else "train"
-            if where == split:
+            if split_of(mode, fixed, index, text, held, cfg.validation_fraction) == split:
                 yield doc_id, text
 
     @cached_property
@@ -248,7 +243,7 @@ def read_file(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
 def hold_out(docs, fraction: float, seed: int):
     """Split in-memory documents as preparing splits them: a seeded shuffle picks
     round(fraction * n) of them (at least one, never all); both parts keep the source order."""
-    held = preparation.held_out_indices(len(docs), fraction, seed)
+    held = held_out_indices(len(docs), fraction, seed)
     kept = np.setdiff1d(np.arange(len(docs)), held)
     return docs.select(kept), docs.select(held)
 

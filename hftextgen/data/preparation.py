@@ -52,6 +52,7 @@ from .. import progress
 from ..errors import UserError
 from . import shards, sources
 from .sources import Segment
+from .split import held_out_indices, split_of
 
 # A part (one shard per split) closes after the document that brings it to this many tokens.
 SHARD_TOKENS = 100_000_000
@@ -274,28 +275,6 @@ def place(units: list[Unit], counts: list[list[tuple[int, int]]]) -> int:
     return documents
 
 
-def held_out_indices(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of the documents a seeded shuffle holds out: round(fraction * n) of them,
-    at least one, never all. The same as np.random.default_rng(seed).permutation(n)[:k], with
-    4 bytes a document while it is drawn (shuffle draws the same numbers for any dtype)."""
-    if n < 2:
-        raise UserError(
-            f"the data holds {n} document(s), too few to hold out whole documents for validation: "
-            f"give data.validation_paths, or split files into documents with data.sample_by=paragraph"
-        )
-    k = min(n - 1, max(1, round(n * fraction)))
-    order = np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64)
-    np.random.default_rng(seed).shuffle(order)
-    return np.sort(order[:k]).astype(np.int64)
-
-
-def held_out_by_hash(text: str, fraction: float) -> bool:
-    """Whether a streamed document is held out: by a hash of its text, so the same documents are
-    held out on every run, in any order, and exact duplicates land on the same side."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2.0**64
-
-
 # ---------------------------------------------------------------- tokenize one unit
 
 _settings: Settings | None = None
@@ -451,16 +430,7 @@ class _UnitWork:
         self.pending_chars = self.pending_bytes = 0
 
     def split_of(self, seg: Segment, index: int, text: str | None) -> str:
-        mode = self.s.split_mode
-        if mode == "none":
-            return "train"
-        if mode == "fixed":
-            return seg.split
-        if mode == "seeded":
-            held = self.unit.held_out
-            at = int(np.searchsorted(held, index))
-            return "validation" if at < len(held) and held[at] == index else "train"
-        return "validation" if held_out_by_hash(text or "", self.cfg.validation_fraction) else "train"
+        return split_of(self.s.split_mode, seg.split, index, text, self.unit.held_out, self.cfg.validation_fraction)
 
     def send(self, split: str, row: int, text: str) -> None:
         """Queue a text of a document for the tokenizer, cut into pieces where that is exact."""
