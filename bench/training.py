@@ -225,8 +225,8 @@ def _plain(config: dict) -> None:
 
     from hftextgen.config import DataConfig
     from hftextgen.data import corpus as data
+    from hftextgen.data.packing import collate_blocks
     from hftextgen.model import tokenizer
-    from hftextgen.train.setup import collate_blocks
 
     block = config["block_size"]
     tok = tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")

@@ -377,6 +377,18 @@ def run_evaluate(argv: list[str]) -> int:
     # The model's tokenizer finds the data its run prepared; split all holds nothing out.
     packed = data.prepare(corpus, tok, model.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
+    if packed.task:  # prompts and answers: the answers scored given their prompts
+        evaluate.evaluate_answers(
+            lm,
+            tok,
+            packed,
+            s.evaluate.split,
+            cfg=s.evaluate,
+            generate_cfg=s.generate,
+            out_dir=out_dir,
+            model_name=cfg.model,
+        )
+        return 0
     evaluate.evaluate_model(
         lm,
         tok,

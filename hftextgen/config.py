@@ -234,6 +234,13 @@ class TokenizerConfig:
     min_frequency: int = 2
     """A pair must occur this often in the training split to become a merge (source=train)."""
 
+    chat_template: str | None = None
+    """The chat template for conversations (data.format messages, or prompt/completion given as
+    messages): a Jinja string, or the path of a .jinja file. Unset: the model's own template,
+    else hftextgen's default (`<|system|>`, `<|user|>` and `<|assistant|>` lines, each answer
+    ending with EOS: docs/tasks.md). It is saved with the tokenizer, so stock
+    `apply_chat_template`, `pipeline` and `transformers serve` use it on the run directory."""
+
     def __post_init__(self) -> None:
         _require(
             self.name_or_path is None or self.source in ("auto", "pretrained"),
@@ -278,6 +285,28 @@ class DataConfig:
     encoding: str = "utf-8"
     """Encoding of text, json, jsonl and csv files."""
 
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """What a record holds (TRL's dataset conventions). text: a document, in text_field.
+    prompt_completion: `prompt` and `completion`, two strings (prompt, then completion, then EOS;
+    no template) or two lists of messages. messages: a conversation, a list of {role, content}
+    with roles system, user and assistant (through the chat template). auto: what the first
+    record holds, said when preparing; plain-text files are text, and so are the plays (a
+    task format on the plays makes dialogue examples of them: docs/tasks.md)."""
+
+    loss_on: Literal["answers", "all"] | None = None
+    """The tokens the loss is computed on. answers: the completion, or every assistant turn,
+    each with the EOS or end-of-turn token that ends it (prompts, system and user turns are
+    context only). all: every token. Unset: answers for task formats; text is always all."""
+
+    packing: Literal["concat", "isolated", "padded"] | None = None
+    """How examples fill the rows of a batch. concat: documents joined (EOS after each) and cut
+    into blocks of block_size across the split, each token attending to the documents before it
+    in its block. isolated: whole examples packed into rows of at most block_size tokens, each
+    attending only to itself (position ids restart per example, and the attention follows).
+    padded: one example a row, padded to the longest of its batch, batches grouped by length.
+    Unset: concat for text, isolated for task formats. A text document longer than block_size
+    is cut into examples of block_size for isolated and padded."""
+
     dataset: str | None = None
     """Hub dataset for source=hub, e.g. wikitext or Salesforce/wikitext."""
 
@@ -316,8 +345,10 @@ class DataConfig:
     with every figure. Bounds the time an evaluation takes on a large corpus."""
 
     block_size: int = 256
-    """Tokens per training example. Documents are joined (with EOS) and cut into blocks of this
-    size across the whole split; only the last partial block is dropped, and reported."""
+    """Tokens per training row. concat packing: documents are joined (with EOS) and cut into
+    blocks of this size across the whole split; only the last partial block is dropped, and
+    reported. Task examples longer than this keep their answer and lose the start of their
+    prompt; one whose answer alone does not fit is dropped (both counted in the data report)."""
 
     add_eos: bool = True
     """End every document with the tokenizer's EOS, so the model learns where text ends. Turn off
@@ -346,6 +377,12 @@ class DataConfig:
             encodings.search_function(self.encoding.lower()) is not None,
             f"data.encoding: unknown encoding {self.encoding!r} (e.g. utf-8, latin-1, cp1252)",
         )
+        if self.format == "text":
+            _require(
+                self.loss_on != "answers",
+                "data.loss_on=answers needs prompts and answers, and data.format=text has none: use "
+                "data.format prompt_completion or messages, or drop data.loss_on",
+            )
         if self.source == "files":
             _require(bool(self.paths), "data.source=files needs data.paths: a list of files, directories or globs")
         else:
@@ -524,7 +561,13 @@ class EvaluateConfig:
     so results compare exactly across runs)."""
 
     samples: bool = True
-    """Write samples (generate section: prompts and preset) to samples.jsonl and samples.md."""
+    """Write samples (generate section: prompts and preset) to samples.jsonl and samples.md.
+    Task data: answers generated for held-out prompts, beside their references."""
+
+    max_answers: int = 64
+    """Task data: held-out prompts answered by generation (the generate section's preset, a
+    seed each), scored by exact match and F1 against their reference answers: the first this
+    many of the evaluated examples (0: none)."""
 
     at_end_of_training: bool = True
     """finetune: evaluate the final model on the validation documents and write samples."""
@@ -548,6 +591,7 @@ class EvaluateConfig:
             )
         _require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1 (got {self.batch_size})")
         _require(self.sample_every >= 0, f"evaluate.sample_every must be >= 0 (got {self.sample_every})")
+        _require(self.max_answers >= 0, f"evaluate.max_answers must be >= 0 (got {self.max_answers})")
 
 
 @functools.cache

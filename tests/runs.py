@@ -25,10 +25,10 @@ DRIVER = """
 import os, signal, sys, time
 from transformers import Trainer
 from hftextgen import cli
-from hftextgen.train import setup as build
+from hftextgen.data import packing
 
-collate, delay = build.collate_blocks, float(os.environ.get("STEP_DELAY", "0"))
-build.collate_blocks = lambda examples: (time.sleep(delay), collate(examples))[1]
+collate, delay = packing.collate_blocks, float(os.environ.get("STEP_DELAY", "0"))
+packing.collate_blocks = lambda examples: (time.sleep(delay), collate(examples))[1]
 die_at, save = int(os.environ.get("DIE_IN_SAVE", "0")), Trainer._save_optimizer_and_scheduler
 
 def dying(self, output_dir):

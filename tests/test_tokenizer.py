@@ -6,8 +6,8 @@ import torch
 
 from hftextgen.config import DataConfig, ModelConfig, Recipe, TokenizerConfig, TrainArguments
 from hftextgen.data import corpus as data
+from hftextgen.data.packing import collate_blocks
 from hftextgen.model import tokenizer
-from hftextgen.train.setup import collate_blocks
 
 
 def test_bundled_tokenizer_is_gpt2():

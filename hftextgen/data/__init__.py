@@ -10,12 +10,18 @@ _EXPORTS = {
     "Packed": "corpus",
     "prepare": "corpus",
     "format_report": "corpus",
+    "packing_line": "corpus",
+    "report_table": "corpus",
     "expand_paths": "sources",
     "play_to_text": "sources",
     "shakespeare_files": "sources",
     "Documents": "shards",
     "SAFE_CUT": "preparation",
     "build_encoder": "preparation",
+    "DEFAULT_CHAT_TEMPLATE": "tasks",
+    "ExampleEncoder": "tasks",
+    "check_template": "tasks",
+    "resolve_template": "tasks",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

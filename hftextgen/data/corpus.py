@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from .. import cache
 from ..config import DataConfig
 from ..errors import RunStopped, UserError
 from ..hub import load_from_hub
-from . import preparation, shards, sources
+from . import preparation, shards, sources, tasks
 from .sources import expand_paths, play_to_text, shakespeare_files  # noqa: F401  (the data stage's API)
 from .split import held_out_indices, split_of
 
@@ -65,6 +66,104 @@ class Corpus:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self._hub: dict = {}
+        self.found: str | None = None  # what data.format auto found, to say so
+
+    # ---- what a record holds
+
+    @cached_property
+    def format(self) -> str:
+        """data.format, with auto resolved from the first record."""
+        cfg = self.cfg
+        if cfg.source == "shakespeare":
+            return "text" if cfg.format == "auto" else cfg.format
+        if cfg.source == "files":
+            texts = [p for p in self.files[0] if p.suffix.lower() in sources.TEXT_SUFFIXES]
+            if texts and cfg.format not in ("auto", "text"):
+                raise UserError(
+                    f"data.format={cfg.format} reads records of .jsonl, .json, .csv or .parquet files, and {texts[0]} "
+                    f"is plain text: convert it, or use data.format text"
+                )
+            if texts or cfg.format != "auto":
+                return "text" if cfg.format == "auto" else cfg.format
+        elif cfg.format != "auto":
+            return cfg.format
+        where, record = self._first_record()
+        self._hub.clear()  # opened with every column to look: reopened with the format's
+        try:
+            fmt = tasks.detect_format(record, text_field=cfg.text_field)
+        except UserError as e:
+            raise UserError(f"data.format auto: {where}: {e}") from None
+        self.found = f"data.format auto: {where} holds {', '.join(map(str, record))}: reading {fmt} records"
+        return fmt
+
+    @property
+    def is_task(self) -> bool:
+        return self.format != "text"
+
+    @cached_property
+    def loss_on(self) -> str:
+        """data.loss_on resolved: answers for task formats, all for text."""
+        if self.format == "text" and self.cfg.loss_on == "answers":
+            raise UserError(
+                f"data.loss_on=answers needs prompts and answers, and {self.found or 'the data is text'}: use a "
+                f"prompt_completion or messages file, or drop data.loss_on"
+            )
+        return self.cfg.loss_on or ("answers" if self.is_task else "all")
+
+    @cached_property
+    def packing(self) -> str:
+        """data.packing resolved: isolated for task formats, concat for text."""
+        return self.cfg.packing or ("isolated" if self.is_task else "concat")
+
+    @cached_property
+    def uses_template(self) -> bool:
+        """Conversations: messages, or prompt/completion given as lists of messages. Plain
+        prompt/completion strings are joined without a template, and get none."""
+        if self.format == "messages":
+            return True
+        if self.format != "prompt_completion":
+            return False
+        if self.cfg.source == "shakespeare":
+            return False
+        return isinstance(json.loads(self._first_task_record()).get("prompt"), list)
+
+    def _first_task_record(self) -> str:
+        for _, record in sources.read_all(self.plan(False)[0], self.reading):
+            if sources.is_document(record.text):
+                return record.text
+        raise UserError(f"data: the {self.cfg.source} data holds no records: check data.paths or data.dataset")
+
+    def task_settings(self, tokenizer) -> dict | None:
+        """What the preparation workers build their ExampleEncoder from; None for text."""
+        if not self.is_task:
+            return None
+        return {
+            "tokenizer": tokenizer,
+            "format": self.format,
+            "loss_on": self.loss_on,
+            "max_length": self.cfg.block_size,
+        }
+
+    @cached_property
+    def reading(self) -> SimpleNamespace:
+        """What the readers and the preparation workers use of the data section, data.format
+        resolved (a namespace: workers then need not import config.py)."""
+        fields = preparation.data_fields(self.cfg)
+        fields.format = self.format
+        return fields
+
+    def _first_record(self) -> tuple[str, dict]:
+        """The first record of the training data, every field of it."""
+        detect = preparation.data_fields(self.cfg)
+        detect.format = sources.DETECT
+        if self.cfg.source == "files":
+            path = self.files[0][0]
+            segments = sources.file_segments(path, detect, 1 << 62, False, None, path.stat().st_size)
+        else:
+            segments = self.plan(False, reading=detect)[0][:1]
+        for _, record in sources.read_all(segments, detect):
+            return record.id, json.loads(record.text)
+        raise UserError(f"data: the {self.cfg.source} data holds no records: check data.paths or data.dataset")
 
     @cached_property
     def files(self) -> tuple[list[Path], list[Path]]:
@@ -128,14 +227,20 @@ class Corpus:
                 **extra,
             )
             columns = ds.column_names  # None: a stream that does not know them before reading
-            if columns is not None and cfg.text_field not in columns:
+            # While data.format auto is being found, every column; after, the format's.
+            fmt = self.__dict__.get("format") or cfg.format
+            wanted = sources.TASK_FIELDS.get(fmt, (cfg.text_field,))
+            if columns is not None and fmt != "auto" and not set(wanted) <= set(columns):
+                missing = ", ".join(repr(c) for c in wanted if c not in columns)
                 raise UserError(
-                    f"the {split} split of {cfg.dataset} has no column {cfg.text_field!r} "
-                    f"(columns: {', '.join(columns)}): set data.text_field"
+                    f"the {split} split of {cfg.dataset} has no column {missing} (columns: {', '.join(columns)}): "
+                    + ("set data.text_field" if fmt == "text" else "set data.format to what the records hold")
                 )
-            if not cfg.streaming:  # rows are read by position, from the text column alone
+            if not cfg.streaming and fmt == "text":  # rows are read by position, from the text column alone
                 ds = ds.select_columns([cfg.text_field])
                 ds = ds.rename_column(cfg.text_field, "text") if cfg.text_field != "text" else ds
+            elif not cfg.streaming and fmt != "auto":
+                ds = ds.select_columns(list(wanted))
             self._hub[split] = ds
         return self._hub[split]
 
@@ -155,23 +260,35 @@ class Corpus:
 
     # ---- segments
 
-    def plan(self, cuttable: bool, hold_out: bool = True) -> tuple[list[sources.Segment], str, int]:
+    def plan(self, cuttable: bool, hold_out: bool = True, reading=None) -> tuple[list[sources.Segment], str, int]:
         """(segments in source order, split mode, bytes per unit of work). Split modes: seeded
         (a seeded shuffle of all documents), hash (streamed: by each document's text), fixed
-        (validation files or a validation split), none (nothing held out)."""
+        (validation files or a validation split, and the plays as dialogue), none (nothing held
+        out)."""
         cfg = self.cfg
+        reading = reading or self.reading
         if cfg.source == "shakespeare":
             segments = sources.play_segments()
             mode = "seeded"
             every = preparation.unit_bytes(sum(s.size for s in segments))
+            if reading.format != "text":
+                # Dialogue examples of the plays: the plays the text run holds out (the same
+                # seeded draw over the 38 plays), so neither run has seen the other's test plays.
+                held = held_out_indices(len(segments), cfg.validation_fraction, cfg.split_seed)
+                segments = [
+                    replace(seg, split="validation" if i in held else "train") for i, seg in enumerate(segments)
+                ]
+                mode = "fixed"
         elif cfg.source == "files":
             train, validation = self.files
             sizes = {p: p.stat().st_size for p in train + validation}
             every = preparation.unit_bytes(sum(sizes.values()))
             fixed = "train" if validation else None
-            segments = [s for p in train for s in sources.file_segments(p, cfg, every, cuttable, fixed, sizes[p])]
+            segments = [s for p in train for s in sources.file_segments(p, reading, every, cuttable, fixed, sizes[p])]
             segments += [
-                s for p in validation for s in sources.file_segments(p, cfg, every, cuttable, "validation", sizes[p])
+                s
+                for p in validation
+                for s in sources.file_segments(p, reading, every, cuttable, "validation", sizes[p])
             ]
             mode = "fixed" if validation else "seeded"
         else:
@@ -196,7 +313,7 @@ class Corpus:
     def _whole_documents(self):
         """(segment split, id, text) of every document, whole, in source order."""
         current_id, pieces = None, []
-        for seg, record in sources.read_all(self.plan(cuttable=False)[0], self.cfg):
+        for seg, record in sources.read_all(self.plan(cuttable=False)[0], self.reading):
             if record.begins:
                 current_id, pieces = record.id, []
             pieces.append(record.text or "")
@@ -215,7 +332,7 @@ class Corpus:
             held = held_out_indices(n, cfg.validation_fraction, cfg.split_seed)
         for index, (fixed, doc_id, text) in enumerate(self._whole_documents()):
             if split_of(mode, fixed, index, text, held, cfg.validation_fraction) == split:
-                yield doc_id, text
+                yield doc_id, tasks.plain_text(json.loads(text)) if self.is_task else text
 
     @cached_property
     def documents(self) -> Documents:
@@ -252,25 +369,44 @@ def hold_out(docs, fraction: float, seed: int):
 
 
 class Packed:
-    """Prepared data, memory-mapped: `train` and `validation` blocks for the Trainer,
-    `eval_blocks` (the Trainer's capped evaluation subset), `eval_documents()` (the evaluator's),
-    the report, and where it lives."""
+    """Prepared data, memory-mapped: `train` (blocks, rows of isolated examples, or examples for
+    padding, as data.packing says) and `eval_blocks` (the Trainer's capped evaluation subset,
+    packed the same way) with the `collate` that batches them, `eval_documents()` (the
+    evaluator's), the report, and where it lives."""
 
     def __init__(self, path: Path, cfg: DataConfig, cache_hit: bool, need_blocks: bool = True):
         self.cache_path, self.cache_hit, self.cfg = path, cache_hit, cfg
         self.manifest = shards.read_manifest(path)
         if self.manifest.get("format") != shards.FORMAT:
             raise UserError(f"{path} holds prepared data of another format: delete it and run again")
-        self.tokens = {}
+        self.task = self.manifest.get("task")
+        self.packing = cfg.packing or ("isolated" if self.task else "concat")
+        self.tokens, self.masks = {}, {}
         for split in SPLITS:
-            tokens = shards.Tokens(path, self.manifest["splits"][split]["shards"], self.manifest["dtype"])
-            problem = tokens.check()
+            listed = self.manifest["splits"][split]["shards"]
+            tokens = shards.Tokens(path, listed, self.manifest["dtype"])
+            masks = shards.Tokens(path, listed, "uint8", shards.MASK_SUFFIX) if self.task else None
+            problem = tokens.check() or (masks.check() if masks is not None else None)
             if problem:
                 raise UserError(f"the prepared data is damaged ({problem}): delete {path} and prepare it again")
-            self.tokens[split] = tokens
-        self.train = shards.BlockDataset(self.tokens["train"], cfg.block_size)
-        self.validation = shards.BlockDataset(self.tokens["validation"], cfg.block_size)
+            self.tokens[split], self.masks[split] = tokens, masks
         self.report = report(self.manifest, cfg.block_size)
+        if self.packing == "concat":
+            self._blocks(need_blocks)
+        else:
+            self._examples(need_blocks)
+        self.report["packing"] = self.packing
+        self.report["eval"] = {
+            "max_tokens": cfg.max_eval_tokens,
+            "blocks": len(self.eval_blocks),
+            "tokens": self.eval_blocks.n_tokens,
+        }
+
+    def _blocks(self, need_blocks: bool) -> None:
+        """concat: the split's tokens cut into blocks of block_size."""
+        cfg = self.cfg
+        self.train = shards.BlockDataset(self.tokens["train"], cfg.block_size, masks=self.masks["train"])
+        self.validation = shards.BlockDataset(self.tokens["validation"], cfg.block_size, masks=self.masks["validation"])
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
             if self.report[split]["blocks"] == 0 and need_blocks:
                 raise UserError(
@@ -279,11 +415,65 @@ class Packed:
                     + (" (raise data.validation_fraction)" if split == "validation" else "")
                 )
         self.eval_blocks = shards.sample_blocks(self.validation, cfg.max_eval_tokens, cfg.split_seed)
-        self.report["eval"] = {
-            "max_tokens": cfg.max_eval_tokens,
-            "blocks": len(self.eval_blocks),
-            "tokens": self.eval_blocks.n_tokens,
-        }
+
+    def _examples(self, need_blocks: bool) -> None:
+        """isolated and padded: whole examples, several a row or one a row."""
+        from . import packing
+
+        cfg, found = self.cfg, {}
+        for split in SPLITS:
+            found[split] = shards.examples(
+                self.cache_path, split, self.tokens[split], self.masks[split], cfg.block_size
+            )
+        for split in SPLITS if self.manifest["hold_out"] else ("train",):
+            if not len(found[split]) and need_blocks:
+                raise UserError(
+                    f"the {split} split holds no examples: give it more data"
+                    + (" (raise data.validation_fraction)" if split == "validation" else "")
+                )
+        evaluated = shards.sample_examples(found["validation"], cfg.max_eval_tokens, cfg.split_seed)
+        if self.packing == "isolated":
+            self.train = packing.PackedRows(found["train"], packing.pack(found["train"].lengths, cfg.block_size))
+            self.eval_blocks = packing.PackedRows(evaluated, packing.pack(evaluated.lengths, cfg.block_size))
+        else:
+            self.train = found["train"]
+            # Longest first: the least padding, and an out-of-memory shows at the first batch.
+            self.eval_blocks = evaluated.select(np.argsort(-evaluated.lengths, kind="stable"))
+        for split, items in (("train", self.train), ("validation", None)):
+            rows = len(items) if items is not None else None
+            self.report[split]["rows" if self.packing == "isolated" else "examples"] = rows or len(found[split])
+            self.report[split]["tokens_dropped"] = 0
+            del self.report[split]["blocks"]
+
+    def eval_examples(self, split: str = "validation") -> tuple[shards.Examples, list[str], np.ndarray]:
+        """Task data for the evaluator: a seeded subset of whole examples of `split` holding at
+        most data.max_eval_tokens tokens (all when they fit), their names, and the bytes of
+        their answers."""
+        items = shards.examples(self.cache_path, split, self.tokens[split], self.masks[split], self.cfg.block_size)
+        chosen = shards.choose_documents(items.lengths, self.cfg.max_eval_tokens, self.cfg.split_seed)
+        table = shards.load_table(self.cache_path / f"{split}.docs.npy")
+        names = shards.read_names(self.cache_path / f"{split}.ids.jsonl", chosen)
+        return items.select(chosen), names, np.asarray(table["bytes"])[chosen]
+
+    def collate(self, pad_id: int):
+        """The Trainer's data_collator for these batches."""
+        from . import packing
+
+        if self.packing == "concat":
+            return packing.collate_blocks
+        if self.packing == "isolated":
+            return packing.IsolatedCollator(pad_id)
+        return packing.PaddedCollator(pad_id)
+
+    def ordered(self, batch_size: int, seed: int):
+        """padded: the training examples in an order whose runs of batch_size have similar
+        lengths (batches shuffled, seeded); the Trainer then reads them in order. Other
+        packings: the training data as it is (the Trainer shuffles it)."""
+        if self.packing != "padded":
+            return self.train
+        from . import packing
+
+        return self.train.select(packing.length_grouped_order(self.train.lengths, batch_size, seed))
 
     @cached_property
     def validation_ids(self) -> list[str]:
@@ -306,6 +496,8 @@ class Packed:
 
 def report(manifest: dict, block_size: int) -> dict:
     out = {"block_size": block_size, "add_eos": manifest["add_eos"]}
+    if manifest.get("task"):
+        out["task"] = manifest["task"]
     for split in SPLITS:
         s = manifest["splits"][split]
         blocks = s["tokens"] // block_size
@@ -317,6 +509,8 @@ def report(manifest: dict, block_size: int) -> dict:
             "blocks": blocks,
             "tokens_dropped": s["tokens"] - blocks * block_size,
         }
+        if "examples" in s:  # task data: what became of the records
+            out[split]["examples"] = s["examples"]
     return out
 
 
@@ -334,7 +528,7 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
     units = preparation.group(segments, every)
     dtype = shards.dtype_for(_vocabulary(tokenizer))
     settings = preparation.Settings(
-        data=preparation.data_fields(cfg),
+        data=corpus.reading,
         split_mode=mode,
         work=str(work),
         spec=spec,
@@ -344,6 +538,7 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
         piece_chars=preparation.PIECE_CHARS,
         batch_chars=preparation.BATCH_CHARS,
         read_bytes=sources.READ_BYTES,
+        task=corpus.task_settings(tokenizer),
     )
     preparation.run(settings, units, cfg.num_proc or preparation.cores())
     splits = preparation.finish(work, units, settings)
@@ -356,6 +551,7 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
         "hold_out": hold_out,
         "split": mode,
         "splits": splits,
+        "task": {"format": corpus.format, "loss_on": corpus.loss_on} if corpus.is_task else None,
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     preparation.clean(work)
@@ -379,6 +575,8 @@ def prepare(
         add_eos=cfg.add_eos,
         hold_out=hold_out,
         shard_tokens=preparation.SHARD_TOKENS,
+        # Task data: how records become examples (the template is in the tokenizer's files).
+        **({"task": [corpus.format, corpus.loss_on, cfg.block_size]} if corpus.is_task else {}),
     )
     root = cache.root(cfg.cache_dir, "data")
     path = cache.lookup(root, key)
@@ -416,22 +614,70 @@ def _stopped_message(stop: preparation.Stopped, work: Path) -> str:
     )
 
 
+def _columns(report: dict) -> list[tuple[str, object]]:
+    """(heading, value of a split's report) for each column of the data report's table."""
+    task = report.get("task")
+    unit = "blocks" if "blocks" in report["train"] else "rows" if "rows" in report["train"] else "examples"
+    columns: list[tuple[str, object]] = []
+    if task:
+        columns += [
+            ("examples", lambda r: r["examples"]["examples"]),
+            ("prompt cut", lambda r: r["examples"]["truncated"]),
+            ("too long", lambda r: r["examples"]["dropped_too_long"]),
+            ("no answer", lambda r: r["examples"]["skipped_no_assistant"]),
+        ]
+    else:
+        columns += [("documents", "documents"), ("characters", "characters")]
+    columns += [("tokens", "tokens"), (unit, unit)]
+    if unit == "blocks":
+        columns.append(("dropped", "tokens_dropped"))
+    return columns
+
+
+def report_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """The data report's table: its heading and a row per split, numbers formatted."""
+    columns = _columns(report)
+    head = ("split", *(name for name, _ in columns))
+    value = lambda r, k: k(r) if callable(k) else r.get(k)  # noqa: E731
+    rows = [
+        (s, *(f"{value(report[s], k):,}" if value(report[s], k) is not None else "-" for _, k in columns))
+        for s in SPLITS
+    ]
+    return head, rows
+
+
 def format_report(report: dict) -> str:
     """The data report as a table whose columns fit their numbers, at any size."""
-    head = ("split", "documents", "characters", "tokens", "blocks", "dropped")
-    keys = ("documents", "characters", "tokens", "blocks", "tokens_dropped")
-    rows = [(s, *(f"{report[s][k]:,}" for k in keys)) for s in SPLITS]
+    head, rows = report_table(report)
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         for r in (head, *rows)
     ]
-    lines.append(f"blocks of {report['block_size']} tokens; EOS after each document: {report['add_eos']}")
+    lines.append(packing_line(report))
     ev = report.get("eval")
     if ev:
-        whole = ev["blocks"] == report["validation"]["blocks"]
+        unit = (
+            "blocks"
+            if report.get("packing", "concat") == "concat"
+            else "rows"
+            if report["packing"] == "isolated"
+            else "examples"
+        )
+        whole = ev["tokens"] == report["validation"]["tokens"] or ev["blocks"] == report["validation"].get("blocks")
         lines.append(
-            f"held-out evaluation: {'all' if whole else 'a seeded subset of'} {ev['blocks']:,} blocks "
+            f"held-out evaluation: {'all' if whole else 'a seeded subset of'} {ev['blocks']:,} {unit} "
             f"({ev['tokens']:,} tokens; data.max_eval_tokens={ev['max_tokens']:,})"
         )
     return "\n".join(lines)
+
+
+def packing_line(report: dict) -> str:
+    """One sentence: how the examples are packed (and, for task data, the format and loss)."""
+    packing, size, task = report.get("packing", "concat"), report["block_size"], report.get("task")
+    what = f"data.format {task['format']}, loss on {task['loss_on']}; " if task else ""
+    if packing == "concat":
+        return f"{what}blocks of {size} tokens; EOS after each document: {report['add_eos']}"
+    if packing == "isolated":
+        return f"{what}packing isolated: rows of at most {size} tokens, each example attending only to itself"
+    return f"{what}packing padded: one example a row (at most {size} tokens), batches grouped by length"

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -194,6 +194,9 @@ class Settings:
     piece_chars: int
     batch_chars: int
     read_bytes: int = sources.READ_BYTES
+    # Task data (data.format prompt_completion or messages): the tokenizer (its chat template
+    # set), format, loss_on and block size the workers' ExampleEncoder is built from. None: text.
+    task: dict | None = None
 
 
 @dataclass
@@ -279,6 +282,7 @@ def place(units: list[Unit], counts: list[list[tuple[int, int]]]) -> int:
 
 _settings: Settings | None = None
 _encode: Callable[[list[str]], list[np.ndarray]] | None = None
+_examples = None  # task data's tasks.ExampleEncoder in this process
 _done = None  # shared count of bytes tokenized, for the progress display
 
 
@@ -332,12 +336,19 @@ class _Part:
         self.ids: dict = {}
         self.chars: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
+        # Task data: per split a file of one byte per token (1: trained on), beside the shard,
+        # and what became of the records read into this part.
+        self.masks: dict = {}
+        self.examples: dict = {}  # split -> tasks.Counts
 
     def _open(self, split: str) -> None:
         if split in self.files:
             return
         shard = self.work / split / f"{self.name}.bin"
         ids = self.work / "parts" / f"{self.name}.{split}.ids.jsonl"
+        if self.s.task is not None:
+            mask = shard.with_suffix(shards.MASK_SUFFIX)
+            self.masks[split] = (open(_tmp(mask), "wb"), mask, hashlib.sha256())
         self.files[split] = (open(_tmp(shard), "wb"), shard)
         self.ids[split] = (open(_tmp(ids), "w", encoding="utf-8"), ids)
         self.hashes[split] = hashlib.sha256()
@@ -377,6 +388,21 @@ class _Part:
         self.tokens[split] += len(ids)
         self.rows[split]["tokens"][row] += len(ids)
 
+    def write_mask(self, split: str, trained: np.ndarray) -> None:
+        handle, _, digest = self.masks[split]
+        data = trained.astype(np.uint8).tobytes()
+        handle.write(data)
+        digest.update(data)
+
+    def count_answer(self, split: str, row: int, text: str) -> None:
+        """A task example's bytes and words: those of the text it is trained on (its answers),
+        which answer bits-per-byte divides by; its characters: the whole record's."""
+        utf8 = text.encode("utf-8", "surrogatepass")
+        rows = self.rows[split]
+        rows["bytes"][row] += len(utf8)
+        rows["words"][row] += count_words(text, utf8)
+        self.bytes[split] += len(utf8)
+
     @property
     def total_tokens(self) -> int:
         return sum(self.tokens.values())
@@ -390,6 +416,13 @@ class _Part:
                 os.replace(handle.name, shard)
             else:
                 os.unlink(handle.name)
+            if split in self.masks:
+                mask_handle, mask, _ = self.masks[split]
+                mask_handle.close()
+                if self.tokens[split]:
+                    os.replace(mask_handle.name, mask)
+                else:
+                    os.unlink(mask_handle.name)
             ids_handle, ids_path = self.ids[split]
             ids_handle.close()
             os.replace(ids_handle.name, ids_path)
@@ -410,7 +443,11 @@ class _Part:
                 "characters": self.chars[split],
                 "bytes": self.bytes[split],
             }
+            if split in self.masks:
+                summary[split]["mask_sha256"] = self.masks[split][2].hexdigest()
         record = {"unit": self.unit, "part": self.number, "records": records, "last": last, "splits": summary}
+        if self.s.task is not None:
+            record["examples"] = {split: asdict(counts) for split, counts in self.examples.items()}
         _write_file(self.work / "parts" / f"{self.name}.json", json.dumps(record, sort_keys=True).encode())
 
 
@@ -462,9 +499,50 @@ class _UnitWork:
             self.part.commit(records, last=False)
             self.part = _Part(self.s, self.unit.index, self.part.number + 1)
 
+    def next_part(self, records: int) -> None:
+        if self.part.total_tokens >= self.s.shard_tokens:
+            self.part.commit(records, last=False)
+            self.part = _Part(self.s, self.unit.index, self.part.number + 1)
+
+    def run_examples(self) -> None:
+        """Task data: each record is one example, encoded alone (its template, its mask, its
+        truncation) and written whole, or dropped and counted."""
+        from .tasks import Counts
+
+        records = 0
+        for i, seg in enumerate(self.unit.segments):
+            begun = 0
+            for record in sources.records(seg, self.cfg, self.unit.numbers[i] if self.unit.numbers else 0):
+                records += 1
+                if not sources.is_document(record.text):
+                    continue
+                index = (self.unit.doc_starts[i] if self.unit.doc_starts else 0) + begun
+                begun += 1
+                if records <= self.skip:  # done in a part recorded before an interruption
+                    continue
+                split = self.split_of(seg, index, record.text)
+                counts = self.part.examples.setdefault(split, Counts())
+                try:
+                    example = _examples.encode(json.loads(record.text), None, counts)
+                except UserError as e:
+                    raise UserError(f"{record.id}: {e}") from None
+                if example is None:
+                    continue
+                row = self.part.open_document(split, record.id)
+                self.part.chars[split] += len(record.text)
+                self.part.write(split, row, example.input_ids)
+                self.part.write_mask(split, example.trained)
+                self.part.count_answer(split, row, _examples.tokenizer.decode(example.input_ids[example.trained]))
+                self.next_part(records)
+            with _done.get_lock():
+                _done.value += seg.size
+        self.part.commit(records, last=True)
+
     def run(self) -> None:
         if self.finished:
             return
+        if self.s.task is not None:
+            return self.run_examples()
         records, current = 0, None  # current: (split, row) of the document being read
         for i, seg in enumerate(self.unit.segments):
             document_mode = _document_mode(seg, self.cfg)
@@ -520,12 +598,23 @@ def _init_worker(settings: Settings, done, parent: int) -> None:
     sources.READ_BYTES = settings.read_bytes
     _settings, _done = settings, done
     _encode = build_encoder(settings.spec)
+    _init_examples(settings)
 
 
 def _init_here(settings: Settings, threads: int) -> None:
     global _settings, _encode, _done
     _settings, _done = settings, _Counter()
     _encode = build_encoder(settings.spec, threads)
+    _init_examples(settings)
+
+
+def _init_examples(settings: Settings) -> None:
+    global _examples
+    task = settings.task
+    if task is not None:
+        from . import tasks  # imports transformers: text workers do without
+
+        _examples = tasks.ExampleEncoder(task["tokenizer"], task["format"], task["loss_on"], task["max_length"])
 
 
 # ---------------------------------------------------------------- the main process
@@ -756,7 +845,12 @@ def finish(work: Path, units: list[Unit], settings: Settings) -> dict:
         os.replace(_tmp(work / f"{split}.docs.npy"), work / f"{split}.docs.npy")
         os.replace(_tmp(work / f"{split}.ids.jsonl"), work / f"{split}.ids.jsonl")
         stats = [r["splits"][split] for r in parts]
-        splits[split] = {
+        if settings.task is not None:
+            from .tasks import Counts
+
+            counts = [Counts(**r["examples"][split]) for r in records if split in r.get("examples", {})]
+            splits[split] = {"examples": asdict(sum(counts, Counts()))}
+        splits[split] = splits.get(split, {}) | {
             "documents": sum(s["documents"] for s in stats),
             "characters": sum(s["characters"] for s in stats),
             "bytes": sum(s["bytes"] for s in stats),
@@ -767,6 +861,7 @@ def finish(work: Path, units: list[Unit], settings: Settings) -> dict:
                     "tokens": s["tokens"],
                     "sha256": s["sha256"],
                 }
+                | ({"mask_sha256": s["mask_sha256"]} if "mask_sha256" in s else {})
                 for r, s in zip(parts, stats, strict=True)
                 if s["tokens"]
             ],

@@ -22,11 +22,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 FORMAT = 1
 SPLITS = ("train", "validation")
+# Task data: beside each shard, one byte per token, 1 where the token is trained on.
+MASK_SUFFIX = ".mask"
 DOCS = np.dtype([("tokens", "<i8"), ("bytes", "<i8"), ("words", "<i8")])
 # A part's rows, before they are joined: `continues` marks a row that goes on with the document
 # of the row before it (a long document cut between units of work).
@@ -42,8 +45,10 @@ class Tokens:
     """A split's token ids across its shards: any range [start, stop) read from the memory maps,
     found by the shards' cumulative token counts (no scan)."""
 
-    def __init__(self, root: Path, shards: list[dict], dtype: str):
+    def __init__(self, root: Path, shards: list[dict], dtype: str, suffix: str | None = None):
         self.files = [Path(root) / s["file"] for s in shards]
+        if suffix is not None:  # the masks beside the shards: the same counts, another file
+            self.files = [f.with_suffix(suffix) for f in self.files]
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.offsets = np.cumsum([0, *(s["tokens"] for s in shards)])
         self._maps: list | None = None
@@ -91,38 +96,103 @@ class BlockDataset:
     split for block b = indices[i] (all blocks, in order, without indices). Only the final
     partial block is left out, as the packing of the whole split into blocks always did."""
 
-    def __init__(self, tokens: Tokens, block_size: int, indices: np.ndarray | None = None):
-        self.tokens, self.block_size, self.indices = tokens, block_size, indices
+    def __init__(self, tokens: Tokens, block_size: int, indices: np.ndarray | None = None, masks: Tokens | None = None):
+        self.tokens, self.block_size, self.indices, self.masks = tokens, block_size, indices, masks
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.tokens) // self.block_size
 
-    def _block(self, i: int) -> np.ndarray:
+    def _block(self, i: int, tokens: Tokens | None = None) -> np.ndarray:
         b = int(self.indices[i]) if self.indices is not None else i
-        return self.tokens.read(b * self.block_size, (b + 1) * self.block_size)
+        return (tokens or self.tokens).read(b * self.block_size, (b + 1) * self.block_size)
+
+    def _item(self, i: int) -> dict:
+        import torch
+
+        ids = self._block(i)
+        if self.masks is None:
+            return {"input_ids": torch.from_numpy(ids)}
+        # Task data packed as concat: the loss only where the mask says (the answers).
+        labels = np.where(self._block(i, self.masks).astype(bool), ids, -100)
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
 
     def __getitem__(self, item):
         import torch
 
         if isinstance(item, slice):
-            rows = [self._block(i) for i in range(*item.indices(len(self)))]
-            stacked = np.stack(rows) if rows else np.empty((0, self.block_size), np.int64)
-            return {"input_ids": torch.from_numpy(stacked)}
+            rows = [self._item(i) for i in range(*item.indices(len(self)))]
+            if not rows:
+                return {"input_ids": torch.empty((0, self.block_size), dtype=torch.long)}
+            return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
         if item < 0:
             item += len(self)
         if not 0 <= item < len(self):
             raise IndexError(f"block {item} of {len(self)}")
-        return {"input_ids": torch.from_numpy(self._block(item))}
+        return self._item(item)
 
     def select(self, indices) -> BlockDataset:
         """The blocks at `indices` (of this dataset), in that order."""
         chosen = np.asarray(indices, np.int64)
         base = self.indices[chosen] if self.indices is not None else chosen
-        return BlockDataset(self.tokens, self.block_size, base)
+        return BlockDataset(self.tokens, self.block_size, base, self.masks)
 
     @property
     def n_tokens(self) -> int:
         return len(self) * self.block_size
+
+
+class Example(NamedTuple):
+    """One example as the packers take it: its token ids and which of them are trained on."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+
+
+class Examples:
+    """A split's examples for isolated and padded packing, read from the memory maps as they
+    are needed: example i is tokens [starts[i], starts[i] + lengths[i]) with their mask (task
+    data) or all trained (text). Only the two index arrays are held, 16 bytes an example."""
+
+    def __init__(self, tokens: Tokens, masks: Tokens | None, starts: np.ndarray, lengths: np.ndarray):
+        self.tokens, self.masks, self.starts, self.lengths = tokens, masks, starts, lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> Example:
+        start, stop = int(self.starts[i]), int(self.starts[i] + self.lengths[i])
+        ids = self.tokens.read(start, stop)
+        trained = self.masks.read(start, stop).astype(bool) if self.masks is not None else np.ones(len(ids), bool)
+        return Example(ids, trained)
+
+    def select(self, indices) -> Examples:
+        chosen = np.asarray(indices, np.int64)
+        return Examples(self.tokens, self.masks, self.starts[chosen], self.lengths[chosen])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def examples(root: Path, split: str, tokens: Tokens, masks: Tokens | None, block_size: int) -> Examples:
+    """The examples of a split: its documents (task data: each one example, at most block_size
+    long since preparing cut or dropped longer ones); a text document longer than block_size
+    is cut into pieces of block_size, each an example of its own."""
+    lengths = np.asarray(load_table(root / f"{split}.docs.npy")["tokens"], np.int64)
+    starts = np.cumsum(lengths) - lengths
+    pieces = -(-lengths // block_size)
+    if masks is not None or not len(lengths) or pieces.max() <= 1:
+        return Examples(tokens, masks, starts, lengths)
+    doc = np.repeat(np.arange(len(lengths)), pieces)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece number within its document
+    piece_starts = starts[doc] + k * block_size
+    return Examples(tokens, None, piece_starts, np.minimum(block_size, starts[doc] + lengths[doc] - piece_starts))
+
+
+def sample_examples(items: Examples, max_tokens: int, seed: int) -> Examples:
+    """A fixed, seeded subset of whole examples holding at most `max_tokens` tokens (at least
+    one), in the split's order; all of them when they fit."""
+    return items.select(choose_documents(items.lengths, max_tokens, seed))
 
 
 def sample_blocks(blocks: BlockDataset, max_tokens: int, seed: int) -> BlockDataset:

@@ -120,6 +120,30 @@ def play_to_text(markdown: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
+def speeches(text: str) -> list[tuple[str, str]]:
+    """(speaker, speech) of a play's text as play_to_text writes it: a "NAME:" line, then the
+    lines up to the next blank line; stage directions and headings are not speeches."""
+    out = []
+    for block in text.split("\n\n"):
+        first, _, rest = block.strip("\n").partition("\n")
+        if first.endswith(":") and first[:-1].strip() and rest.strip() and len(first) < 60:
+            out.append((first[:-1], rest.strip()))
+    return out
+
+
+def play_dialogue(text: str, fmt: str) -> Iterator[dict]:
+    """Task examples of a play: each speech answers the one before it, the previous speech (with
+    its speaker) as the prompt or user turn, the next (with its speaker) as the completion or
+    assistant turn, so the model learns who speaks next and what they say."""
+    said = speeches(text)
+    for (who_before, before), (who, speech) in zip(said, said[1:], strict=False):
+        prompt, answer = f"{who_before}:\n{before}", f"{who}:\n{speech}"
+        if fmt == "messages":
+            yield {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+        else:
+            yield {"prompt": prompt + "\n\n", "completion": answer}
+
+
 def play_segments() -> list[Segment]:
     return [Segment("play", str(path), size=path.stat().st_size, source=name) for name, path in shakespeare_files()]
 
@@ -268,7 +292,7 @@ def file_segments(
     return _ranges(path, "jsonl", size, every, _BYTE_CUTS["line"] if transparent else None, split)
 
 
-def _open_parquet(path: Path, field: str):
+def _open_parquet(path: Path, cfg):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -277,16 +301,19 @@ def _open_parquet(path: Path, field: str):
     except Exception as exc:
         raise UserError(f"{path} is not a readable Parquet file ({exc})") from None
     schema = parquet.schema_arrow
-    if field not in schema.names:
-        raise UserError(f"{path} has no column {field!r} (columns: {', '.join(schema.names)}): set data.text_field")
-    kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise UserError(f"{path}: column {field!r} holds {kind}, not text: set data.text_field")
+    wanted = columns(cfg, schema.names)
+    for field in wanted:
+        if field not in schema.names:
+            raise UserError(f"{path} has no column {field!r} (columns: {', '.join(schema.names)}): {_fix(cfg)}")
+    if task_fields(cfg) is None:
+        kind = schema.field(wanted[0]).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{path}: column {wanted[0]!r} holds {kind}, not text: set data.text_field")
     return parquet
 
 
 def _parquet_segments(path: Path, cfg, every: int, split: str | None) -> list[Segment]:
-    meta = _open_parquet(path, cfg.text_field).metadata
+    meta = _open_parquet(path, cfg).metadata
     segments, start, row, first_row, size = [], 0, 0, 0, 0
     for group in range(meta.num_row_groups):
         info = meta.row_group(group)
@@ -421,6 +448,54 @@ def _lines(seg: Segment, cfg, number: int, file_size: int) -> Iterator[Record]:
     return number
 
 
+# ---------------------------------------------------------------- what a record holds
+
+# The fields each task format reads (data.format); text reads data.text_field. DETECT reads every
+# field, for data.format auto to look at.
+# Looked for in this order (data.format auto): a record with messages is chat data even if it
+# also carries a text field (some datasets keep a rendered copy).
+TASK_FIELDS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
+DETECT = "detect"
+
+
+def task_fields(cfg) -> tuple[str, ...] | None:
+    """The fields a task format reads; None for text."""
+    return TASK_FIELDS.get(getattr(cfg, "format", "text"))
+
+
+def columns(cfg, present: list[str]) -> list[str]:
+    """The columns to read from a table: the format's, or (detecting) all of them."""
+    if getattr(cfg, "format", "text") == DETECT:
+        return list(present)
+    return list(task_fields(cfg) or (cfg.text_field,))
+
+
+def _fix(cfg) -> str:
+    if task_fields(cfg) is None:
+        return "set data.text_field"
+    return "set data.format to what the records hold (text, prompt_completion or messages)"
+
+
+def _pick(record, where: str, cfg) -> str | None:
+    """A record's text: the text field, or for a task format its fields as one JSON object (the
+    workers parse it back), so that every reader, split rule and cache treats it as text."""
+    fields = task_fields(cfg)
+    if fields is None and getattr(cfg, "format", "text") != DETECT:
+        return _field(record, where, cfg.text_field)
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fields is None:
+        return json.dumps(record, ensure_ascii=False, default=str)
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise UserError(
+            f"{where} has no {' or '.join(repr(f) for f in missing)} field (fields: "
+            f"{', '.join(map(str, record)) or 'none'}): data.format={cfg.format} needs {' and '.join(fields)}: "
+            f"{_fix(cfg)}"
+        )
+    return json.dumps({f: record[f] for f in fields}, ensure_ascii=False, default=str)
+
+
 def _field(record, where: str, text_field: str) -> str | None:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
@@ -435,12 +510,12 @@ def _field(record, where: str, text_field: str) -> str | None:
     return value
 
 
-def _json_line(line: str, where: str, text_field: str) -> str | None:
+def _json_line(line: str, where: str, cfg) -> str | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: not valid JSON ({exc.msg}): fix or remove that line") from None
-    return _field(record, where, text_field)
+    return _pick(record, where, cfg)
 
 
 def _json_lines(seg: Segment, cfg, number: int, file_size: int) -> Iterator[Record]:
@@ -454,14 +529,14 @@ def _json_lines(seg: Segment, cfg, number: int, file_size: int) -> Iterator[Reco
             number += 1
             if line.strip():
                 where = f"{seg.path}:{number}"
-                yield Record(where, _json_line(line, where, cfg.text_field))
+                yield Record(where, _json_line(line, where, cfg))
     if seg.first and seg.ends_file(file_size) and not seen_text:
         raise _empty(seg.path)
     if carry:
         number += 1
         if carry.strip():
             where = f"{seg.path}:{number}"
-            yield Record(where, _json_line(carry, where, cfg.text_field))
+            yield Record(where, _json_line(carry, where, cfg))
     return number
 
 
@@ -482,7 +557,7 @@ def _json_file(seg: Segment, cfg) -> Iterator[Record]:
     if not isinstance(records, list):
         raise UserError(f"{seg.path}: expected a JSON array of objects, or one object per line (JSON lines)")
     for i, record in enumerate(records):
-        yield Record(f"{seg.path}:{i}", _field(record, f"{seg.path} item {i}", cfg.text_field))
+        yield Record(f"{seg.path}:{i}", _pick(record, f"{seg.path} item {i}", cfg))
 
 
 def _csv_rows(seg: Segment, cfg) -> Iterator[Record]:
@@ -497,37 +572,53 @@ def _csv_rows(seg: Segment, cfg) -> Iterator[Record]:
 
     reader = csv.DictReader(lines())
     try:
-        if cfg.text_field not in (reader.fieldnames or []):
-            raise UserError(
-                f"{seg.path} has no column {cfg.text_field!r} (columns: {', '.join(reader.fieldnames or [])}): "
-                f"set data.text_field"
-            )
+        present = reader.fieldnames or []
+        for field in columns(cfg, present):
+            if field not in present:
+                raise UserError(f"{seg.path} has no column {field!r} (columns: {', '.join(present)}): {_fix(cfg)}")
         for row in reader:
-            yield Record(f"{seg.path}:{reader.line_num}", row[cfg.text_field])
+            yield Record(f"{seg.path}:{reader.line_num}", _pick(row, f"{seg.path}:{reader.line_num}", cfg))
     except csv.Error as exc:
         raise UserError(f"{seg.path}:{reader.line_num}: broken CSV ({exc})") from None
 
 
 def _parquet_rows(seg: Segment, cfg) -> Iterator[Record]:
-    parquet = _open_parquet(Path(seg.path), cfg.text_field)
+    parquet = _open_parquet(Path(seg.path), cfg)
     row = seg.first_row
-    batches = parquet.iter_batches(ROWS_PER_READ, row_groups=range(seg.start, seg.stop), columns=[cfg.text_field])
+    wanted = columns(cfg, parquet.schema_arrow.names)
+    batches = parquet.iter_batches(ROWS_PER_READ, row_groups=range(seg.start, seg.stop), columns=wanted)
     for batch in batches:
-        for text in batch.column(0).to_pylist():
-            yield Record(f"{seg.path}:{row}", text)
+        if task_fields(cfg) is None and getattr(cfg, "format", "text") != DETECT:
+            for text in batch.column(0).to_pylist():
+                yield Record(f"{seg.path}:{row}", text)
+                row += 1
+            continue
+        for record in batch.to_pylist():
+            yield Record(f"{seg.path}:{row}", _pick(record, f"{seg.path}:{row}", cfg))
             row += 1
 
 
-def _hub_rows(seg: Segment) -> Iterator[Record]:
+def _hub_rows(seg: Segment, cfg) -> Iterator[Record]:
+    text = task_fields(cfg) is None and getattr(cfg, "format", "text") != DETECT
     for start in range(seg.start, seg.stop, ROWS_PER_READ):
-        texts = seg.source[start : min(start + ROWS_PER_READ, seg.stop)]["text"]
-        for i, text in enumerate(texts, start):
-            yield Record(f"{seg.path}:{i}", text)
+        rows = seg.source[start : min(start + ROWS_PER_READ, seg.stop)]
+        if text:
+            for i, value in enumerate(rows["text"], start):
+                yield Record(f"{seg.path}:{i}", value)
+            continue
+        names = list(rows)
+        for i, values in enumerate(zip(*(rows[n] for n in names), strict=True), start):
+            yield Record(f"{seg.path}:{i}", _pick(dict(zip(names, values, strict=True)), f"{seg.path}:{i}", cfg))
 
 
-def _stream_rows(seg: Segment, text_field: str) -> Iterator[Record]:
+def _stream_rows(seg: Segment, cfg) -> Iterator[Record]:
     shard = seg.source.shard(num_shards=seg.source.num_shards, index=seg.start)
     for i, row in enumerate(shard):
+        where = f"the {seg.path} split, row {i}"
+        if task_fields(cfg) is not None or getattr(cfg, "format", "text") == DETECT:
+            yield Record(f"{seg.path}:{seg.start}:{i}", _pick(row, where, cfg))
+            continue
+        text_field = cfg.text_field
         if text_field not in row:
             raise UserError(
                 f"the {seg.path} split has no column {text_field!r} (columns: {', '.join(row)}): set data.text_field"
@@ -557,11 +648,17 @@ def records(seg: Segment, cfg, number: int = 0) -> Iterator[Record]:
     if seg.kind == "parquet":
         return _parquet_rows(seg, cfg)
     if seg.kind == "play":
-        return iter([Record(seg.source, play_to_text(Path(seg.path).read_text("utf-8")))])
+        text = play_to_text(Path(seg.path).read_text("utf-8"))
+        if task_fields(cfg) is None:
+            return iter([Record(seg.source, text)])
+        return iter(
+            Record(f"{seg.source}:{i}", json.dumps(example, ensure_ascii=False))
+            for i, example in enumerate(play_dialogue(text, cfg.format))
+        )
     if seg.kind == "rows":
-        return _hub_rows(seg)
+        return _hub_rows(seg, cfg)
     if seg.kind == "stream":
-        return _stream_rows(seg, cfg.text_field)
+        return _stream_rows(seg, cfg)
     raise ValueError(f"unknown segment kind {seg.kind}")
 
 

@@ -7,6 +7,7 @@ from .. import stage_exports
 
 _EXPORTS = {
     "evaluate_model": "run:run",
+    "evaluate_answers": "answers",
     "documents_of_split": "run:documents",
     "score": "run",
     "windows": "run",

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from .. import cache
 from ..config import ModelConfig, TokenizerConfig
+from ..data import check_template, resolve_template
 from ..errors import UserError
 from ..hub import load_from_hub
 
@@ -87,14 +88,26 @@ def build_tokenizer(cfg: TokenizerConfig, model: ModelConfig, corpus) -> PreTrai
     BPE trained on the corpus's training split (cached by content)."""
     source = cfg.resolved_source(model.from_scratch)
     if source == "bundled":
-        return ready_for_lm(bundled_gpt2(), "the bundled GPT-2 tokenizer")
-    if source == "pretrained":
+        tok = ready_for_lm(bundled_gpt2(), "the bundled GPT-2 tokenizer")
+    elif source == "pretrained":
         if cfg.name_or_path is not None:
             name, key, revision = cfg.name_or_path, "tokenizer.name_or_path", None
         else:
             name, key, revision = model.name_or_path, "model.name_or_path", model.revision
-        return ready_for_lm(load_pretrained(name, key, revision), name)
-    return _trained(cfg, corpus)
+        tok = ready_for_lm(load_pretrained(name, key, revision), name)
+    else:
+        tok = _trained(cfg, corpus)
+    if corpus.uses_template:
+        # Conversations: the template they are rendered with is saved with the tokenizer (and so
+        # is in its fingerprint, the prepared data's key), for stock apply_chat_template to use.
+        tok.chat_template = resolve_template(tok, cfg.chat_template)
+        check_template(tok, tok.chat_template)
+    elif cfg.chat_template is not None:
+        raise UserError(
+            f"tokenizer.chat_template renders conversations, and the data holds {corpus.format} records: use "
+            f"data.format messages (or prompt/completion lists of messages), or drop tokenizer.chat_template"
+        )
+    return tok
 
 
 def _trained(cfg: TokenizerConfig, corpus) -> PreTrainedTokenizerBase:

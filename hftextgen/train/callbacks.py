@@ -240,7 +240,7 @@ def samples_text(output_dir: Path) -> str:
     if not path.is_file():
         return ""
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return tensorboard_text(r["prompt"] + r["completion"] for r in records)
+    return tensorboard_text(r["prompt"] + r.get("completion", r.get("answer", "")) for r in records)
 
 
 def install(trainer, *, tokens_per_step: int, tokens_per_byte: float | None, log_dir: Path) -> TensorBoard | None:

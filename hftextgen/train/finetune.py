@@ -164,13 +164,18 @@ def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: setup.Built, tensor
         return {}
     if trainer.args.process_index != 0:
         return {}
-    docs = built.packed.eval_documents("validation")  # data.max_eval_tokens of the held-out documents
-    scores = evaluate_run(trainer.model, built.tok, docs, recipe.data, recipe.evaluate, recipe.generate, output_dir)
+    if built.packed.task:
+        scores = evaluate_task_run(trainer.model, built.tok, built.packed, recipe.evaluate, recipe.generate, output_dir)
+        names = ("perplexity", "bits_per_byte", "loss")
+    else:
+        docs = built.packed.eval_documents("validation")  # data.max_eval_tokens of the held-out documents
+        scores = evaluate_run(trainer.model, built.tok, docs, recipe.data, recipe.evaluate, recipe.generate, output_dir)
+        names = ("perplexity", "bits_per_byte", "word_perplexity", "loss")
     if tensorboard is not None:
-        final = {f"final/{k}": scores[k] for k in ("perplexity", "bits_per_byte", "word_perplexity", "loss")}
+        final = {f"final/{k}": scores[k] for k in names}
         samples = {"final/samples": callbacks.samples_text(output_dir)}
         tensorboard.log_final(trainer.state.global_step, final, samples)
-    return {f"eval_{k}": scores[k] for k in ("bits_per_byte", "word_perplexity")}
+    return {f"eval_{k}": scores[k] for k in names if k in ("bits_per_byte", "word_perplexity")}
 
 
 def evaluate_run(
@@ -189,6 +194,26 @@ def evaluate_run(
             cfg=cfg,
             generate_cfg=generate_cfg,
             prompts=generate.read_prompts(generate_cfg),
+            out_dir=Path(cfg.output_dir or output_dir),
+            model_name=str(output_dir),
+        )
+    finally:
+        lm.train(was_training)
+
+
+def evaluate_task_run(lm, tok, packed, cfg: EvaluateConfig, generate_cfg: GenerateConfig, output_dir: Path) -> dict:
+    """The answers evaluator on the held-out examples, the model in eval mode: what `hftextgen
+    evaluate` on the run directory computes for task data."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        return evaluate.evaluate_answers(
+            lm,
+            tok,
+            packed,
+            "validation",
+            cfg=cfg,
+            generate_cfg=generate_cfg,
             out_dir=Path(cfg.output_dir or output_dir),
             model_name=str(output_dir),
         )

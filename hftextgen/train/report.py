@@ -364,7 +364,9 @@ def _use_it(run: RunFiles, model_id: str) -> list[str]:
 def _results(run: RunFiles) -> list[str]:
     lines = ["## Results", ""]
     scores, trainer_eval = run.scores, run.trainer_eval
-    if scores:
+    if scores and "answers" in scores:
+        lines += _answer_results(scores)
+    elif scores:
         lines += [
             f"Scored on {scores['documents']:,} documents held out from training: {scores.get('data', '')}.",
             "",
@@ -393,10 +395,35 @@ def _results(run: RunFiles) -> list[str]:
     return lines
 
 
+def _answer_results(scores: dict) -> list[str]:
+    lines = [
+        f"Scored on the answers of {scores['answers']:,} held-out examples, given their prompts: "
+        f"{scores.get('data', '')}.",
+        "",
+        "| metric | value | over |",
+        "|---|---|---|",
+        f"| answer perplexity | {scores['perplexity']:,.3f} | {scores['answer_tokens']:,} answer tokens |",
+        f"| bits per byte | {scores['bits_per_byte']:.4f} | {scores['answer_bytes']:,} UTF-8 bytes of answers |",
+        f"| loss (nats per token) | {scores['loss']:.4f} | |",
+    ]
+    if scores.get("samples"):
+        sampled = scores["samples"]
+        lines += [
+            f"| exact match | {sampled['exact_match']:.1f}% | {sampled['count']:,} generated answers |",
+            f"| F1 (SQuAD) | {sampled['f1']:.1f}% | {sampled['count']:,} generated answers |",
+        ]
+    return lines + [""]
+
+
 def _samples(samples: list[dict]) -> list[str]:
     if not samples:
         return []
     first = samples[0]
+    if "reference" in first:  # task data: generated answers beside their references
+        lines = ["## Answers", "", f"Preset `{first.get('preset')}`, a seed each (`samples.jsonl`).", ""]
+        for sample in samples[:SAMPLES_SHOWN]:
+            lines += [_fence(sample["prompt"] + sample["answer"]), "", f"Reference: {sample['reference']}", ""]
+        return lines
     lines = [
         "## Samples",
         "",
@@ -412,17 +439,12 @@ def _samples(samples: list[dict]) -> list[str]:
 def _data(data_report: dict | None) -> list[str]:
     if not data_report:
         return []
-    lines = ["## Data", "", "| split | documents | characters | tokens | blocks |", "|---|---|---|---|---|"]
-    for split in ("train", "validation"):
-        r = data_report[split]
-        lines.append(f"| {split} | {r['documents']:,} | {r['characters']:,} | {r['tokens']:,} | {r['blocks']:,} |")
-    joined = "Each document ends with EOS; the" if data_report.get("add_eos") else "Documents are joined without EOS;"
-    return lines + [
-        "",
-        f"{joined} text is packed into blocks of {data_report['block_size']} tokens. Whole documents are held "
-        "out for validation.",
-        "",
-    ]
+    from .. import data
+
+    head, rows = data.report_table(data_report)
+    lines = ["## Data", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + ["", data.packing_line(data_report) + ". Whole documents are held out for validation.", ""]
 
 
 def _training(run: RunFiles) -> list[str]:

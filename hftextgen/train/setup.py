@@ -82,13 +82,6 @@ def build(recipe: Recipe) -> Built:
     return Built(tok, corpus, packed, lm)
 
 
-def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack packed blocks. Labels are the inputs (the model shifts them): no padding and no
-    masking, so EOS stays a target and the model learns to end documents."""
-    input_ids = torch.stack([e["input_ids"] for e in examples])
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
-
-
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     """A stock Trainer over the packed blocks, with the training loss fused when asked."""
     setting = getattr(args, "fused_loss", False)
@@ -100,12 +93,16 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
         if note:
             print(note, flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
+    packed = built.packed
+    if packed.packing == "padded":
+        # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
+        args.train_sampling_strategy = "sequential"
     return Trainer(
         model=built.lm,
         args=args,
-        data_collator=collate_blocks,
-        train_dataset=built.packed.train,
-        eval_dataset=built.packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
+        data_collator=packed.collate(built.tok.pad_token_id),
+        train_dataset=packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
+        eval_dataset=packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
         processing_class=built.tok,
     )
 
