@@ -63,6 +63,7 @@ class Corpus:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self._hub: dict = {}
+        cache.check_writable(cfg.cache_dir)
 
     @cached_property
     def files(self) -> tuple[list[Path], list[Path]]:
