@@ -15,16 +15,51 @@ LAUNCH ?=
 NPROC ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup prepare finetune validate generate evaluate test test-fast lint bench clean-venv
+.PHONY: setup prepare finetune validate generate evaluate test test-fast test-latest lock lint bench clean-venv
 .DEFAULT_GOAL := finetune
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact versions the whole suite last passed with (`make lock` writes it).
+# pyproject.toml keeps ranges, for those who install hftextgen into their own environment.
+# LOCK= (empty) installs the newest versions the ranges allow instead.
+LOCK ?= constraints.txt
+PIP = python -m pip install --quiet --disable-pip-version-check
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(VENV)/bin/$(PIP) "$(TORCH)"
+	$(VENV)/bin/$(PIP) $(if $(LOCK),--constraint $(LOCK)) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+# A breaking release of a dependency, found before it reaches a user: a separate environment with
+# the newest versions the ranges allow, and the fast tests on it.
+LATEST := .venv-latest
+$(LATEST)/.installed: pyproject.toml
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/$(PIP) "$(TORCH)"
+	$(LATEST)/bin/$(PIP) --upgrade --upgrade-strategy eager -e ".[dev]"
+	touch $@
+
+test-latest:
+	rm -f $(LATEST)/.installed
+	$(MAKE) $(LATEST)/.installed
+	$(LATEST)/bin/pip list --disable-pip-version-check --format freeze | grep -v -e '^hftextgen' -e '^-e'
+	$(LATEST)/bin/python -m pytest -q -m "not slow" $(ARGS)
+
+# Refresh the lock: the newest versions the ranges allow, the whole suite on them, and only if it
+# passes, those versions into constraints.txt (torch excluded: TORCH pins it, CPU or CUDA build).
+lock:
+	rm -f $(LATEST)/.installed
+	$(MAKE) $(LATEST)/.installed
+	$(LATEST)/bin/python -m pytest -q $(ARGS)
+	{ echo "# The versions the whole suite passed with: written by \`make lock\`, read by \`make setup\`."; \
+	  $(LATEST)/bin/pip freeze --disable-pip-version-check --exclude-editable \
+	  | grep -v -i -e '^torch==' -e '^nvidia-' -e '^triton=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -f $(VENV)/.installed
+	@echo "constraints.txt updated; the next make target re-creates .venv from it"
 
 ifneq ($(NPROC),)
 ifeq ($(LAUNCH),)
@@ -77,4 +112,4 @@ bench: setup
 	$(BIN)/python -m bench.scale $(ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

@@ -37,6 +37,26 @@ def root(cache_dir: str | None, kind: str) -> Path:
     return Path(base) / kind
 
 
+def check_writable(cache_dir: str | None) -> None:
+    """Make the cache's folder and a file in it now, so that a folder that cannot be written is
+    one line before any work rather than a traceback after it. The folder stays (it is the
+    cache); the probe file, named for this process, goes."""
+    base = root(cache_dir, "")
+    named = "data.cache_dir" if cache_dir else "$HFTEXTGEN_CACHE" if os.environ.get("HFTEXTGEN_CACHE") else "the cache"
+    probe = base / f".probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        from .errors import UserError
+
+        raise UserError(
+            f"{named}: cannot write to {base} ({e.strerror or e}): set data.cache_dir (or $HFTEXTGEN_CACHE) to a "
+            f"folder you can write"
+        ) from None
+
+
 def key(**parts) -> str:
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]

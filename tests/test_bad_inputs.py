@@ -295,6 +295,11 @@ CASES = {
         lambda c: c.finetune("--train.output_dir", "/proc/hftextgen-test/run"),
         "train.output_dir: cannot write to /proc/hftextgen-test/run (<ANY>): choose a directory you can write to",
     ),
+    "cache folder that cannot be created": (
+        lambda c: ["prepare", *c.finetune("--data.cache_dir", "/proc/hftextgen-test/cache")[1:]],
+        "data.cache_dir: cannot write to /proc/hftextgen-test/cache (<ANY>): set data.cache_dir (or $HFTEXTGEN_CACHE) "
+        "to a folder you can write",
+    ),
     "output directory that is a file": (
         lambda c: c.finetune("--train.output_dir", str(c.write("a-file", "x"))),
         "train.output_dir: {tmp}/a-file is a file: choose a directory",

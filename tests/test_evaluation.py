@@ -166,6 +166,22 @@ def test_evaluate_split_all_scores_a_file_that_is_one_document(trained_run, tmp_
     code, _, err = run_cli(*argv, "--evaluate.split", "validation", "--evaluate.output_dir", tmp_path / "v")
     assert code == 2 and "too few to hold out whole documents" in err
 
+    # A document longer than data.max_eval_tokens: its first max_eval_tokens tokens are scored,
+    # and bits-per-byte divides by their bytes, not the document's.
+    code, out, err = run_cli(
+        *argv, "--evaluate.split", "all", "--data.max_eval_tokens", "5", "--evaluate.output_dir", tmp_path / "cut"
+    )
+    assert code == 0, err
+    cut = json.loads((tmp_path / "cut" / "eval.json").read_text())
+    whole = result["tokens"]
+    assert cut["tokens"] == 5 and cut["documents"] == 1
+    assert cut["data"] == (
+        f"files, the first 5 tokens of one document longer than data.max_eval_tokens=5 (the split: 1 document, "
+        f"{whole} tokens) ({notes})"
+    )
+    first = bundled_gpt2().decode(bundled_gpt2()(notes.read_text())["input_ids"][:5])
+    assert cut["bytes"] == len(first.encode()) and cut["words"] == len(first.split())
+
 
 def test_losses_in_chunks_of_rows_are_each_rows_cross_entropy(monkeypatch):
     """The evaluator turns logits into losses a chunk of rows at a time (memory): the same

@@ -23,6 +23,8 @@ from hftextgen.train import rundir
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
+LEARNING_RATE = 5e-3
+
 LINEAR = {
     "gpt2": ["c_attn", "c_fc", "c_proj"],
     "llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
@@ -44,7 +46,7 @@ class LoraRun:
             "train.max_steps": 8,
             "train.save_steps": 4,
             "train.eval_steps": 4,
-            "train.learning_rate": 5e-3,
+            "train.learning_rate": LEARNING_RATE,
             "evaluate.sample_every": 4,
             "evaluate.stride": 8,
             "generate.prompts": '["HAMLET:", ""]',
@@ -193,8 +195,15 @@ def test_two_processes_train_a_lora_run_as_one_does(lora_run, tmp_path, run_cli)
     a, b = losses(one), losses(two)
     assert list(a) == list(b) == list(range(1, 9))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
+    # The weights are held to a bound that follows from AdamW, not from float32: each step moves
+    # a weight by up to the learning rate whatever its gradient's size, so a gradient that is ~0
+    # in both runs (LoRA's A matrices while B is still ~0) turns summation-order noise into a
+    # visible share of a step. Measured: 1.8e-4 on an Intel Xeon (AMX), < 1e-4 on an AMD EPYC,
+    # against steps of 5e-3; a tenth of one step bounds it. A real difference between the runs
+    # (a batch seen twice, a missed all-reduce) moves weights by whole steps.
+    bound = LEARNING_RATE / 10
     for name in ("model.safetensors", f"{lora.ADAPTER_DIR}/adapter_model.safetensors"):
-        assert largest_difference(load_file(one / name), load_file(two / name)) < 1e-4, name
+        assert largest_difference(load_file(one / name), load_file(two / name)) < bound, name
 
 
 def test_gradient_checkpointing_and_bf16_with_lora(lora_run, tmp_path, run_cli):

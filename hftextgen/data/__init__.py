@@ -18,6 +18,7 @@ _EXPORTS = {
     "Documents": "shards",
     "SAFE_CUT": "preparation",
     "build_encoder": "preparation",
+    "count_words": "preparation",
     "DEFAULT_CHAT_TEMPLATE": "tasks",
     "ExampleEncoder": "tasks",
     "check_template": "tasks",

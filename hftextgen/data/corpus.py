@@ -66,6 +66,7 @@ class Corpus:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self._hub: dict = {}
+        cache.check_writable(cfg.cache_dir)
         self.found: str | None = None  # what data.format auto found, to say so
 
     # ---- what a record holds

@@ -216,6 +216,10 @@ class Documents:
     words: list[int]
     split_documents: int
     split_tokens: int
+    cut: bool = False
+    """One document longer than data.max_eval_tokens, of which only its first max_eval_tokens
+    tokens are scored; its bytes and words are then those of the whole document until the
+    evaluator counts them from the text it scores (`count_cut`)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -279,7 +283,12 @@ def documents(root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, m
         n_bytes = [int(table["bytes"][chosen].sum())] if len(chosen) else []
         words = [int(table["words"][chosen].sum())] if len(chosen) else []
     names = read_names(root / f"{split}.ids.jsonl", chosen)
-    return Documents(ids, names, n_bytes, words, len(lengths), int(lengths.sum()))
+    # The cap bounds the work even when no whole document fits in it: then one document's first
+    # max_tokens tokens are scored (choose_documents and the pieces above keep one at least).
+    cut = len(ids) == 1 and len(ids[0]) - 1 > max_tokens
+    if cut:
+        ids = [ids[0][: max_tokens + 1]]
+    return Documents(ids, names, n_bytes, words, len(lengths), int(lengths.sum()), cut)
 
 
 def read_manifest(root: Path) -> dict:

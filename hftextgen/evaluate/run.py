@@ -224,21 +224,35 @@ def markdown(result: dict, sample_texts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def count_cut(docs: Documents, tok) -> None:
+    """The bytes and words of the part of a cut document that is scored, from its text, so that
+    bits-per-byte and word perplexity divide by what was scored."""
+    from ..data import count_words
+
+    text = tok.decode(docs.ids[0][1:])
+    utf8 = text.encode("utf-8")
+    docs.bytes, docs.words = [len(utf8)], [count_words(text, utf8)]
+
+
 def describe(data: DataConfig, split: str, docs: Documents) -> str:
     source = {"shakespeare": "the bundled Shakespeare plays", "files": "files", "hub": f"hub dataset {data.dataset}"}
     names = docs.names
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4:,} more" if len(names) > 4 else "")
     whole = docs.tokens == docs.split_tokens
     n = docs.split_documents
-    which = (
-        ("all " if n > 1 else "")
-        + f"{n:,} "
-        + ("" if split == "all" else f"{split} ")
-        + ("documents" if n > 1 else "document")
-        if whole
-        else f"a seeded sample of the {split} documents, {docs.tokens:,} of their {docs.split_tokens:,} tokens "
-        f"(data.max_eval_tokens={data.max_eval_tokens:,})"
-    )
+    documents = "documents" if n > 1 else "document"
+    split_ = "" if split == "all" else f"{split} "
+    cap = f"data.max_eval_tokens={data.max_eval_tokens:,}"
+    if whole:
+        which = ("all " if n > 1 else "") + f"{n:,} {split_}{documents}"
+    elif docs.cut:
+        which = (
+            f"the first {docs.tokens:,} tokens of one {split_}document longer than {cap} "
+            f"(the split: {n:,} {documents}, {docs.split_tokens:,} tokens)"
+        )
+    else:
+        sample = f"{docs.tokens:,} of their {docs.split_tokens:,} tokens"
+        which = f"a seeded sample of the {split} documents, {sample} ({cap})"
     return f"{source[data.source]}, {which} ({shown})"
 
 
@@ -261,6 +275,8 @@ def run(
     them as that one text, their ids joined as they were trained."""
     if len(docs) == 0:
         raise UserError(f"evaluate.split={cfg.split} holds no documents: pick another split")
+    if docs.cut:
+        count_cut(docs, tok)
     say(f"evaluating {model_name} on {cfg.split} documents: {len(docs.names):,} ({docs.tokens:,} tokens) ...")
     metrics = evaluate_ids(lm, docs.ids, docs.bytes, docs.words, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
