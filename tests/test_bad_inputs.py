@@ -120,8 +120,14 @@ CASES = {
         "{tmp}/bad.jsonl:2: not valid JSON (Expecting ',' delimiter): fix or remove that line",
     ),
     "text field that does not exist": (
-        lambda c: c.with_data(c.write("rows.jsonl", '{"body": "one", "id": 1}\n')),
+        lambda c: c.with_data(c.write("rows.jsonl", '{"body": "one", "id": 1}\n'), extra=("--data.format", "text")),
         "{tmp}/rows.jsonl:1 has no field 'text' (fields: body, id): set data.text_field to the one holding the text",
+    ),
+    "records of no format": (
+        lambda c: c.with_data(c.write("rows.jsonl", '{"body": "one", "id": 1}\n')),
+        "data.format auto: {tmp}/rows.jsonl:1: the record holds none of the formats (fields found: body, id): "
+        "text needs text; prompt_completion needs prompt and completion; messages needs messages (data.text_field "
+        "names text's)",
     ),
     "every document shorter than one block, and all of them too": (
         short_documents,

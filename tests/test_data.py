@@ -281,7 +281,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, gpt2, setup, match):
     folder.mkdir()
     paths = setup(folder)
     with pytest.raises(UserError, match=match) as info:
-        prepare(DataConfig(source="files", paths=paths), gpt2)
+        prepare(DataConfig(source="files", paths=paths, format="text"), gpt2)
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "cache").rglob("*.tmp")), "a failed build left a partial cache entry"
     assert not list((tmp_path / "cache").rglob(".*.partial")), "a bad input left a work folder to continue"
@@ -323,6 +323,8 @@ def test_hub_code_path_with_a_local_dataset_folder(tmp_path, gpt2):
     assert prepare(cfg, gpt2).cache_hit
 
     with pytest.raises(UserError, match=r"has no column 'text' \(columns: body\)"):
+        _ = data.Corpus(DataConfig(source="hub", dataset=str(folder), format="text")).documents
+    with pytest.raises(UserError, match=r"data.format auto: train:0: the record holds none of the formats"):
         _ = data.Corpus(DataConfig(source="hub", dataset=str(folder))).documents
     held_out = data.Corpus(DataConfig(source="hub", dataset=str(folder), text_field="body")).documents
     assert len(held_out.train) + len(held_out.validation) == 6

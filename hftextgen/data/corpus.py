@@ -65,7 +65,8 @@ class Corpus:
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
-        self._hub: dict = {}
+        self._hub: dict = {}  # (split, format) -> the hub split with that format's columns
+        self._loaded: dict = {}
         cache.check_writable(cfg.cache_dir)
         self.found: str | None = None  # what data.format auto found, to say so
 
@@ -89,7 +90,6 @@ class Corpus:
         elif cfg.format != "auto":
             return cfg.format
         where, record = self._first_record()
-        self._hub.clear()  # opened with every column to look: reopened with the format's
         try:
             fmt = tasks.detect_format(record, text_field=cfg.text_field)
         except UserError as e:
@@ -213,11 +213,12 @@ class Corpus:
     def _hub_split_names(self) -> list[str]:
         return [self.cfg.train_split] + ([self.cfg.validation_split] if self.cfg.validation_split else [])
 
-    def _hub_split(self, split: str):
-        if split not in self._hub:
+    def _hub_loaded(self, split: str):
+        """A hub split as loaded (every column), once."""
+        if split not in self._loaded:
             cfg = self.cfg
             extra = {"streaming": True} if cfg.streaming else {}
-            ds = load_from_hub(
+            self._loaded[split] = load_from_hub(
                 _load_hub_split,
                 cfg.dataset,
                 "dataset",
@@ -227,9 +228,16 @@ class Corpus:
                 revision=cfg.revision,
                 **extra,
             )
+        return self._loaded[split]
+
+    def _hub_split(self, split: str):
+        """A hub split with the columns its format reads (every column while data.format auto
+        is being found)."""
+        cfg = self.cfg
+        fmt = self.__dict__.get("format") or cfg.format
+        if (split, fmt) not in self._hub:
+            ds = self._hub_loaded(split)
             columns = ds.column_names  # None: a stream that does not know them before reading
-            # While data.format auto is being found, every column; after, the format's.
-            fmt = self.__dict__.get("format") or cfg.format
             wanted = sources.TASK_FIELDS.get(fmt, (cfg.text_field,))
             if columns is not None and fmt != "auto" and not set(wanted) <= set(columns):
                 missing = ", ".join(repr(c) for c in wanted if c not in columns)
@@ -242,8 +250,8 @@ class Corpus:
                 ds = ds.rename_column(cfg.text_field, "text") if cfg.text_field != "text" else ds
             elif not cfg.streaming and fmt != "auto":
                 ds = ds.select_columns(list(wanted))
-            self._hub[split] = ds
-        return self._hub[split]
+            self._hub[(split, fmt)] = ds
+        return self._hub[(split, fmt)]
 
     def _hub_identity(self, split: str) -> str:
         """What identifies a hub split's content: the dataset's fingerprint (downloaded), or the

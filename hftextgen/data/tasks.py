@@ -74,8 +74,9 @@ def _found(record: Mapping) -> str:
     return f"fields found: {names}"
 
 
-def _needs() -> str:
-    return "; ".join(f"{fmt} needs {' and '.join(FORMAT_FIELDS[fmt])}" for fmt in FORMATS)
+def _needs(text_field: str = "text") -> str:
+    needed = {**FORMAT_FIELDS, "text": (text_field,)}
+    return "; ".join(f"{fmt} needs {' and '.join(needed[fmt])}" for fmt in FORMATS) + " (data.text_field names text's)"
 
 
 def _one_line(error: BaseException) -> str:
@@ -89,11 +90,13 @@ def detect_format(record: Mapping, index: int | None = None, text_field: str = "
     """The format a record holds: "messages", "prompt_completion" or "text" (its text in
     `text_field`)."""
     if not isinstance(record, Mapping):
-        raise UserError(f"{_at(index)}a record is a {type(record).__name__}, not an object with fields: {_needs()}")
+        raise UserError(
+            f"{_at(index)}a record is a {type(record).__name__}, not an object with fields: {_needs(text_field)}"
+        )
     for fmt, needed in {**FORMAT_FIELDS, "text": (text_field,)}.items():
         if all(name in record for name in needed):
             return fmt
-    raise UserError(f"{_at(index)}the record holds none of the formats ({_found(record)}): {_needs()}")
+    raise UserError(f"{_at(index)}the record holds none of the formats ({_found(record)}): {_needs(text_field)}")
 
 
 def plain_text(record: Mapping) -> str:
