@@ -59,15 +59,8 @@ def _build_parser(command: str, description: str, sections: tuple[str, ...]):
         "Slurm), or quiet (no progress, only what the command found). auto: bars when stderr is a terminal, "
         "else plain. Not part of the recipe.",
     )
-    classes = {
-        "model": config.ModelConfig,
-        "tokenizer": config.TokenizerConfig,
-        "data": config.DataConfig,
-        "train": config.TrainArguments,
-        "generate": config.GenerateConfig,
-        "evaluate": config.EvaluateConfig,
-        "peft": config.PeftConfig,
-    }
+    classes = _section_classes()
+    sections = sections or tuple(classes)
     for name in sections:
         parser.add_class_arguments(classes[name], name)
     if "train" in sections:
@@ -80,7 +73,18 @@ def _build_parser(command: str, description: str, sections: tuple[str, ...]):
     return parser
 
 
-RECIPE_SECTIONS = ("model", "tokenizer", "data", "train", "generate", "evaluate", "peft")
+RECIPE_SECTIONS = ()  # all of them: the fields of config.Recipe (_section_classes)
+
+
+def _section_classes() -> dict:
+    """The recipe's sections, in order, and each one's class: config.Recipe's fields."""
+    import dataclasses
+    import typing
+
+    from . import config
+
+    hints = typing.get_type_hints(config.Recipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config.Recipe)}
 
 
 def finetune_parser():
@@ -232,7 +236,7 @@ def _recipe(s):
     from .config import Recipe
 
     try:
-        return Recipe(s.model, s.tokenizer, s.data, s.train, s.generate, s.evaluate, s.peft)
+        return Recipe(**{name: getattr(s, name) for name in _section_classes()})
     except ValueError as exc:
         raise UserError(" ".join(str(exc).split())) from exc
 

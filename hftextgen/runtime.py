@@ -1,8 +1,10 @@
 """Process-wide settings a command makes once, before its work: memory reuse, what replicas
-print, and the warnings that do not apply to packed language-model data."""
+print, and the warnings that do not apply to packed language-model data; and a model put in
+eval mode for a while (eval_mode)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import sys
@@ -56,3 +58,14 @@ def ignore_padding_warning() -> None:
     logger = logging.getLogger("transformers.modeling_utils")
     if not any(isinstance(f, _NoPaddingWarning) for f in logger.filters):
         logger.addFilter(_NoPaddingWarning())
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode inside the block, and back in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

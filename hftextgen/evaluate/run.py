@@ -153,7 +153,7 @@ def evaluate_documents(lm, tok, texts: list[str], cfg: EvaluateConfig, add_eos: 
 def evaluate_ids(lm, ids: list[list[int]], n_bytes: list[int], words: list[int], cfg: EvaluateConfig) -> dict:
     """The same, of documents given as the ids they are scored as ([EOS] + the document's ids,
     with its EOS when trained so) and their UTF-8 bytes and words."""
-    model_context = model_stage.context_length(lm) or 1024
+    model_context = model_stage.context_length(lm) or model_stage.DEFAULT_CONTEXT
     context = cfg.context or model_context
     if context > model_context:
         raise UserError(

@@ -83,7 +83,7 @@ class Generator:
     def __init__(self, lm: PreTrainedModel, tok, cfg: GenerateConfig):
         self.lm, self.tok, self.cfg = lm, tok, cfg
         self.settings = cfg.settings()
-        self.context = model_stage.context_length(lm) or 1024
+        self.context = model_stage.context_length(lm) or model_stage.DEFAULT_CONTEXT
         self.eos = tok.eos_token_id
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token, which marks where documents start and end")

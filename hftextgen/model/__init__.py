@@ -11,6 +11,7 @@ _EXPORTS = {
     "check_source": "build",
     "load": "build",
     "pretrained_overrides": "build",
+    "DEFAULT_CONTEXT": "architecture",
     "DEFAULT_TYPE": "architecture",
     "build_config": "architecture",
     "check_config_keys": "architecture",

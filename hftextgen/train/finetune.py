@@ -183,9 +183,7 @@ def evaluate_run(
 ) -> dict:
     """The evaluator on `docs` with the model in eval mode: what `hftextgen evaluate` on the run
     directory computes."""
-    was_training = lm.training
-    lm.eval()
-    try:
+    with runtime.eval_mode(lm):
         return evaluate.evaluate_model(
             lm,
             tok,
@@ -197,8 +195,6 @@ def evaluate_run(
             out_dir=Path(cfg.output_dir or output_dir),
             model_name=str(output_dir),
         )
-    finally:
-        lm.train(was_training)
 
 
 def evaluate_task_run(lm, tok, packed, cfg: EvaluateConfig, generate_cfg: GenerateConfig, output_dir: Path) -> dict:

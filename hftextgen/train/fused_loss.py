@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..runtime import eval_mode
+
 IGNORE_INDEX = -100
 
 # Memory for one chunk on a CPU: its logits in the compute dtype and in fp32. 256 MiB holds 890
@@ -298,18 +300,14 @@ def _probe(model: nn.Module, stock: Callable) -> type | str:
     output class, or why the check failed. Draws no random numbers (the run's seed stays put)."""
     head = _head(model)
     ids = (torch.arange(1, 9) * 7919 % head.out_features).unsqueeze(0).to(head.weight.device)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = stock(model, input_ids=ids, labels=ids, use_cache=False)
             hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
             logits = head(hidden).float()
             loss = linear_cross_entropy(hidden, head.weight, ids)
     except Exception as error:  # whatever a model's forward may raise: it keeps the stock loss
         return f"its forward could not be checked ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
-    finally:
-        model.train(was_training)
     stock_logits = getattr(out, "logits", None)
     if stock_logits is None or stock_logits.shape != logits.shape:
         return "its logits are not the output layer over the base model's hidden states"

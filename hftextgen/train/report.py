@@ -512,7 +512,7 @@ def _example_prompt(recipe: dict) -> str:
 
 
 def _new_tokens(config: dict | None) -> int:
-    positions = _context(config) or 1024
+    positions = _context(config) or model.DEFAULT_CONTEXT
     return max(1, min(60, positions // 2))
 
 

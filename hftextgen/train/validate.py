@@ -381,23 +381,18 @@ def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
     own scoring (windows, stride, batch, precision) timed on two batches of windows cut from the
     validation blocks, scaled to the windows of the whole split."""
     lm, tok, packed = built.lm, built.tok, built.packed
-    context = cfg.context or model.context_length(lm) or 1024
+    context = cfg.context or model.context_length(lm) or model.DEFAULT_CONTEXT
     stride = cfg.stride or max(1, context // 2)
     bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
     wanted = context + 1 + stride * (2 * cfg.batch_size - 1)  # two batches of windows
     blocks = math.ceil(wanted / block_size)
     ids = packed.validation[: min(blocks, len(packed.validation))]["input_ids"]
     doc = [tok.eos_token_id, *ids.reshape(-1)[:wanted].tolist()]
-    was_training = lm.training
-    lm.eval()
-    try:
-        with progress.silenced():
-            evaluate.score(lm, [doc[: context + 1]], context, stride, cfg.batch_size, bf16=bf16)  # warm-up
-            started = time.perf_counter()
-            evaluate.score(lm, [doc], context, stride, cfg.batch_size, bf16=bf16)
-            seconds = time.perf_counter() - started
-    finally:
-        lm.train(was_training)
+    with runtime.eval_mode(lm), progress.silenced():
+        evaluate.score(lm, [doc[: context + 1]], context, stride, cfg.batch_size, bf16=bf16)  # warm-up
+        started = time.perf_counter()
+        evaluate.score(lm, [doc], context, stride, cfg.batch_size, bf16=bf16)
+        seconds = time.perf_counter() - started
     per_window = seconds / len(evaluate.windows(len(doc), context, stride))
     docs = packed.eval_documents("validation")  # what the evaluator will score
     return per_window * (docs.tokens / stride + len(docs))
@@ -407,16 +402,12 @@ def _time_samples(lm, tok, cfg) -> float:
     """Seconds for one round of the recipe's samples, from SAMPLE_TOKENS new tokens each."""
     new = min(SAMPLE_TOKENS, cfg.max_new_tokens)
     short = dataclasses.replace(cfg, max_new_tokens=new)
-    was_training = lm.training
-    lm.eval()
-    try:
+    with runtime.eval_mode(lm):
         prompts = generate.read_prompts(cfg)
         generate.Generator(lm, tok, dataclasses.replace(cfg, max_new_tokens=1))(prompts)  # warm-up
         started = time.perf_counter()
         generate.Generator(lm, tok, short)(prompts)
         return (time.perf_counter() - started) * cfg.max_new_tokens / new
-    finally:
-        lm.train(was_training)
 
 
 def _lora_lines(m: dict, formula: dict) -> list[str]:
