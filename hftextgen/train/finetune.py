@@ -200,9 +200,7 @@ def evaluate_run(
 def evaluate_task_run(lm, tok, packed, cfg: EvaluateConfig, generate_cfg: GenerateConfig, output_dir: Path) -> dict:
     """The answers evaluator on the held-out examples, the model in eval mode: what `hftextgen
     evaluate` on the run directory computes for task data."""
-    was_training = lm.training
-    lm.eval()
-    try:
+    with runtime.eval_mode(lm):
         return evaluate.evaluate_answers(
             lm,
             tok,
@@ -213,8 +211,6 @@ def evaluate_task_run(lm, tok, packed, cfg: EvaluateConfig, generate_cfg: Genera
             out_dir=Path(cfg.output_dir or output_dir),
             model_name=str(output_dir),
         )
-    finally:
-        lm.train(was_training)
 
 
 def publish(trainer: Trainer, output_dir: Path, say) -> None:
