@@ -148,6 +148,20 @@ def generate_parser():
         "--interactive", action="store_true", help="Read prompts from the terminal and stream the text as it is made."
     )
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="A conversation through the model's chat template, answers streamed; /reset starts over, /exit or "
+        "Ctrl-D ends.",
+    )
+    parser.add_argument("--system", type=str | None, default=None, help="With --chat: a system turn to start with.")
+    parser.add_argument(
+        "--messages",
+        type=str | None,
+        default=None,
+        help='A JSONL file of conversations ({"messages": [...]} a line, each ending with a user turn) to answer, '
+        "a record each in --output (unset: FILE.answers.jsonl beside it).",
+    )
+    parser.add_argument(
         "--output",
         type=str | None,
         default=None,
@@ -328,10 +342,32 @@ def run_generate(argv: list[str]) -> int:
     cfg, s = run_defaults(generate_parser, argv)
     from . import generate, model, runtime
 
+    modes = [
+        flag
+        for flag, on in (
+            ("--chat", cfg.chat),
+            ("--messages", cfg.messages),
+            ("--interactive", cfg.interactive),
+            ("--prompt", cfg.prompt),
+        )
+        if on
+    ]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are different ways to generate: give one")
+    if cfg.system is not None and not cfg.chat:
+        raise UserError("--system starts a --chat conversation: add --chat, or drop --system")
     runtime.reuse_freed_memory()
     lm, tok = model.load(cfg.model, device=cfg.device)
-    generator = generate.Generator(lm, tok, s.generate)
     output = Path(cfg.output) if cfg.output else _model_dir(cfg.model, Path(".")) / "generations.jsonl"
+    if cfg.messages:
+        answers = Path(cfg.output) if cfg.output else Path(cfg.messages).with_suffix(".answers.jsonl")
+        n = generate.answer_file(lm, tok, s.generate, Path(cfg.messages), answers, model_name=cfg.model)
+        print(f"--- {n} answers written to {answers}", file=sys.stderr)
+        return 0
+    if cfg.chat:
+        generate.converse(lm, tok, s.generate, cfg.system, output=output, model_name=cfg.model)
+        return 0
+    generator = generate.Generator(lm, tok, s.generate)
     if cfg.interactive:
         return _interactive(generator, cfg.model, output)
     prompts = cfg.prompt or generate.read_prompts(s.generate)

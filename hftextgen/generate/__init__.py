@@ -1,4 +1,4 @@
-"""The generate stage: decoding presets, batched, seeded and streamed generation, and GPT-2's static decoder.
+"""The generate stage: presets, batched, seeded and streamed generation, chat through a template, a static decoder.
 
 The rest of the house uses only the names below; the modules behind them are the stage's own.
 """
@@ -10,6 +10,8 @@ _EXPORTS = {
     "read_prompts": "generator",
     "samples_markdown": "generator",
     "write_samples": "generator",
+    "converse": "chat:chat",
+    "answer_file": "chat",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

@@ -1,0 +1,99 @@
+"""A directory saved as a run saves its model (save_pretrained, the chat template beside the
+tokenizer) serves through stock `transformers serve` and answers the openai client's chat
+completion, offline, with the model named by its path in the request. Needs the `serve` extra."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_chat import save_chat_model
+
+import hftextgen.generate.chat as chat
+from hftextgen.config import GenerateConfig
+from hftextgen.model import load
+
+openai = pytest.importorskip("openai", reason="the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve]'")
+
+READY_S = 90  # the server up (imports torch and transformers); the first request loads the model
+MAX_TOKENS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    """The `transformers` console script of this environment (next to its python)."""
+    script = Path(sys.executable).with_name("transformers")
+    return [str(script) if script.exists() else shutil.which("transformers") or "transformers", "serve"]
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"transformers serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # not listening yet
+            time.sleep(0.5)
+    pytest.fail(f"transformers serve not up after {READY_S} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM lets serve stop its model's process; SIGKILL to its whole group if it does not."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+@pytest.mark.slow
+def test_transformers_serve_answers_the_openai_client_from_a_run_directory(tmp_path):
+    folder = save_chat_model(tmp_path / "run")
+    port, log = free_port(), tmp_path / "serve.log"
+    # Offline: a local directory needs nothing from the Hub. One thread: the machine is shared.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [*serve_command(), "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_healthy(process, port, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120, max_retries=0)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+        reply = client.chat.completions.create(model=str(folder), messages=messages, max_tokens=MAX_TOKENS)
+    finally:
+        stop(process)
+    answer = reply.choices[0]
+    assert answer.message.role == "assistant" and isinstance(answer.message.content, str)
+    assert 1 <= reply.usage.completion_tokens <= MAX_TOKENS
+    assert answer.finish_reason in ("stop", "length")
+    # Serve prompted with the directory's template, as hftextgen's chat does: same prompt, and
+    # (both greedy: serve's default for a generation_config without do_sample) the same answer.
+    lm, tok = load(str(folder), device="cpu")
+    assert reply.usage.prompt_tokens == len(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = GenerateConfig(preset="greedy", max_new_tokens=MAX_TOKENS)
+    chat.answer_file(lm, tok, cfg, path, tmp_path / "answers.jsonl")
+    ours = json.loads((tmp_path / "answers.jsonl").read_text())["messages"][-1]["content"]
+    assert answer.message.content == ours
