@@ -436,10 +436,7 @@ class Packed:
             )
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
             if not len(found[split]) and need_blocks:
-                raise UserError(
-                    f"the {split} split holds no examples: give it more data"
-                    + (" (raise data.validation_fraction)" if split == "validation" else "")
-                )
+                raise UserError(f"the {split} split holds no examples: {_why_none(self.report[split], cfg)}")
         evaluated = shards.sample_examples(found["validation"], cfg.max_eval_tokens, cfg.split_seed)
         if self.packing == "isolated":
             self.train = packing.PackedRows(found["train"], packing.pack(found["train"].lengths, cfg.block_size))
@@ -503,6 +500,18 @@ class Packed:
         )
 
 
+def _why_none(split: dict, cfg: DataConfig) -> str:
+    """Why a split of task data holds no examples, and the fix."""
+    counts = split.get("examples") or {}
+    if counts.get("skipped_no_assistant") or counts.get("dropped_too_long"):
+        return (
+            f"{counts.get('skipped_no_assistant', 0):,} conversations had no assistant turn and "
+            f"{counts.get('dropped_too_long', 0):,} an answer longer than data.block_size={cfg.block_size}: give "
+            f"conversations that end with an answer, or raise data.block_size"
+        )
+    return "give it more data (or raise data.validation_fraction)"
+
+
 def report(manifest: dict, block_size: int) -> dict:
     out = {"block_size": block_size, "add_eos": manifest["add_eos"]}
     if manifest.get("task"):
@@ -518,8 +527,9 @@ def report(manifest: dict, block_size: int) -> dict:
             "blocks": blocks,
             "tokens_dropped": s["tokens"] - blocks * block_size,
         }
-        if "examples" in s:  # task data: what became of the records
+        if "examples" in s:  # task data: what became of the records, and the tokens trained on
             out[split]["examples"] = s["examples"]
+            out[split]["trained_tokens"] = s["trained_tokens"]
     return out
 
 
@@ -634,6 +644,7 @@ def _columns(report: dict) -> list[tuple[str, object]]:
             ("prompt cut", lambda r: r["examples"]["truncated"]),
             ("too long", lambda r: r["examples"]["dropped_too_long"]),
             ("no answer", lambda r: r["examples"]["skipped_no_assistant"]),
+            ("trained", "trained_tokens"),
         ]
     else:
         columns += [("documents", "documents"), ("characters", "characters")]

@@ -339,6 +339,7 @@ class _Part:
         # Task data: per split a file of one byte per token (1: trained on), beside the shard,
         # and what became of the records read into this part.
         self.masks: dict = {}
+        self.trained: dict[str, int] = {}
         self.examples: dict = {}  # split -> tasks.Counts
 
     def _open(self, split: str) -> None:
@@ -393,6 +394,7 @@ class _Part:
         data = trained.astype(np.uint8).tobytes()
         handle.write(data)
         digest.update(data)
+        self.trained[split] = self.trained.get(split, 0) + int(trained.sum())
 
     def count_answer(self, split: str, row: int, text: str) -> None:
         """A task example's bytes and words: those of the text it is trained on (its answers),
@@ -445,6 +447,7 @@ class _Part:
             }
             if split in self.masks:
                 summary[split]["mask_sha256"] = self.masks[split][2].hexdigest()
+                summary[split]["trained_tokens"] = self.trained.get(split, 0)
         record = {"unit": self.unit, "part": self.number, "records": records, "last": last, "splits": summary}
         if self.s.task is not None:
             record["examples"] = {split: asdict(counts) for split, counts in self.examples.items()}
@@ -849,7 +852,10 @@ def finish(work: Path, units: list[Unit], settings: Settings) -> dict:
             from .tasks import Counts
 
             counts = [Counts(**r["examples"][split]) for r in records if split in r.get("examples", {})]
-            splits[split] = {"examples": asdict(sum(counts, Counts()))}
+            splits[split] = {
+                "examples": asdict(sum(counts, Counts())),
+                "trained_tokens": sum(s.get("trained_tokens", 0) for s in stats),
+            }
         splits[split] = splits.get(split, {}) | {
             "documents": sum(s["documents"] for s in stats),
             "characters": sum(s["characters"] for s in stats),

@@ -66,7 +66,10 @@ def setup_trainer(recipe: Recipe, built: setup.Built) -> tuple[Trainer, callback
     tensorboard = callbacks.install(
         trainer,
         tokens_per_step=recipe.tokens_per_step,
-        tokens_per_byte=validation["tokens"] / validation["bytes"] if validation.get("bytes") else None,
+        # Task data: the loss is over the answers, and the bytes are theirs.
+        tokens_per_byte=validation.get("trained_tokens", validation["tokens"]) / validation["bytes"]
+        if validation.get("bytes")
+        else None,
         log_dir=output_dir / "tensorboard",
     )
     if recipe.train.early_stopping_patience is not None:

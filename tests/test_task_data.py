@@ -1,0 +1,213 @@
+"""Task data through the whole data stage: prompt/completion and chat files prepared out of core
+into shards with their masks, packed concat, isolated or padded, and read back: the trained
+tokens are exactly the answers, whatever the tokenizer, the packing or the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hftextgen.config import DataConfig, ModelConfig, TokenizerConfig
+from hftextgen.data import Corpus, prepare
+from hftextgen.data.tasks import DEFAULT_CHAT_TEMPLATE
+from hftextgen.evaluate.answers import Examples, score_answers
+from hftextgen.model import bundled_gpt2, fingerprint, ready_for_lm
+from hftextgen.model.tokenizer import build_tokenizer
+
+# Answers with spaces, punctuation, digits and a non-ASCII letter: BPE merges across a careless
+# boundary would show.
+ANSWERS = ["Paris.", " 42", "Hello there, friend!", "Café au lait", "No.", "It is 3:15 now.", "Yes, 7 of them."]
+
+
+def pc_records(n: int = 40) -> list[dict]:
+    return [{"prompt": f"Question {i}: what is it?\n", "completion": ANSWERS[i % len(ANSWERS)]} for i in range(n)]
+
+
+def chat_records(n: int = 40) -> list[dict]:
+    out = []
+    for i in range(n):
+        first, second = ANSWERS[i % len(ANSWERS)], ANSWERS[(i + 3) % len(ANSWERS)]
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Tell me thing {i}."},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And another?"},
+            {"role": "assistant", "content": second},
+        ]
+        out.append({"messages": messages})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return ready_for_lm(bundled_gpt2(), "gpt2")
+
+
+def prepared(tok, cfg: DataConfig):
+    corpus = Corpus(cfg)
+    if corpus.uses_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return corpus, prepare(corpus, tok, fingerprint(tok))
+
+
+def answers_of(packed, split: str, tok) -> list[str]:
+    items, _, _ = packed.eval_examples(split)
+    out = []
+    for i in range(len(items)):
+        ex = items[i]
+        # Each run of trained tokens is one answer and its EOS.
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], ex.trained.astype(int), [0]])))
+        out += [tok.decode(ex.ids[a:b]) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "messages"])
+def test_the_trained_tokens_are_the_answers_and_their_eos(tmp_path, gpt2, kind):
+    records = pc_records() if kind == "prompt_completion" else chat_records()
+    path = write_jsonl(tmp_path / "tasks.jsonl", records)
+    cfg = DataConfig(source="files", paths=[str(path)], block_size=64, max_eval_tokens=1 << 20)
+    corpus, packed = prepared(gpt2, cfg)
+    assert corpus.format == kind and corpus.found.endswith(f"reading {kind} records")
+    got = answers_of(packed, "train", gpt2) + answers_of(packed, "validation", gpt2)
+    per_record = 1 if kind == "prompt_completion" else 2
+    assert len(got) == len(records) * per_record
+    assert set(got) == {a + gpt2.eos_token for a in ANSWERS}
+    report = packed.report
+    assert report["task"] == {"format": kind, "loss_on": "answers"}
+    assert report["train"]["examples"]["examples"] + report["validation"]["examples"]["examples"] == len(records)
+    assert report["packing"] == "isolated"
+
+
+def test_a_trained_bpe_and_a_template_file_without_generation_marks(tmp_path):
+    """A Llama-3-style template of the user's (no {% generation %}: the answers are found by
+    rendering prefixes) on a BPE trained on the examples' text."""
+    template = tmp_path / "llama3.jinja"
+    template.write_text(
+        "{% for m in messages %}<|start|>{{ m['role'] }}<|sep|>{{ m['content'] }}<|eot|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start|>assistant<|sep|>{% endif %}"
+    )
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records())
+    cfg = DataConfig(source="files", paths=[str(path)], block_size=96, max_eval_tokens=1 << 20)
+    corpus = Corpus(cfg)
+    tok = build_tokenizer(
+        TokenizerConfig(source="train", vocab_size=300, chat_template=str(template)), ModelConfig(), corpus
+    )
+    assert tok.chat_template == template.read_text()
+    packed = prepare(corpus, tok, fingerprint(tok))
+    got = answers_of(packed, "train", tok) + answers_of(packed, "validation", tok)
+    # The end of turn is the template's marker, trained with the answer.
+    assert {g.replace(" ", "") for g in got} == {a.replace(" ", "") + "<|eot|>" for a in ANSWERS}
+
+
+def test_long_prompts_are_cut_from_the_left_and_long_answers_dropped(tmp_path, gpt2):
+    records = [
+        {"prompt": "word " * 200 + "end?", "completion": " yes"},
+        {"prompt": "Short?", "completion": " no " * 100},
+        *pc_records(10),
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", records)
+    cfg = DataConfig(source="files", paths=[str(path)], block_size=32, max_eval_tokens=1 << 20)
+    _, packed = prepared(gpt2, cfg)
+    counts = [packed.report[s]["examples"] for s in ("train", "validation")]
+    assert sum(c["truncated"] for c in counts) == 1 and sum(c["dropped_too_long"] for c in counts) == 1
+    assert sum(c["examples"] for c in counts) == 11
+    assert " yes" + gpt2.eos_token in answers_of(packed, "train", gpt2) + answers_of(packed, "validation", gpt2)
+
+
+def files_of(path: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
+
+
+def test_the_same_shards_and_masks_whatever_the_number_of_processes(tmp_path, gpt2):
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(200))
+    entries = []
+    for procs in (1, 2):
+        cfg = DataConfig(
+            source="files", paths=[str(path)], block_size=64, num_proc=procs, cache_dir=str(tmp_path / f"c{procs}")
+        )
+        _, packed = prepared(gpt2, cfg)
+        entries.append(files_of(packed.cache_path))
+    assert entries[0] == entries[1]
+    assert any(name.endswith(".mask") for name in entries[0])
+
+
+def tiny_model(vocab: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=16, vocab_size=vocab, n_positions=64)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def test_each_packing_trains_the_answers_alone_and_scores_the_same(tmp_path, gpt2):
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(30))
+    lm = tiny_model(len(gpt2))
+    scores, losses = {}, {}
+    for packing in ("concat", "isolated", "padded"):
+        cfg = DataConfig(source="files", paths=[str(path)], block_size=64, packing=packing, max_eval_tokens=1 << 20)
+        _, packed = prepared(gpt2, cfg)
+        assert packed.packing == packing and packed.report["packing"] == packing
+        items, names, answer_bytes = packed.eval_examples("validation")
+        examples = Examples(
+            ids=[items[i].ids for i in range(len(items))],
+            masks=[items[i].trained for i in range(len(items))],
+            names=names,
+            answer_bytes=[int(b) for b in answer_bytes],
+            split_examples=len(items),
+            split_tokens=items.n_tokens,
+        )
+        scores[packing] = score_answers(lm, examples, batch_size=4)["nll"]
+        batch = packed.collate(gpt2.eos_token_id)([packed.train[i] for i in range(2)])
+        labels = batch["labels"][batch["labels"] != -100]
+        assert set(gpt2.decode(labels).split(gpt2.eos_token)) <= {a for a in ANSWERS} | {""}
+        if packing != "concat":
+            # Every trained token of the batch, and only those, as in the examples.
+            with torch.no_grad():
+                losses[packing] = lm(**batch, use_cache=False).loss.item()
+    assert scores["concat"] == scores["isolated"] == scores["padded"]
+    assert losses["isolated"] > 0 and losses["padded"] > 0
+
+
+def test_loss_on_all_trains_every_token(tmp_path, gpt2):
+    path = write_jsonl(tmp_path / "pc.jsonl", pc_records(12))
+    cfg = DataConfig(source="files", paths=[str(path)], block_size=64, loss_on="all", max_eval_tokens=1 << 20)
+    _, packed = prepared(gpt2, cfg)
+    items, _, _ = packed.eval_examples("train")
+    assert all(items[i].trained.all() for i in range(len(items)))
+    assert packed.report["task"]["loss_on"] == "all"
+
+
+def test_the_plays_as_dialogue_hold_out_the_default_runs_plays(gpt2):
+    text = Corpus(DataConfig(source="shakespeare"))
+    dialogue = Corpus(DataConfig(source="shakespeare", format="messages"))
+    segments, mode, _ = dialogue.plan(False)
+    assert mode == "fixed" and text.format == "text" and dialogue.uses_template is not False
+    held = {s.source for s in segments if s.split == "validation"}
+    assert held == {"histories/henry-v", "histories/henry-viii"}
+    # The text run's seeded draw over the 38 plays picks the same two.
+    assert {i for i, _ in text.texts("validation")} == held
+
+
+def test_isolated_text_cuts_long_documents_into_examples_of_block_size(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text("word " * 300)
+    (tmp_path / "b.txt").write_text("short text")
+    (tmp_path / "c.txt").write_text("another short one")
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")], block_size=64, packing="isolated")
+    _, packed = prepared(gpt2, cfg)
+    rows = [packed.train[i] for i in range(len(packed.train))]
+    assert all(sum(len(e.ids) for e in row) <= 64 for row in rows)
+    assert sum(len(e.ids) for row in rows for e in row) == packed.report["train"]["tokens"]
