@@ -8,6 +8,7 @@ test_evaluation.py) check more variants of some of these; this list is the user'
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -48,6 +49,20 @@ class Ctx:
     def copy_run(self) -> Path:
         shutil.copytree(self.small.run_dir, self.run)
         return self.run
+
+
+def chat_file(c: Ctx, *messages_each: list[dict], name: str = "chat.jsonl") -> Path:
+    """A JSON-lines file of conversations, each record's messages the ones given (repeated to 6)."""
+    records = [{"messages": messages_each[i % len(messages_each)]} for i in range(6)]
+    return c.write(name, "".join(json.dumps(r) + "\n" for r in records))
+
+
+ASK = {"role": "user", "content": "Who goes there?"}
+ANSWER = {"role": "assistant", "content": "Nay, answer me."}
+
+
+def tasks(c: Ctx, *extra: str) -> list[str]:
+    return c.with_data(chat_file(c, [ASK, ANSWER]), extra=extra)
 
 
 def short_documents(c: Ctx) -> list[str]:
@@ -284,6 +299,49 @@ CASES = {
     "LoRA without the peft package": (
         without_peft,
         "peft.method=lora needs the peft package, which is not installed: pip install peft",
+    ),
+    # ---- task data
+    "a role other than system, user and assistant": (
+        lambda c: c.with_data(chat_file(c, [ASK, {"role": "tool", "content": "x"}, ANSWER])),
+        "{tmp}/chat.jsonl:1: messages[1] has role 'tool': roles are system, user or assistant; map or drop the others",
+    ),
+    "no conversation with an answer": (
+        lambda c: c.with_data(chat_file(c, [ASK])),
+        "the train split holds no examples: <N> conversations had no assistant turn and 0 an answer longer than "
+        "data.block_size=32: give conversations that end with an answer, or raise data.block_size",
+    ),
+    "loss on answers of text": (
+        lambda c: c.finetune("--data.loss_on", "answers"),
+        "data.loss_on=answers needs prompts and answers, and the data is text: use a prompt_completion or messages "
+        "file, or drop data.loss_on",
+    ),
+    "a format the records do not have": (
+        lambda c: c.with_data(chat_file(c, [ASK, ANSWER]), extra=("--data.format", "prompt_completion")),
+        "{tmp}/chat.jsonl:1 has no 'prompt' or 'completion' field (fields: messages): data.format=prompt_completion "
+        "needs prompt and completion: set data.format to what the records hold (text, prompt_completion or "
+        "messages)",
+    ),
+    "an empty completion": (
+        lambda c: c.with_data(c.write("pc.jsonl", '{"prompt": "Who?", "completion": ""}\n' * 4)),
+        "{tmp}/pc.jsonl:1: the completion is empty: fill in the answer or drop the record",
+    ),
+    "a template file that does not exist": (
+        lambda c: tasks(c, "--tokenizer.chat_template", str(c.tmp / "missing.jinja")),
+        "tokenizer.chat_template: no such file: {tmp}/missing.jinja: give a .jinja file or the template",
+    ),
+    "a template that does not render": (
+        lambda c: tasks(c, "--tokenizer.chat_template", "{% for m in messages %}{{ m.content }}"),
+        "the chat template does not render a conversation (TemplateSyntaxError: <ANY>): fix tokenizer.chat_template",
+    ),
+    "a template for text": (
+        lambda c: c.finetune("--tokenizer.chat_template", "{{ messages }}"),
+        "tokenizer.chat_template renders conversations, and the data holds text records: use data.format messages "
+        "(or prompt/completion lists of messages), or drop tokenizer.chat_template",
+    ),
+    "chat with a model without a template": (
+        lambda c: ["generate", "--model", str(c.small.run_dir), "--chat"],
+        "--chat: {small} has no chat template, so messages cannot become a prompt: fine-tune it with a task format "
+        "(data.format messages or prompt_completion), or set tokenizer.chat_template",
     ),
     # ---- training conveniences
     "early stopping without held-out evaluation": (

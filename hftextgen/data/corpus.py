@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .. import cache
+from .. import cache, progress
 from ..config import DataConfig
 from ..errors import RunStopped, UserError
 from ..hub import load_from_hub
@@ -96,6 +96,24 @@ class Corpus:
             raise UserError(f"data.format auto: {where}: {e}") from None
         self.found = f"data.format auto: {where} holds {', '.join(map(str, record))}: reading {fmt} records"
         return fmt
+
+    def check(self, chat_template: str | None = None) -> None:
+        """What the data holds and how the recipe reads it, found out before any work: the
+        format (data.format auto says what it found), loss_on, and a chat template only for
+        conversations."""
+        _ = self.format, self.loss_on
+        if self.found:
+            progress.write(self.found)
+        if chat_template is not None and not self.uses_template:
+            raise UserError(
+                f"tokenizer.chat_template renders conversations, and the data holds {self.format} records"
+                + (" of strings" if self.format == "prompt_completion" else "")
+                + ": use data.format messages (or prompt/completion lists of messages), or drop tokenizer.chat_template"
+            )
+        if chat_template is not None and chat_template.endswith(".jinja") and not Path(chat_template).is_file():
+            raise UserError(
+                f"tokenizer.chat_template: no such file: {chat_template}: give a .jinja file or the template"
+            )
 
     @property
     def is_task(self) -> bool:

@@ -225,9 +225,13 @@ def check_template(tokenizer: PreTrainedTokenizerBase, template: str) -> None:
         text = _render(tokenizer, template, _PROBE)
         _render(tokenizer, template, _PROBE[:1], prompt=True)
     except (jinja2.TemplateError, TypeError, ValueError) as error:
-        raise UserError(f"the chat template does not render a conversation ({_one_line(error)}): fix it") from None
+        raise UserError(
+            f"the chat template does not render a conversation ({_one_line(error)}): fix tokenizer.chat_template"
+        ) from None
     if _PROBE[-1]["content"] not in text:
-        raise UserError("the chat template leaves the assistant's answer out of a conversation: fix it")
+        raise UserError(
+            "the chat template leaves the assistant's answer out of a conversation: fix tokenizer.chat_template"
+        )
 
 
 # ---------------------------------------------------------------- examples

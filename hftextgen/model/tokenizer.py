@@ -86,6 +86,7 @@ def ready_for_lm(tokenizer: PreTrainedTokenizerBase, what: str) -> PreTrainedTok
 def build_tokenizer(cfg: TokenizerConfig, model: ModelConfig, corpus) -> PreTrainedTokenizerBase:
     """The recipe's tokenizer: bundled, the pretrained model's (or tokenizer.name_or_path), or a
     BPE trained on the corpus's training split (cached by content)."""
+    corpus.check(cfg.chat_template)  # what the data holds, before a tokenizer is trained on it
     source = cfg.resolved_source(model.from_scratch)
     if source == "bundled":
         tok = ready_for_lm(bundled_gpt2(), "the bundled GPT-2 tokenizer")
@@ -102,11 +103,6 @@ def build_tokenizer(cfg: TokenizerConfig, model: ModelConfig, corpus) -> PreTrai
         # is in its fingerprint, the prepared data's key), for stock apply_chat_template to use.
         tok.chat_template = resolve_template(tok, cfg.chat_template)
         check_template(tok, tok.chat_template)
-    elif cfg.chat_template is not None:
-        raise UserError(
-            f"tokenizer.chat_template renders conversations, and the data holds {corpus.format} records: use "
-            f"data.format messages (or prompt/completion lists of messages), or drop tokenizer.chat_template"
-        )
     return tok
 
 
