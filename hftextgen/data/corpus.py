@@ -297,7 +297,7 @@ class Corpus:
         if cfg.source == "shakespeare":
             segments = sources.play_segments()
             mode = "seeded"
-            every = preparation.unit_bytes(sum(s.size for s in segments))
+            every = preparation.unit_bytes(sum(s.size for s in segments), reading.format != "text")
             if reading.format != "text":
                 # Dialogue examples of the plays: the plays the text run holds out (the same
                 # seeded draw over the 38 plays), so neither run has seen the other's test plays.
@@ -309,7 +309,7 @@ class Corpus:
         elif cfg.source == "files":
             train, validation = self.files
             sizes = {p: p.stat().st_size for p in train + validation}
-            every = preparation.unit_bytes(sum(sizes.values()))
+            every = preparation.unit_bytes(sum(sizes.values()), reading.format != "text")
             fixed = "train" if validation else None
             segments = [s for p in train for s in sources.file_segments(p, reading, every, cuttable, fixed, sizes[p])]
             segments += [
@@ -328,7 +328,7 @@ class Corpus:
                 ]
             else:
                 total = sum(self._hub_split(name).data.nbytes for name in names)
-                every = preparation.unit_bytes(total)
+                every = preparation.unit_bytes(total, reading.format != "text")
                 segments = [s for n, split in parts for s in sources.row_segments(self._hub_split(n), n, every, split)]
             mode = "fixed" if cfg.validation_split else "hash" if cfg.streaming else "seeded"
         if not hold_out:
@@ -547,7 +547,7 @@ def report(manifest: dict, block_size: int) -> dict:
         }
         if "examples" in s:  # task data: what became of the records, and the tokens trained on
             out[split]["examples"] = s["examples"]
-            out[split]["trained_tokens"] = s["trained_tokens"]
+            out[split]["trained_tokens"] = s.get("trained_tokens")
     return out
 
 

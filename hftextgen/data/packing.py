@@ -169,12 +169,20 @@ class PackedRows(torch.utils.data.Dataset):
     def __getitem__(self, row: int) -> list[Example]:
         return [self.examples[int(i)] for i in self.rows[row]]
 
+    def select(self, indices) -> PackedRows:
+        """The rows at `indices`, in that order."""
+        chosen = np.asarray(indices, np.int64)
+        parts = [self.rows[int(r)] for r in chosen]
+        order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        return PackedRows(self.examples, Rows(order=order, bounds=bounds))
+
     @property
     def n_tokens(self) -> int:
         """Real tokens in the rows (every example is in one)."""
-        if hasattr(self.examples, "n_tokens"):
-            return self.examples.n_tokens
-        return sum(len(e.ids) for e in self.examples)
+        if hasattr(self.examples, "lengths"):
+            return int(self.examples.lengths[self.rows.order].sum())
+        return sum(len(self.examples[int(i)].ids) for i in self.rows.order)
 
 
 # ---------------------------------------------------------------- isolated: building batches

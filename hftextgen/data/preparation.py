@@ -212,8 +212,13 @@ class Unit:
         return sum(s.size for s in self.segments)
 
 
-def unit_bytes(total: int) -> int:
+def unit_bytes(total: int, task: bool = False) -> int:
+    """Bytes of text per unit of work. Task records (a template rendered and a mask found per
+    record) take ~20x longer a byte than text: their units are that much smaller, so that a
+    corpus of a few MB still spreads over every core."""
     low, high = UNIT_BYTES
+    if task:
+        low, high = low // 16, high // 16
     return min(high, max(low, total // UNITS))
 
 
@@ -617,6 +622,9 @@ def _init_examples(settings: Settings) -> None:
     if task is not None:
         from . import tasks  # imports transformers: text workers do without
 
+        # Examples are cut to block_size by the encoder itself: the tokenizer's own limit (the
+        # model's context, saved with it) would only warn about the whole rendered record.
+        task["tokenizer"].model_max_length = int(1e30)
         _examples = tasks.ExampleEncoder(task["tokenizer"], task["format"], task["loss_on"], task["max_length"])
 
 

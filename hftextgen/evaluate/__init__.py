@@ -8,6 +8,8 @@ from .. import stage_exports
 _EXPORTS = {
     "evaluate_model": "run:run",
     "evaluate_answers": "answers",
+    "answer_examples": "answers",
+    "score_answers": "answers",
     "documents_of_split": "run:documents",
     "score": "run",
     "windows": "run",

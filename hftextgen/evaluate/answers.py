@@ -543,17 +543,12 @@ def run_answers(
 def evaluate_answers(lm, tok, packed, split: str, *, cfg, generate_cfg, out_dir: Path, model_name: str, say=print):
     """The evaluator on task data: the held-out answers of `split` scored given their prompts
     (data.max_eval_tokens of them), and the first evaluate.max_answers prompts answered."""
-    items, names, answer_bytes = packed.eval_examples("train" if split == "all" else split)
+    which = "train" if split == "all" else split
+    items, names, answer_bytes = packed.eval_examples(which)
     if not len(items):
         raise UserError(f"evaluate.split={split} holds no examples: pick another split")
-    examples = Examples(
-        ids=[items[i].ids for i in range(len(items))],
-        masks=[items[i].trained for i in range(len(items))],
-        names=names,
-        answer_bytes=[int(b) for b in answer_bytes],
-        split_examples=packed.report["train" if split == "all" else split]["examples"]["examples"],
-        split_tokens=packed.report["train" if split == "all" else split]["tokens"],
-    )
+    report = packed.report[which]
+    examples = answer_examples(items, names, answer_bytes, report["examples"]["examples"], report["tokens"])
     described = f"{len(examples):,} held-out {packed.task['format']} examples ({examples.tokens:,} tokens)"
     return run_answers(
         lm,
@@ -567,4 +562,16 @@ def evaluate_answers(lm, tok, packed, split: str, *, cfg, generate_cfg, out_dir:
         bf16=cfg.bf16,
         data_description=described,
         say=say,
+    )
+
+
+def answer_examples(items, names: list[str], answer_bytes, split_examples: int, split_tokens: int) -> Examples:
+    """The evaluator's Examples from prepared ones (data.Packed.eval_examples)."""
+    return Examples(
+        ids=[items[i].ids for i in range(len(items))],
+        masks=[items[i].trained for i in range(len(items))],
+        names=list(names),
+        answer_bytes=[int(b) for b in answer_bytes],
+        split_examples=split_examples,
+        split_tokens=split_tokens,
     )

@@ -114,6 +114,8 @@ def _trained(cfg: TokenizerConfig, corpus) -> PreTrainedTokenizerBase:
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
         tokenizers=tokenizers.__version__,
+        # Task data trains it on the examples' words, not their records (data.tasks.plain_text).
+        **({"format": corpus.format} if corpus.is_task else {}),
     )
     cache_root = cache.root(corpus.cfg.cache_dir, "tokenizers")
     hit = cache.lookup(cache_root, key)

@@ -376,11 +376,27 @@ def _time_evaluation(trainer: Trainer, blocks, batch_size: int) -> tuple[float, 
     return max(seconds[0] - per_block * small, 0.0), per_block
 
 
+def _time_answer_scoring(built: setup.Built, cfg) -> float:
+    """Task data: seconds the evaluator will take to score the held-out answers, from two batches
+    of them timed (the answers it then generates are not counted)."""
+    items, names, answer_bytes = built.packed.eval_examples("validation")
+    few = min(len(items), 2 * cfg.batch_size)
+    sample = evaluate.answer_examples(items.select(range(few)), names[:few], answer_bytes[:few], few, items.n_tokens)
+    with runtime.eval_mode(built.lm), progress.silenced():
+        evaluate.score_answers(built.lm, sample, cfg.batch_size)  # warm-up
+        started = time.perf_counter()
+        evaluate.score_answers(built.lm, sample, cfg.batch_size)
+        seconds = time.perf_counter() - started
+    return seconds / max(sample.tokens, 1) * items.n_tokens
+
+
 def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
     """Seconds the end-of-training evaluator will take to score the validation documents: its
     own scoring (windows, stride, batch, precision) timed on two batches of windows cut from the
     validation blocks, scaled to the windows of the whole split."""
     lm, tok, packed = built.lm, built.tok, built.packed
+    if packed.task:
+        return _time_answer_scoring(built, cfg)
     context = cfg.context or model.context_length(lm) or model.DEFAULT_CONTEXT
     stride = cfg.stride or max(1, context // 2)
     bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
