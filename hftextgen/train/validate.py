@@ -318,8 +318,8 @@ def memory_formula(lm, args, block_size: int, precision: str) -> dict:
     with grouped-query attention), MLP 3sbh + 4sbf (f: the MLP width; 8sbf for a gated, SwiGLU
     MLP: gate, up, activation and product), norms 4sbh; GPT-2's f = 4h, h_kv = h gives eq. 1.
     The 5as^2b of the attention scores only with eager attention: SDPA and flash attention keep
-    no scores (with them the formula read 56.2 GB against 23.5 GB measured for the gpt2-small
-    recipe on an H200, 32.0 without the term). Doubled for fp32, plus the logits and their
+    no scores (counting them overstated the gpt2-small recipe's measured peak on an H200:
+    bench/RESULTS.md, GPU, "validate vs the measured run"). Doubled for fp32, plus the logits and their
     gradient in fp32 (b*s*vocabulary*4 bytes, 3 copies), or with train.fused_loss in effect the
     one chunk of them it holds at a time.
     """
