@@ -211,3 +211,48 @@ def test_isolated_text_cuts_long_documents_into_examples_of_block_size(tmp_path,
     rows = [packed.train[i] for i in range(len(packed.train))]
     assert all(sum(len(e.ids) for e in row) <= 64 for row in rows)
     assert sum(len(e.ids) for row in rows for e in row) == packed.report["train"]["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["chat", "prompt-completion"])
+def test_a_custom_task_recipe_end_to_end(tmp_path, run_cli, recipe):
+    """LoRA on a (tiny) pretrained model, the user's file, the recipe as shipped: the run directory
+    chats through stock transformers with the template it trained with, and `hftextgen evaluate`
+    scores its answers as finetune did."""
+    from conftest import save_tiny_pretrained
+    from transformers import AutoTokenizer, pipeline
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    save_tiny_pretrained(base)
+    records = chat_records(60) if recipe == "chat" else pc_records(60)
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    argv = [
+        "finetune", "--config", f"recipes/custom/{recipe}.yaml", "--model.name_or_path", str(base),
+        "--data.paths", f"[{data}]", "--data.block_size", "64", "--train.output_dir", str(run),
+        "--train.max_steps", "4", "--train.eval_steps", "2", "--train.save_steps", "2", "--train.bf16", "false",
+        "--generate.max_new_tokens", "8", "--evaluate.max_answers", "3",
+    ]  # fmt: skip
+    code, out, err = run_cli(*argv)
+    assert code == 0, err
+    result = json.loads((run / "eval.json").read_text())
+    assert result["answers"] >= 1 and result["samples"]["count"] == 3
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 3
+    code, _, err = run_cli("evaluate", "--model", str(run), "--evaluate.output_dir", str(tmp_path / "again"))
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert again["answers"] == result["answers"] and again["nll"] == pytest.approx(result["nll"], rel=1e-5)
+    if recipe != "chat":
+        return
+    # Stock transformers: the saved template's assistant mask is the one trained with.
+    tok = AutoTokenizer.from_pretrained(run)
+    messages = records[0]["messages"]
+    stock = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    trained = [i for i, m in zip(stock["input_ids"], stock["assistant_masks"], strict=True) if m]
+    assert tok.decode(trained) == messages[2]["content"] + tok.eos_token + messages[4]["content"] + tok.eos_token
+    chat = pipeline("text-generation", model=str(run))(messages[:2], max_new_tokens=4, do_sample=False)
+    assert chat[0]["generated_text"][-1]["role"] == "assistant"
+    asked = write_jsonl(tmp_path / "ask.jsonl", [{"messages": messages[:2]}])
+    code, _, err = run_cli("generate", "--model", str(run), "--messages", str(asked))
+    assert code == 0, err
+    (answered,) = [json.loads(line) for line in (tmp_path / "ask.answers.jsonl").read_text().splitlines()]
+    assert answered["messages"][-1]["role"] == "assistant"

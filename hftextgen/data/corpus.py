@@ -479,14 +479,16 @@ class Packed:
         names = shards.read_names(self.cache_path / f"{split}.ids.jsonl", chosen)
         return items.select(chosen), names, np.asarray(table["bytes"])[chosen]
 
-    def collate(self, pad_id: int):
-        """The Trainer's data_collator for these batches."""
+    def collate(self, pad_id: int, flash_attention: bool = False):
+        """The Trainer's data_collator for these batches. flash_attention: the model attends
+        with flash-attention's kernels, which keep packed examples apart only when given their
+        boundaries (from position ids alone, only at one row a batch)."""
         from . import packing
 
         if self.packing == "concat":
             return packing.collate_blocks
         if self.packing == "isolated":
-            return packing.IsolatedCollator(pad_id)
+            return packing.IsolatedCollator(pad_id, flash_attn_kwargs=flash_attention)
         return packing.PaddedCollator(pad_id)
 
     def ordered(self, batch_size: int, seed: int):

@@ -100,7 +100,9 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     return Trainer(
         model=built.lm,
         args=args,
-        data_collator=packed.collate(built.tok.pad_token_id),
+        data_collator=packed.collate(
+            built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
+        ),
         train_dataset=packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
         eval_dataset=packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
         processing_class=built.tok,
