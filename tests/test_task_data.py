@@ -256,3 +256,33 @@ def test_a_custom_task_recipe_end_to_end(tmp_path, run_cli, recipe):
     assert code == 0, err
     (answered,) = [json.loads(line) for line in (tmp_path / "ask.answers.jsonl").read_text().splitlines()]
     assert answered["messages"][-1]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_task_data_streamed_or_not(tmp_path, gpt2, streaming):
+    """A hub dataset of conversations (a local folder: `datasets` reads it offline, streamed or
+    not), with a column the format does not read."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    rows = [{**r, "source": "made up"} for r in chat_records(60)]
+    for f in range(2):
+        write_jsonl(folder / f"train-{f}.jsonl", rows[f::2])
+    cfg = DataConfig(source="hub", dataset=str(folder), streaming=streaming, block_size=64, max_eval_tokens=1 << 20)
+    corpus, packed = prepared(gpt2, cfg)
+    assert corpus.format == "messages"
+    got = answers_of(packed, "train", gpt2) + answers_of(packed, "validation", gpt2)
+    assert len(got) == 2 * len(rows) and set(got) == {a + gpt2.eos_token for a in ANSWERS}
+
+
+def test_parquet_prompt_completion(tmp_path, gpt2):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = pc_records(30)
+    table = pa.table({k: [r[k] for r in records] for k in ("prompt", "completion")} | {"id": list(range(30))})
+    pq.write_table(table, tmp_path / "pairs.parquet", row_group_size=7)
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "pairs.parquet")], block_size=64, max_eval_tokens=1 << 20)
+    corpus, packed = prepared(gpt2, cfg)
+    assert corpus.format == "prompt_completion"
+    got = answers_of(packed, "train", gpt2) + answers_of(packed, "validation", gpt2)
+    assert sorted(got) == sorted(r["completion"] + gpt2.eos_token for r in records)
