@@ -829,7 +829,8 @@ class Recipe:
 
     @property
     def tokens_per_step(self) -> int:
-        """Blocks are packed, never padded: every step trains exactly this many tokens."""
+        """Tokens a step holds: exactly, for concat packing (blocks are never padded); at most, for
+        isolated rows and padded examples (the data report says how full they are)."""
         return self.effective_batch_size * self.data.block_size
 
     def schedule(self, train_blocks: int, first_step: int = 0) -> train_stage.Schedule:
