@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_corpus
+from oracle import split_texts
 
 from hftextgen.config import DataConfig
 from hftextgen.data import corpus as data
@@ -84,7 +85,7 @@ def odd_corpus(folder: Path) -> Path:
 
 
 def expected_documents(cfg: DataConfig, tok, split: str) -> tuple[list[str], list[str], list[list[int]]]:
-    docs = getattr(data.Corpus(cfg).documents, split)
+    docs = getattr(split_texts(cfg), split)
     eos = [tok.eos_token_id] if cfg.add_eos else []
     return list(docs["id"]), list(docs["text"]), [tok(t)["input_ids"] + eos for t in docs["text"]]
 
@@ -454,10 +455,11 @@ def test_max_eval_tokens_caps_both_evaluation_subsets(tmp_path, gpt2):
     docs = packed.eval_documents()
     assert 0 < docs.tokens <= 700 and docs.split_tokens == val["tokens"] and docs.split_documents == 10
     assert docs.names == again.eval_documents().names
-    held = list(data.Corpus(cfg).documents.validation["id"])
+    validation = split_texts(cfg).validation
+    held = list(validation["id"])
     assert set(docs.names) < set(held) and docs.names == [n for n in held if n in docs.names]
     tok = gpt2[0]
-    texts = dict(zip(held, data.Corpus(cfg).documents.validation["text"], strict=True))
+    texts = dict(zip(held, validation["text"], strict=True))
     for name, ids, n_bytes in zip(docs.names, docs.ids, docs.bytes, strict=True):
         assert ids == [tok.eos_token_id, *tok(texts[name])["input_ids"], tok.eos_token_id]
         assert n_bytes == len(texts[name].encode())

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-
-import numpy as np
 
 from .. import cache
 from ..config import DataConfig
@@ -29,15 +26,6 @@ from .split import held_out_indices, split_of
 # Bump when a change here alters what the same inputs produce; it is part of every cache key.
 PREPROCESS_VERSION = 2
 SPLITS = shards.SPLITS
-
-
-@dataclass
-class Documents:
-    """Raw documents of each split, in memory: datasets with columns `id` and `text` (small
-    corpora: tests, a look at the data; preparing never holds them)."""
-
-    train: object  # datasets.Dataset
-    validation: object
 
 
 # ---------------------------------------------------------------- the corpus
@@ -191,7 +179,7 @@ class Corpus:
             mode = "none"
         return segments, mode, every
 
-    # ---- documents in memory (small corpora)
+    # ---- whole documents, read in order (BPE training)
 
     def _whole_documents(self):
         """(segment split, id, text) of every document, whole, in source order."""
@@ -216,36 +204,6 @@ class Corpus:
         for index, (fixed, doc_id, text) in enumerate(self._whole_documents()):
             if split_of(mode, fixed, index, text, held, cfg.validation_fraction) == split:
                 yield doc_id, text
-
-    @cached_property
-    def documents(self) -> Documents:
-        return Documents(*(_as_dataset(list(self.texts(split))) for split in SPLITS))
-
-
-def _as_dataset(docs: list[tuple[str, str | None]]):
-    import datasets
-
-    docs = [(i, t) for i, t in docs if sources.is_document(t)]
-    return datasets.Dataset.from_dict({"id": [i for i, _ in docs], "text": [t for _, t in docs]})
-
-
-def read_file(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
-    """(id, text) records of one local file, empty ones included, whole documents."""
-    out = []
-    for _, record in sources.read_all(sources.file_segments(path, cfg, every=1 << 62, cuttable=False), cfg):
-        if record.begins:
-            out.append((record.id, record.text))
-        else:
-            out[-1] = (out[-1][0], out[-1][1] + record.text)
-    return out
-
-
-def hold_out(docs, fraction: float, seed: int):
-    """Split in-memory documents as preparing splits them: a seeded shuffle picks
-    round(fraction * n) of them (at least one, never all); both parts keep the source order."""
-    held = held_out_indices(len(docs), fraction, seed)
-    kept = np.setdiff1d(np.arange(len(docs)), held)
-    return docs.select(kept), docs.select(held)
 
 
 # ---------------------------------------------------------------- prepared data

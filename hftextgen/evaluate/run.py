@@ -56,12 +56,6 @@ def windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]
     return out
 
 
-def document_ids(texts: list[str], tok, add_eos: bool) -> list[list[int]]:
-    eos = tok.eos_token_id
-    ids = tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return [[eos, *doc, *([eos] if add_eos else [])] for doc in ids]
-
-
 @torch.inference_mode()
 def score(
     lm, docs: list[list[int]], context: int, stride: int, batch_size: int, bf16: bool = False
@@ -139,20 +133,10 @@ def documents(packed, split: str) -> Documents:
     return packed.eval_documents("train" if split == "all" else split)
 
 
-def evaluate_documents(lm, tok, texts: list[str], cfg: EvaluateConfig, add_eos: bool) -> dict:
-    """Perplexity, bits-per-byte and word perplexity of `texts`, with the counts behind them."""
-    return evaluate_ids(
-        lm,
-        document_ids(texts, tok, add_eos),
-        [len(t.encode("utf-8")) for t in texts],
-        [len(t.split()) for t in texts],
-        cfg,
-    )
-
-
 def evaluate_ids(lm, ids: list[list[int]], n_bytes: list[int], words: list[int], cfg: EvaluateConfig) -> dict:
-    """The same, of documents given as the ids they are scored as ([EOS] + the document's ids,
-    with its EOS when trained so) and their UTF-8 bytes and words."""
+    """Perplexity, bits-per-byte and word perplexity of documents given as the ids they are scored
+    as ([EOS] + the document's ids, with its EOS when trained so) and their UTF-8 bytes and words,
+    with the counts behind them."""
     model_context = model_stage.context_length(lm) or model_stage.DEFAULT_CONTEXT
     context = cfg.context or model_context
     if context > model_context:

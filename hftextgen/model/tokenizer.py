@@ -254,14 +254,6 @@ def _route(tokenizer: PreTrainedTokenizerBase) -> tuple[str, Encoder, list[list[
     return "reference", reference, expected
 
 
-def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder:
-    """A function texts -> token ids that returns exactly what
-    `tokenizer(texts, add_special_tokens=False)["input_ids"]` does, by the fastest route that
-    agrees with it on PROBES: tiktoken for GPT-2's own BPE, else the Rust backend directly,
-    else the tokenizer itself."""
-    return _route(tokenizer)[1]
-
-
 def _gpt2_pre_tokenizer(backend) -> bool:
     """Byte-level BPE that pre-tokenizes with GPT-2's pattern and nothing else: no normaliser,
     no dropout, no prefix space."""
@@ -277,7 +269,9 @@ def _gpt2_pre_tokenizer(backend) -> bool:
 
 
 def encoder_spec(tokenizer: PreTrainedTokenizerBase) -> dict:
-    """batch_encoder's route as plain data, which a worker process turns back into an encoder
+    """The fastest route to `tokenizer(texts, add_special_tokens=False)["input_ids"]` that agrees
+    with it on PROBES (tiktoken for GPT-2's own BPE, else the Rust backend directly, else the
+    tokenizer itself), as plain data, which a worker process turns back into an encoder
     (preparation.build_encoder) without importing transformers.
 
     `cuttable`: a text may be cut at preparation.SAFE_CUT and its pieces encoded apart with the
