@@ -790,7 +790,7 @@ class Recipe:
 
     def schedule(self, train_blocks: int, first_step: int = 0) -> train_stage.Schedule:
         """Steps, evaluations and checkpoints of this run over `train_blocks` training blocks."""
-        return train_stage.schedule(self.train, train_blocks, first_step)
+        return train_stage.schedule_of(self.train, train_blocks, first_step)
 
 
 def training_field_help() -> dict[str, str]:

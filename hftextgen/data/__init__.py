@@ -13,7 +13,7 @@ _EXPORTS = {
     "expand_paths": "sources",
     "play_to_text": "sources",
     "shakespeare_files": "sources",
-    "Documents": "shards",
+    "EvalDocuments": "shards",
     "SAFE_CUT": "preparation",
     "build_encoder": "preparation",
 }

@@ -143,7 +143,7 @@ class Corpus:
 
     # ---- segments
 
-    def plan(self, cuttable: bool, hold_out: bool = True) -> tuple[list[sources.Segment], str, int]:
+    def segments(self, cuttable: bool, hold_out: bool = True) -> tuple[list[sources.Segment], str, int]:
         """(segments in source order, split mode, bytes per unit of work). Split modes: seeded
         (a seeded shuffle of all documents), hash (streamed: by each document's text), fixed
         (validation files or a validation split), none (nothing held out)."""
@@ -184,7 +184,7 @@ class Corpus:
     def _whole_documents(self):
         """(segment split, id, text) of every document, whole, in source order."""
         current_id, pieces = None, []
-        for seg, record in sources.read_all(self.plan(cuttable=False)[0], self.cfg):
+        for seg, record in sources.read_all(self.segments(cuttable=False)[0], self.cfg):
             if record.begins:
                 current_id, pieces = record.id, []
             pieces.append(record.text or "")
@@ -196,7 +196,7 @@ class Corpus:
     def texts(self, split: str):
         """(id, text) of one split's documents, read as they are needed (BPE training)."""
         cfg = self.cfg
-        mode = self.plan(cuttable=False)[1]
+        mode = self.segments(cuttable=False)[1]
         held = None
         if mode == "seeded":
             n = sum(1 for _ in self._whole_documents())
@@ -212,7 +212,7 @@ class Corpus:
 class Packed:
     """Prepared data, memory-mapped: `train` and `validation` blocks for the Trainer,
     `eval_blocks` (the Trainer's capped evaluation subset), `eval_documents()` (the evaluator's),
-    the report, and where it lives."""
+    the data report, and where it lives."""
 
     def __init__(self, path: Path, cfg: DataConfig, cache_hit: bool, need_blocks: bool = True):
         self.cache_path, self.cache_hit, self.cfg = path, cache_hit, cfg
@@ -248,7 +248,7 @@ class Packed:
         text = (self.cache_path / "validation.ids.jsonl").read_text(encoding="utf-8")
         return [json.loads(line) for line in text.splitlines()]
 
-    def eval_documents(self, split: str = "validation") -> shards.Documents:
+    def eval_documents(self, split: str = "validation") -> shards.EvalDocuments:
         """The evaluator's documents of `split`: a seeded subset of whole documents holding at
         most data.max_eval_tokens tokens, the same on every call (all when they fit)."""
         return shards.documents(
@@ -288,7 +288,7 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
 
     cfg = corpus.cfg
     spec = model_stage.encoder_spec(tokenizer)
-    segments, mode, every = corpus.plan(spec["cuttable"], hold_out)
+    segments, mode, every = corpus.segments(spec["cuttable"], hold_out)
     units = preparation.group(segments, every)
     dtype = shards.dtype_for(_vocabulary(tokenizer))
     settings = preparation.Settings(

@@ -3,7 +3,7 @@ the same bytes whatever the number of processes, and the manifest that describes
 
 The work goes into a folder beside the cache entry (`.<key>.partial`) in four steps:
 
-  plan      the segments (sources.py) grouped into units of work: consecutive segments of about
+  group     the segments (sources.py) grouped into units of work: consecutive segments of about
             1/UNITS of the corpus, between UNIT_BYTES; fixed by the data, never by num_proc
   count     where a split or an id needs it, each unit's records and documents are counted
             (a read without tokenizing), so every document has its global index
@@ -168,7 +168,7 @@ def build_encoder(spec: dict, threads: int = 1) -> Callable[[list[str]], list[np
     return encode
 
 
-# ---------------------------------------------------------------- plan
+# ---------------------------------------------------------------- group
 
 
 # The data section's fields that reading and splitting use. A worker gets them as a plain

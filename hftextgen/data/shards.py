@@ -135,7 +135,7 @@ def sample_blocks(blocks: BlockDataset, max_tokens: int, seed: int) -> BlockData
 
 
 @dataclass
-class Documents:
+class EvalDocuments:
     """Whole documents for the evaluator: each as it scores them, [EOS] + the document's tokens
     as they were trained, with its UTF-8 bytes and words; and the size of the split they were
     drawn from."""
@@ -189,7 +189,9 @@ def read_names(path: Path, chosen: np.ndarray) -> list[str]:
     return names
 
 
-def documents(root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, max_tokens: int, seed: int) -> Documents:
+def documents(
+    root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, max_tokens: int, seed: int
+) -> EvalDocuments:
     """The evaluator's documents of a split. With add_eos the documents are separate texts: a
     seeded subset of whole documents (choose_documents). Without it they are pieces of one text
     (lines of an article): the first ones that fit, scored as one text."""
@@ -209,7 +211,7 @@ def documents(root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, m
         n_bytes = [int(table["bytes"][chosen].sum())] if len(chosen) else []
         words = [int(table["words"][chosen].sum())] if len(chosen) else []
     names = read_names(root / f"{split}.ids.jsonl", chosen)
-    return Documents(ids, names, n_bytes, words, len(lengths), int(lengths.sum()))
+    return EvalDocuments(ids, names, n_bytes, words, len(lengths), int(lengths.sum()))
 
 
 def read_manifest(root: Path) -> dict:

@@ -25,7 +25,7 @@ import torch
 from .. import __version__, progress
 from .. import model as model_stage
 from ..config import DataConfig, EvaluateConfig, GenerateConfig
-from ..data import Documents
+from ..data import EvalDocuments
 from ..errors import UserError
 from ..files import write_atomic, write_json
 from ..generate import Generator, samples_markdown, write_samples
@@ -126,7 +126,7 @@ def diversity_metrics(texts: list[str]) -> dict:
     return load_metric("diversity").compute(predictions=texts)
 
 
-def documents(packed, split: str) -> Documents:
+def documents(packed, split: str) -> EvalDocuments:
     """The documents `evaluate.split` names, from the prepared data (data.prepare; prepared with
     hold_out false for split all): a seeded subset of whole documents holding at most
     data.max_eval_tokens tokens, as token ids, with their bytes and words."""
@@ -165,7 +165,7 @@ def evaluate_ids(lm, ids: list[list[int]], n_bytes: list[int], words: list[int],
     return result
 
 
-def report(model_name: str, data_description: str, metrics: dict, samples: dict | None) -> dict:
+def eval_record(model_name: str, data_description: str, metrics: dict, samples: dict | None) -> dict:
     return {
         "model": model_name,
         "data": data_description,
@@ -208,7 +208,7 @@ def markdown(result: dict, sample_texts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe(data: DataConfig, split: str, docs: Documents) -> str:
+def describe(data: DataConfig, split: str, docs: EvalDocuments) -> str:
     source = {"shakespeare": "the bundled Shakespeare plays", "files": "files", "hub": f"hub dataset {data.dataset}"}
     names = docs.names
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4:,} more" if len(names) > 4 else "")
@@ -229,7 +229,7 @@ def describe(data: DataConfig, split: str, docs: Documents) -> str:
 def run(
     lm,
     tok,
-    docs: Documents,
+    docs: EvalDocuments,
     *,
     data: DataConfig,
     cfg: EvaluateConfig,
@@ -262,7 +262,7 @@ def run(
         }
         sample_texts = [s.prompt + s.completion for s in samples]
     metrics.update(split_documents=docs.split_documents, split_tokens=docs.split_tokens)
-    result = report(model_name, describe(data, cfg.split, docs), metrics, samples_info)
+    result = eval_record(model_name, describe(data, cfg.split, docs), metrics, samples_info)
     write_json(out_dir / "eval.json", result)
     write_atomic(out_dir / "eval.md", markdown(result, sample_texts))
     say(

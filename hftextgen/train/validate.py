@@ -8,7 +8,7 @@ the same errors, before any work; the data is then cached for finetune), then:
              final save, Trainer evaluation, samples and the end-of-training evaluator; reads the
              peak memory (`measure`)
   schedule   steps, evaluations and checkpoints of the run: pure arithmetic that agrees with the
-             stock Trainer (plan.py, through Recipe.schedule)
+             stock Trainer (schedule.py, through Recipe.schedule)
   estimate   time = measured seconds x how often the schedule does each thing; memory = weights +
              gradients + AdamW state + activations (a formula) beside the measured peak; disk = a
              real checkpoint's size x the checkpoints kept, plus the final model (`estimate`)
@@ -39,7 +39,7 @@ from .. import data, evaluate, generate, model, progress, runtime
 from ..config import Recipe
 from ..progress import size
 from . import fused_loss, rundir, setup
-from .plan import Schedule
+from .schedule import Schedule
 
 # Timed steps: at least MIN_STEPS and MIN_SECONDS of them after the warm-up step, at most
 # MAX_STEPS: enough to average out noise on a fast model, few on a slow one.
