@@ -13,7 +13,7 @@ from oracle import blocks_array, run_clm_blocks, split_texts
 
 from hftextgen.config import DataConfig
 from hftextgen.data import corpus as data
-from hftextgen.data import preparation
+from hftextgen.data import encoders
 from hftextgen.model import tokenizer
 
 VOCAB = 50257
@@ -65,7 +65,7 @@ def gpt2():
 def encoded(tok, texts: list[str], threads: int = 1) -> tuple[str, list[list[int]]]:
     """(route, ids of texts) of the encoder preparing builds for `tok`."""
     spec = tokenizer.encoder_spec(tok)
-    return spec["route"], [ids.tolist() for ids in preparation.build_encoder(spec, threads)(texts)]
+    return spec["route"], [ids.tolist() for ids in encoders.build_encoder(spec, threads)(texts)]
 
 
 def test_the_encoder_is_the_tokenizer_on_gpt2_by_tiktoken():

@@ -25,7 +25,7 @@ from oracle import split_texts
 
 from hftextgen.config import DataConfig
 from hftextgen.data import corpus as data
-from hftextgen.data import preparation, shards, sources
+from hftextgen.data import encoders, preparation, shards, sources
 from hftextgen.data.split import held_out_by_hash
 from hftextgen.errors import RunStopped
 from hftextgen.model import tokenizer
@@ -122,7 +122,7 @@ def test_texts_cut_at_safe_points_give_the_ids_of_the_whole(which, gpt2, trained
     tok, _ = gpt2 if which == "gpt2" else trained
     spec = tokenizer.encoder_spec(tok)
     assert spec["route"] == ("tiktoken" if which == "gpt2" else "backend") and spec["cuttable"]
-    encode = preparation.build_encoder(spec)
+    encode = encoders.build_encoder(spec)
     rng = random.Random(0)
     cuts_tried = 0
     for _ in range(100):

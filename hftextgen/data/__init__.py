@@ -15,7 +15,7 @@ _EXPORTS = {
     "shakespeare_files": "sources",
     "EvalDocuments": "shards",
     "SAFE_CUT": "preparation",
-    "build_encoder": "preparation",
+    "build_encoder": "encoders",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

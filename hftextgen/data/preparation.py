@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +50,7 @@ import numpy as np
 from .. import progress
 from ..errors import UserError
 from . import shards, sources
+from .encoders import build_encoder
 from .sources import Segment
 from .split import held_out_indices, split_of
 
@@ -120,52 +120,6 @@ def last_cut(text: str) -> int | None:
         if window >= len(text):
             return None
     return None
-
-
-# ---------------------------------------------------------------- the encoder in a worker
-
-
-def build_encoder(spec: dict, threads: int = 1) -> Callable[[list[str]], list[np.ndarray]]:
-    """tokenizer.encoder_spec back into a function texts -> ids (one array per text), and a
-    check that it still gives the reference ids on tokenizer.PROBES."""
-    route = spec["route"]
-    if route == "tiktoken":
-        import tiktoken
-
-        encoding = tiktoken.Encoding(
-            "gpt2-hftextgen", pat_str=spec["pattern"], mergeable_ranks=spec["ranks"], special_tokens=spec["special"]
-        )
-
-        def one(text: str) -> np.ndarray:
-            return encoding.encode_to_numpy(text, allowed_special="all")
-
-        if threads > 1:
-            pool = ThreadPoolExecutor(threads)
-            encode = lambda texts: list(pool.map(one, texts))  # noqa: E731
-        else:
-            encode = lambda texts: [one(t) for t in texts]  # noqa: E731
-    elif route == "backend":
-        import tokenizers
-
-        backend = tokenizers.Tokenizer.from_str(spec["json"])
-        backend.no_truncation()
-        backend.no_padding()
-        backend.encode_special_tokens = spec["encode_special_tokens"]
-
-        def encode(texts: list[str]) -> list[np.ndarray]:
-            return [np.asarray(e.ids, np.int64) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-    else:
-        tokenizer = spec["tokenizer"]
-
-        def encode(texts: list[str]) -> list[np.ndarray]:
-            ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)
-            return [np.asarray(doc, np.int64) for doc in ids["input_ids"]]
-
-    probes = spec.get("probes")
-    if probes is not None and [a.tolist() for a in encode(probes["texts"])] != probes["ids"]:
-        raise RuntimeError(f"the {route} encoder rebuilt in a worker differs from the tokenizer on its probes")
-    return encode
 
 
 # ---------------------------------------------------------------- group
