@@ -9,6 +9,7 @@ _EXPORTS = {
     "evaluate_model": "run:run",
     "documents_of_split": "run:documents",
     "score": "run",
+    "scoring_settings": "run",
     "windows": "run",
 }
 __all__ = sorted(_EXPORTS)

@@ -42,6 +42,33 @@ class Window:
     """Targets [first, stop) of the document, predicted from its tokens [begin, stop - 1)."""
 
 
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How documents are scored: tokens of context per window, the stride between windows, bf16 autocast."""
+
+    context: int
+    stride: int
+    bf16: bool
+
+
+def scoring_settings(lm, cfg: EvaluateConfig) -> ScoringSettings:
+    """evaluate.context (else the model's), evaluate.stride (else half the context) and
+    evaluate.bf16 (else where the device has it), checked against the model: the settings the
+    evaluator scores with, and validate times."""
+    model_context = model_stage.context_length(lm) or model_stage.DEFAULT_CONTEXT
+    context = cfg.context or model_context
+    if context > model_context:
+        raise UserError(
+            f"evaluate.context ({context}) is longer than the model's context ({model_context}): "
+            f"lower it or leave it unset"
+        )
+    stride = cfg.stride or max(1, context // 2)
+    if stride > context:
+        raise UserError(f"evaluate.stride ({stride}) must be <= the context ({context}): lower evaluate.stride")
+    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return ScoringSettings(context, stride, bf16)
+
+
 def windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, first, stop) windows over a document of `length` tokens whose first token (the
     EOS before it) is context only. Together they score tokens 1..length-1 once each; the first
@@ -137,28 +164,18 @@ def evaluate_ids(lm, ids: list[list[int]], n_bytes: list[int], words: list[int],
     """Perplexity, bits-per-byte and word perplexity of documents given as the ids they are scored
     as ([EOS] + the document's ids, with its EOS when trained so) and their UTF-8 bytes and words,
     with the counts behind them."""
-    model_context = model_stage.context_length(lm) or model_stage.DEFAULT_CONTEXT
-    context = cfg.context or model_context
-    if context > model_context:
-        raise UserError(
-            f"evaluate.context ({context}) is longer than the model's context ({model_context}): "
-            f"lower it or leave it unset"
-        )
-    stride = cfg.stride or max(1, context // 2)
-    if stride > context:
-        raise UserError(f"evaluate.stride ({stride}) must be <= the context ({context}): lower evaluate.stride")
-    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    s = scoring_settings(lm, cfg)
     started = time.perf_counter()
-    scores = score(lm, ids, context, stride, cfg.batch_size, bf16=bf16)
+    scores = score(lm, ids, s.context, s.stride, cfg.batch_size, bf16=s.bf16)
     seconds = time.perf_counter() - started
     result = perplexity_metrics(scores, n_bytes, words)
     if result["tokens"] == 0:
         raise UserError("evaluation: the documents hold no tokens to score: check the data section")
     result.update(
         documents=len(ids),
-        context=context,
-        stride=stride,
-        precision="bf16" if bf16 else "fp32",
+        context=s.context,
+        stride=s.stride,
+        precision="bf16" if s.bf16 else "fp32",
         seconds=round(seconds, 2),
         tokens_per_second=round(result["tokens"] / seconds, 1),
     )

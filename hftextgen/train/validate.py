@@ -381,9 +381,8 @@ def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
     own scoring (windows, stride, batch, precision) timed on two batches of windows cut from the
     validation blocks, scaled to the windows of the whole split."""
     lm, tok, packed = built.lm, built.tok, built.packed
-    context = cfg.context or model.context_length(lm) or model.DEFAULT_CONTEXT
-    stride = cfg.stride or max(1, context // 2)
-    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    s = evaluate.scoring_settings(lm, cfg)
+    context, stride, bf16 = s.context, s.stride, s.bf16
     wanted = context + 1 + stride * (2 * cfg.batch_size - 1)  # two batches of windows
     blocks = math.ceil(wanted / block_size)
     ids = packed.validation[: min(blocks, len(packed.validation))]["input_ids"]
