@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, progress
+from .. import __version__, progress, runtime
 from .. import model as model_stage
 from ..config import DataConfig, EvaluateConfig, GenerateConfig
 from ..data import EvalDocuments
@@ -65,7 +65,7 @@ def scoring_settings(lm, cfg: EvaluateConfig) -> ScoringSettings:
     stride = cfg.stride or max(1, context // 2)
     if stride > context:
         raise UserError(f"evaluate.stride ({stride}) must be <= the context ({context}): lower evaluate.stride")
-    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else runtime.bf16_scoring(lm.device)
     return ScoringSettings(context, stride, bf16)
 
 
