@@ -85,9 +85,7 @@ def describe_run(info: dict) -> str:
     share = f" ({trainable:,} trained: {trainable / info['parameters']:.2%})" if trainable < info["parameters"] else ""
     return (
         f"model: {info['parameters']:,} parameters{share}; precision {info['precision']} on {info['device']}\n"
-        f"batch: {info['effective_batch_size']} blocks = {info['per_device_batch_size']} per device x "
-        f"{info['processes']} processes x {info['gradient_accumulation_steps']} accumulation "
-        f"({info['tokens_per_step']:,} tokens per step)"
+        + setup.describe_batch(info)
     )
 
 

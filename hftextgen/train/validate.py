@@ -159,6 +159,7 @@ def describe_model(lm, info: dict) -> dict:
         "context": shape["n_positions"],
         "vocab_size": shape["vocab_size"],
         "tied_embeddings": shape["tie_word_embeddings"],
+        "shape": model.describe_shape(shape),
         **({"lora": _lora(lm)} if model.is_peft(lm) else {}),
     }
 
@@ -425,19 +426,6 @@ def describe(est: dict) -> str:
     d, m, b, st, tk, t, mem, disk = (
         est[k] for k in ("data", "model", "batch", "steps", "tokens", "time", "memory", "disk")
     )
-    shape = ", ".join(
-        text
-        for value, text in (
-            (m["architecture"], m["architecture"]),
-            (m["layers"], f"{m['layers']} layers"),
-            (m["heads"], f"{m['heads']} heads"),
-            (m["kv_heads"] != m["heads"] and m["kv_heads"], f"{m['kv_heads']} key/value heads"),
-            (m["width"], f"width {m['width']}"),
-            (m["mlp_width"], f"MLP {m['mlp_width']}"),
-            (m["tied_embeddings"], "tied embeddings"),
-        )
-        if value
-    )
     start = (
         f"resumes {est['resume_from']} at step {st['first']:,}"
         if est["resume_from"]
@@ -449,11 +437,10 @@ def describe(est: dict) -> str:
         f"recipe: valid; {est['output_dir']}: {start}; nothing written",
         f"data: {'cached' if d['cached'] else 'prepared and cached'} at {d['cache']} ({d['seconds']:.1f} s)",
         data.format_report(d["report"]),
-        f"model: {m['parameters']:,} parameters ({shape}; context {m['context']}, vocabulary {m['vocab_size']:,}); "
+        f"model: {m['parameters']:,} parameters ({m['architecture']}, {m['shape']}); "
         f"precision {est['precision']} on {est['device']}",
         *_lora_lines(m, f),
-        f"batch: {b['effective_batch_size']} blocks = {b['per_device_batch_size']} per device x {b['processes']} "
-        f"processes x {b['gradient_accumulation_steps']} accumulation ({b['tokens_per_step']:,} tokens per step)",
+        setup.describe_batch(b),
         f"steps: {st['total']:,} = {st['epochs']:g} epochs of {st['per_epoch']:,} steps"
         + (f"; {st['to_run']:,} left to run" if st["first"] else ""),
         f"tokens: {tk['total']:,} trained ({tk['total'] / max(tk['train_split'], 1):.2f} x the "
