@@ -42,8 +42,8 @@ def guide_loop(lm, ids: torch.Tensor, context: int, stride: int) -> tuple[float,
 
 def main() -> None:
     from hftextgen.config import DataConfig
-    from hftextgen.data import corpus as data
-    from hftextgen.evaluate.run import document_ids, score
+    from hftextgen.evaluate.run import score
+    from tests.oracle import document_ids, split_texts
 
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("tiny", "gpt2"), default=None)
@@ -61,7 +61,7 @@ def main() -> None:
     stride = context // 2
     budget = args.tokens or (4_000 if args.quick else 40_000)
 
-    text = data.Corpus(DataConfig()).documents.validation[0]["text"]
+    text = split_texts(DataConfig()).validation[0]["text"]
     (doc,) = document_ids([text], tok, add_eos=True)
     doc = doc[:budget]
     ids = torch.tensor([doc])

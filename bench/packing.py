@@ -37,7 +37,7 @@ def write_examples(folder: Path, limit: int) -> tuple[Path, Path]:
     from hftextgen.config import DataConfig
     from hftextgen.data import Corpus, sources
 
-    segments, _, _ = Corpus(DataConfig(source="shakespeare", format="prompt_completion")).plan(False)
+    segments, _, _ = Corpus(DataConfig(source="shakespeare", format="prompt_completion")).segments(False)
     cfg = Corpus(DataConfig(source="shakespeare", format="prompt_completion")).reading
     train, validation = [], []
     for seg, record in sources.read_all(segments, cfg):

@@ -21,46 +21,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from itertools import chain
-
-import numpy as np
 
 from bench import common
-
-
-def run_clm_blocks(docs, tokenizer, block_size: int, add_eos: bool = True):
-    """run_clm.py's tokenize_function and group_texts, with EOS after each document (what
-    hftextgen's recipes do; run_clm leaves it out). group_texts sees the whole split as one
-    batch: run_clm's default of 1000 documents per batch drops a partial block per batch."""
-    eos = tokenizer.eos_token_id if add_eos else None
-
-    def tokenize_function(examples):
-        output = tokenizer(examples["text"])
-        if eos is not None:
-            for ids, mask in zip(output["input_ids"], output["attention_mask"], strict=True):
-                ids.append(eos)
-                mask.append(1)
-        return output
-
-    tokenized = docs.map(tokenize_function, batched=True, remove_columns=docs.column_names)
-
-    def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
-        total_length = len(concatenated[list(examples.keys())[0]])
-        total_length = (total_length // block_size) * block_size
-        result = {
-            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
-        }
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    return tokenized.map(group_texts, batched=True, batch_size=max(1, len(tokenized)))
-
-
-def blocks_array(ds) -> np.ndarray:
-    """All blocks of a datasets.Dataset (the reference) or of prepared data, as one array."""
-    blocks = ds.with_format("numpy")[:] if hasattr(ds, "with_format") else ds[:]
-    return np.asarray(blocks["input_ids"], dtype=np.int64)
 
 
 def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
@@ -69,6 +31,7 @@ def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
     from hftextgen.config import DataConfig
     from hftextgen.data import corpus as data
     from hftextgen.model import tokenizer
+    from tests.oracle import blocks_array, run_clm_blocks, split_texts  # the tests' reference too
 
     datasets.disable_progress_bars()
     cfg = DataConfig(source="shakespeare", block_size=block_size)
@@ -88,7 +51,7 @@ def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
         return {s: run_clm_blocks(getattr(docs, s), tok, block_size) for s in data.SPLITS}
 
     def clm_from_disk(tok):
-        return clm_splits(data.Corpus(cfg).documents, tok)
+        return clm_splits(split_texts(cfg), tok)
 
     def ours(corpus, tok):
         return data.prepare(corpus, tok, tokenizer.fingerprint(tok))
@@ -98,7 +61,7 @@ def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
         try:
             # Documents in memory: both sides start from the same read and split documents.
             corpus = data.Corpus(DataConfig(**{**cfg.__dict__, "cache_dir": f"{tmp}/mem"}))
-            clm = timed("clm_mem", clm_splits, corpus.documents, fresh_tokenizer())
+            clm = timed("clm_mem", clm_splits, split_texts(corpus.cfg), fresh_tokenizer())
             packed = timed("ours_mem", ours, corpus, fresh_tokenizer())
             for split in data.SPLITS:
                 a, b = blocks_array(clm[split]), blocks_array(getattr(packed, split))

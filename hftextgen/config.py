@@ -11,13 +11,13 @@ once, on the Recipe.
 from __future__ import annotations
 
 import encodings
-import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from transformers import TrainingArguments
 
 from . import model as model_stage
+from . import runtime
 from . import train as train_stage
 from .errors import ConfigError
 
@@ -594,25 +594,6 @@ class EvaluateConfig:
         _require(self.max_answers >= 0, f"evaluate.max_answers must be >= 0 (got {self.max_answers})")
 
 
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def bf16_is_native() -> bool:
-    """bf16 mixed precision pays off: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return _cpu_has_native_bf16()
-
-
 @dataclass
 class TrainArguments(TrainingArguments):
     """Training: every transformers.TrainingArguments field, with hftextgen's defaults.
@@ -702,23 +683,13 @@ class TrainArguments(TrainingArguments):
             self.logging_nan_inf_filter = self.on_nan == "skip"
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1 (got {getattr(self, key)})")
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and bf16_is_native()
         self._early_stopping()
         renamed = hasattr(self, "activation_checkpointing") and self.activation_checkpointing is None
         if renamed and self.gradient_checkpointing is not None:
             # The name every tutorial uses; later transformers 5 releases call it activation_checkpointing
             # and warn about the old name when only that one is set.
             self.activation_checkpointing = self.gradient_checkpointing
-        import torch
-
-        if not torch.accelerator.is_available():
-            # use_cpu: TrainingArguments refuses bf16 without a GPU unless it is set, and
-            # without it processes started by torchrun (accelerate's multi-GPU launcher) each
-            # train alone instead of joining one gloo process group. Pinned memory only helps
-            # copies to an accelerator (torch warns on every loader).
-            self.use_cpu = True
-            self.dataloader_pin_memory = False
+        runtime.settle_training_device(self)  # bf16 unset, use_cpu: the hardware's say
         super().__post_init__()
 
     def _early_stopping(self) -> None:
@@ -835,7 +806,7 @@ class Recipe:
 
     def schedule(self, train_blocks: int, first_step: int = 0) -> train_stage.Schedule:
         """Steps, evaluations and checkpoints of this run over `train_blocks` training blocks."""
-        return train_stage.schedule(self.train, train_blocks, first_step)
+        return train_stage.schedule_of(self.train, train_blocks, first_step)
 
 
 def training_field_help() -> dict[str, str]:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Literal
 
-Mode = Literal["auto", "bars", "plain", "quiet"]
 MODES = ("auto", "bars", "plain", "quiet")
 # A plain progress line at most this often (seconds), so a long stage stays visibly alive
 # without filling the log.

@@ -1,11 +1,13 @@
 """Process-wide settings a command makes once, before its work: memory reuse, what replicas
-print, and the warnings that do not apply to packed language-model data; and a model put in
-eval mode for a while (eval_mode)."""
+print, and the warnings that do not apply to packed language-model data; a model put in eval
+mode for a while (eval_mode); and every decision about the hardware: the device, bf16 or not.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import sys
 import warnings
@@ -69,3 +71,56 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def bf16_is_native() -> bool:
+    """bf16 mixed precision pays off: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_native_bf16()
+
+
+def settle_training_device(args) -> None:
+    """The hardware's part of TrainingArguments `args`, before they are checked: bf16 unset is on
+    where the hardware runs it natively (never with fp16); without an accelerator, use_cpu
+    (TrainingArguments refuses bf16 without a GPU unless it is set, and without it processes
+    started by torchrun, accelerate's multi-GPU launcher, each train alone instead of joining
+    one gloo process group) and no pinned memory (it only helps copies to an accelerator; torch
+    warns on every loader)."""
+    import torch
+
+    if args.bf16 is None:
+        args.bf16 = not args.fp16 and bf16_is_native()
+    if not torch.accelerator.is_available():
+        args.use_cpu = True
+        args.dataloader_pin_memory = False
+
+
+def default_device():
+    """Where generate and evaluate load a model when --device is unset: a GPU if there is one."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_scoring(device) -> bool:
+    """evaluate.bf16's default: bf16 autocast on CUDA GPUs with bf16, fp32 elsewhere (on a CPU
+    bf16 would change the scores for little speed)."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -226,3 +226,13 @@ def test_fine_tune_a_llama_style_checkpoint(corpus, tmp_path, run_cli):
         "model.attn_pdrop)"
     )
     assert not (tmp_path / "other").exists()
+
+
+def test_a_shape_in_words_leaves_out_what_the_architecture_lacks():
+    gpt2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_kv_head": 4, "n_embd": 16, "n_inner": 64}
+    gpt2 |= {"n_positions": 64, "vocab_size": 50257, "tie_word_embeddings": True}
+    words = "2 layers, 4 heads, width 16, MLP 64, context 64 tokens, vocabulary 50,257, tied embeddings"
+    assert architecture.describe_shape(gpt2) == words
+    grouped = gpt2 | {"n_kv_head": 2, "n_inner": None, "tie_word_embeddings": False}
+    words = "2 layers, 4 heads, 2 key/value heads, width 16, context 64 tokens, vocabulary 50,257"
+    assert architecture.describe_shape(grouped) == words

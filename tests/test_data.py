@@ -12,11 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_corpus
+from oracle import read_file, split_texts
 
 from hftextgen import cache
 from hftextgen.config import DataConfig
 from hftextgen.data import corpus as data
 from hftextgen.data import sources
+from hftextgen.data.split import held_out_indices
 from hftextgen.errors import UserError
 from hftextgen.model.tokenizer import bundled_gpt2, fingerprint
 
@@ -48,7 +50,7 @@ def test_packing_keeps_every_token_in_order_but_the_tail(corpus, gpt2):
     tokenizer, _ = gpt2
     cfg = files_cfg(corpus / "*.txt", block_size=50, validation_fraction=0.25)
     packed = prepare(cfg, gpt2)
-    docs = data.Corpus(cfg).documents
+    docs = split_texts(cfg)
     for split in ("train", "validation"):
         texts = getattr(docs, split)["text"]
         expected = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
@@ -81,26 +83,23 @@ def test_add_eos_false_joins_documents_without_separator(corpus, gpt2):
 # ---------------------------------------------------------------- splits
 
 
-def test_hold_out_is_seeded_disjoint_and_document_level():
-    docs = data._as_dataset([(f"d{i}", f"text {i}") for i in range(40)])
-    train, val = data.hold_out(docs, 0.1, seed=7)
-    again_train, again_val = data.hold_out(docs, 0.1, seed=7)
-    assert list(val["id"]) == list(again_val["id"]) and list(train["id"]) == list(again_train["id"])
-    assert len(val) == 4 and not set(train["id"]) & set(val["id"])
-    assert set(train["id"]) | set(val["id"]) == set(docs["id"])
-    assert list(val["id"]) != [f"d{i}" for i in range(36, 40)]  # not the tail of the data
-    assert list(data.hold_out(docs, 0.1, seed=8)[1]["id"]) != list(val["id"])
-    assert list(train["id"]) == sorted(train["id"], key=lambda d: int(d[1:]))  # source order kept
+def test_hold_out_is_seeded_and_a_fraction_of_the_documents():
+    held = held_out_indices(40, 0.1, seed=7)
+    assert held.tolist() == held_out_indices(40, 0.1, seed=7).tolist()
+    assert len(held) == 4 and held.tolist() == sorted(set(held.tolist())) and 0 <= held.min() and held.max() < 40
+    assert held.tolist() != list(range(36, 40))  # not the tail of the data
+    assert held.tolist() != held_out_indices(40, 0.1, seed=8).tolist()
+    assert held.tolist() == np.sort(np.random.default_rng(7).permutation(40)[:4]).tolist()
+    assert len(held_out_indices(2, 0.01, seed=0)) == 1 and len(held_out_indices(3, 0.99, seed=0)) == 2
 
 
 def test_hold_out_needs_two_documents():
     with pytest.raises(UserError, match="too few to hold out whole documents"):
-        data.hold_out(data._as_dataset([("only", "text")]), 0.1, seed=0)
+        held_out_indices(1, 0.1, seed=0)
 
 
 def test_shakespeare_corpus_is_38_plays_split_by_play():
-    corpus = data.Corpus(DataConfig())
-    docs = corpus.documents
+    docs = split_texts(DataConfig())
     assert len(docs.train) + len(docs.validation) == 38 and len(docs.validation) == 2
     assert not set(docs.train["id"]) & set(docs.validation["id"])
     plays = {
@@ -144,7 +143,7 @@ def test_every_file_format_and_text_field(tmp_path):
         writer.writerows({"n": i, "body": t} for i, t in enumerate(texts))
     pq.write_table(pa.table({"body": texts}), tmp_path / "d.parquet")
     cfg = DataConfig(source="files", paths=[str(tmp_path / "*")], text_field="body")
-    docs = data.Corpus(cfg).documents
+    docs = split_texts(cfg)
     got = sorted(list(docs.train["text"]) + list(docs.validation["text"]))
     assert got == sorted(texts * 4)
     ids = set(docs.train["id"]) | set(docs.validation["id"])
@@ -153,9 +152,9 @@ def test_every_file_format_and_text_field(tmp_path):
 
 def test_sample_by_paragraph_and_line(tmp_path):
     (tmp_path / "one.txt").write_text("first para\nstill first\n\nsecond para\n\n\nthird\n")
-    by_para = data.read_file(tmp_path / "one.txt", DataConfig(source="files", paths=["x"], sample_by="paragraph"))
+    by_para = read_file(tmp_path / "one.txt", DataConfig(source="files", paths=["x"], sample_by="paragraph"))
     assert [t.strip() for _, t in by_para if t.strip()] == ["first para\nstill first", "second para", "third"]
-    by_line = data.read_file(tmp_path / "one.txt", DataConfig(source="files", paths=["x"], sample_by="line"))
+    by_line = read_file(tmp_path / "one.txt", DataConfig(source="files", paths=["x"], sample_by="line"))
     assert [t for _, t in by_line if t] == ["first para", "still first", "second para", "third"]
 
 
@@ -290,7 +289,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, gpt2, setup, match):
 def test_encoding_option_reads_other_encodings(tmp_path, gpt2):
     for i in range(3):
         (tmp_path / f"l{i}.txt").write_bytes(f"caf\xe9 number {i} ".encode("latin-1") * 20)
-    docs = data.Corpus(files_cfg(tmp_path / "*.txt", encoding="latin-1")).documents
+    docs = split_texts(files_cfg(tmp_path / "*.txt", encoding="latin-1"))
     assert "café" in docs.train["text"][0]
 
 
@@ -323,8 +322,8 @@ def test_hub_code_path_with_a_local_dataset_folder(tmp_path, gpt2):
     assert prepare(cfg, gpt2).cache_hit
 
     with pytest.raises(UserError, match=r"has no column 'text' \(columns: body\)"):
-        _ = data.Corpus(DataConfig(source="hub", dataset=str(folder), format="text")).documents
+        split_texts(DataConfig(source="hub", dataset=str(folder), format="text"))
     with pytest.raises(UserError, match=r"data.format auto: train:0: the record holds none of the formats"):
-        _ = data.Corpus(DataConfig(source="hub", dataset=str(folder))).documents
-    held_out = data.Corpus(DataConfig(source="hub", dataset=str(folder), text_field="body")).documents
+        split_texts(DataConfig(source="hub", dataset=str(folder)))
+    held_out = split_texts(DataConfig(source="hub", dataset=str(folder), text_field="body"))
     assert len(held_out.train) + len(held_out.validation) == 6

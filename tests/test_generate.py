@@ -158,7 +158,7 @@ def test_static_cache_gives_the_same_text(model):
 
 
 @pytest.mark.parametrize(
-    "length, remaining, plan",
+    "length, remaining, expected",
     [
         (10, 20, (10, 20)),  # fits the context: all at once
         (10, 200, (10, 118)),  # a short history: all of it kept, as many new tokens as fit
@@ -167,8 +167,8 @@ def test_static_cache_gives_the_same_text(model):
         (300, 3, (125, 3)),
     ],
 )
-def test_a_short_context_slides_its_window_keeping_at_least_half_of_it(length, remaining, plan):
+def test_a_short_context_slides_its_window_keeping_at_least_half_of_it(length, remaining, expected):
     generator = Generator.__new__(Generator)
     generator.context = 128
-    keep, new = generator._plan(length, remaining)
-    assert (keep, new) == plan and keep + new <= 128 and keep >= min(length, 64)
+    keep, new = generator._next_window(length, remaining)
+    assert (keep, new) == expected and keep + new <= 128 and keep >= min(length, 64)

@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_corpus
+from oracle import split_texts
 
 from hftextgen.config import DataConfig
 from hftextgen.data import corpus as data
-from hftextgen.data import preparation, shards, sources
+from hftextgen.data import encoders, preparation, shards, sources
 from hftextgen.data.split import held_out_by_hash
 from hftextgen.errors import RunStopped
 from hftextgen.model import tokenizer
@@ -84,7 +85,7 @@ def odd_corpus(folder: Path) -> Path:
 
 
 def expected_documents(cfg: DataConfig, tok, split: str) -> tuple[list[str], list[str], list[list[int]]]:
-    docs = getattr(data.Corpus(cfg).documents, split)
+    docs = getattr(split_texts(cfg), split)
     eos = [tok.eos_token_id] if cfg.add_eos else []
     return list(docs["id"]), list(docs["text"]), [tok(t)["input_ids"] + eos for t in docs["text"]]
 
@@ -121,7 +122,7 @@ def test_texts_cut_at_safe_points_give_the_ids_of_the_whole(which, gpt2, trained
     tok, _ = gpt2 if which == "gpt2" else trained
     spec = tokenizer.encoder_spec(tok)
     assert spec["route"] == ("tiktoken" if which == "gpt2" else "backend") and spec["cuttable"]
-    encode = preparation.build_encoder(spec)
+    encode = encoders.build_encoder(spec)
     rng = random.Random(0)
     cuts_tried = 0
     for _ in range(100):
@@ -454,10 +455,11 @@ def test_max_eval_tokens_caps_both_evaluation_subsets(tmp_path, gpt2):
     docs = packed.eval_documents()
     assert 0 < docs.tokens <= 700 and docs.split_tokens == val["tokens"] and docs.split_documents == 10
     assert docs.names == again.eval_documents().names
-    held = list(data.Corpus(cfg).documents.validation["id"])
+    validation = split_texts(cfg).validation
+    held = list(validation["id"])
     assert set(docs.names) < set(held) and docs.names == [n for n in held if n in docs.names]
     tok = gpt2[0]
-    texts = dict(zip(held, data.Corpus(cfg).documents.validation["text"], strict=True))
+    texts = dict(zip(held, validation["text"], strict=True))
     for name, ids, n_bytes in zip(docs.names, docs.ids, docs.bytes, strict=True):
         assert ids == [tok.eos_token_id, *tok(texts[name])["input_ids"], tok.eos_token_id]
         assert n_bytes == len(texts[name].encode())

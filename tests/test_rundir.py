@@ -147,8 +147,8 @@ def test_a_disk_too_small_for_the_checkpoints_is_warned_about(small_run, tmp_pat
     assert code == 0, err
     # 11,904 parameters: 142,848 bytes a checkpoint; 2 steps save once at the end.
     assert (
-        f"hftextgen: warning: train.output_dir {run_dir}: 0.1 MB free, but this run may write about 0.2 MB more "
-        "(1 checkpoints of 0.1 MB (weights + AdamW state) at once with train.save_total_limit=3, and the final "
+        f"hftextgen: warning: train.output_dir {run_dir}: 100.0 kB free, but this run may write about 190.5 kB more "
+        "(1 checkpoints of 142.8 kB (weights + AdamW state) at once with train.save_total_limit=3, and the final "
         "model): free some space, lower train.save_total_limit, or choose another train.output_dir\n"
     ) in err
 

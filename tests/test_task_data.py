@@ -194,7 +194,7 @@ def test_loss_on_all_trains_every_token(tmp_path, gpt2):
 def test_the_plays_as_dialogue_hold_out_the_default_runs_plays(gpt2):
     text = Corpus(DataConfig(source="shakespeare"))
     dialogue = Corpus(DataConfig(source="shakespeare", format="messages"))
-    segments, mode, _ = dialogue.plan(False)
+    segments, mode, _ = dialogue.segments(False)
     assert mode == "fixed" and text.format == "text" and dialogue.uses_template is not False
     held = {s.source for s in segments if s.split == "validation"}
     assert held == {"histories/henry-v", "histories/henry-viii"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,15 +30,6 @@ from .split import held_out_indices, split_of
 # Bump when a change here alters what the same inputs produce; it is part of every cache key.
 PREPROCESS_VERSION = 2
 SPLITS = shards.SPLITS
-
-
-@dataclass
-class Documents:
-    """Raw documents of each split, in memory: datasets with columns `id` and `text` (small
-    corpora: tests, a look at the data; preparing never holds them)."""
-
-    train: object  # datasets.Dataset
-    validation: object
 
 
 # ---------------------------------------------------------------- the corpus
@@ -147,7 +138,7 @@ class Corpus:
         return isinstance(json.loads(self._first_task_record()).get("prompt"), list)
 
     def _first_task_record(self) -> str:
-        for _, record in sources.read_all(self.plan(False)[0], self.reading):
+        for _, record in sources.read_all(self.segments(False)[0], self.reading):
             if sources.is_document(record.text):
                 return record.text
         raise UserError(f"data: the {self.cfg.source} data holds no records: check data.paths or data.dataset")
@@ -179,7 +170,7 @@ class Corpus:
             path = self.files[0][0]
             segments = sources.file_segments(path, detect, 1 << 62, False, None, path.stat().st_size)
         else:
-            segments = self.plan(False, reading=detect)[0][:1]
+            segments = self.segments(False, reading=detect)[0][:1]
         for _, record in sources.read_all(segments, detect):
             return record.id, json.loads(record.text)
         raise UserError(f"data: the {self.cfg.source} data holds no records: check data.paths or data.dataset")
@@ -287,7 +278,7 @@ class Corpus:
 
     # ---- segments
 
-    def plan(self, cuttable: bool, hold_out: bool = True, reading=None) -> tuple[list[sources.Segment], str, int]:
+    def segments(self, cuttable: bool, hold_out: bool = True, reading=None) -> tuple[list[sources.Segment], str, int]:
         """(segments in source order, split mode, bytes per unit of work). Split modes: seeded
         (a seeded shuffle of all documents), hash (streamed: by each document's text), fixed
         (validation files or a validation split, and the plays as dialogue), none (nothing held
@@ -335,12 +326,12 @@ class Corpus:
             mode = "none"
         return segments, mode, every
 
-    # ---- documents in memory (small corpora)
+    # ---- whole documents, read in order (BPE training)
 
     def _whole_documents(self):
         """(segment split, id, text) of every document, whole, in source order."""
         current_id, pieces = None, []
-        for seg, record in sources.read_all(self.plan(cuttable=False)[0], self.reading):
+        for seg, record in sources.read_all(self.segments(cuttable=False)[0], self.reading):
             if record.begins:
                 current_id, pieces = record.id, []
             pieces.append(record.text or "")
@@ -352,7 +343,7 @@ class Corpus:
     def texts(self, split: str):
         """(id, text) of one split's documents, read as they are needed (BPE training)."""
         cfg = self.cfg
-        mode = self.plan(cuttable=False)[1]
+        mode = self.segments(cuttable=False)[1]
         held = None
         if mode == "seeded":
             n = sum(1 for _ in self._whole_documents())
@@ -360,36 +351,6 @@ class Corpus:
         for index, (fixed, doc_id, text) in enumerate(self._whole_documents()):
             if split_of(mode, fixed, index, text, held, cfg.validation_fraction) == split:
                 yield doc_id, tasks.plain_text(json.loads(text)) if self.is_task else text
-
-    @cached_property
-    def documents(self) -> Documents:
-        return Documents(*(_as_dataset(list(self.texts(split))) for split in SPLITS))
-
-
-def _as_dataset(docs: list[tuple[str, str | None]]):
-    import datasets
-
-    docs = [(i, t) for i, t in docs if sources.is_document(t)]
-    return datasets.Dataset.from_dict({"id": [i for i, _ in docs], "text": [t for _, t in docs]})
-
-
-def read_file(path: Path, cfg: DataConfig) -> list[tuple[str, str | None]]:
-    """(id, text) records of one local file, empty ones included, whole documents."""
-    out = []
-    for _, record in sources.read_all(sources.file_segments(path, cfg, every=1 << 62, cuttable=False), cfg):
-        if record.begins:
-            out.append((record.id, record.text))
-        else:
-            out[-1] = (out[-1][0], out[-1][1] + record.text)
-    return out
-
-
-def hold_out(docs, fraction: float, seed: int):
-    """Split in-memory documents as preparing splits them: a seeded shuffle picks
-    round(fraction * n) of them (at least one, never all); both parts keep the source order."""
-    held = held_out_indices(len(docs), fraction, seed)
-    kept = np.setdiff1d(np.arange(len(docs)), held)
-    return docs.select(kept), docs.select(held)
 
 
 # ---------------------------------------------------------------- prepared data
@@ -399,7 +360,7 @@ class Packed:
     """Prepared data, memory-mapped: `train` (blocks, rows of isolated examples, or examples for
     padding, as data.packing says) and `eval_blocks` (the Trainer's capped evaluation subset,
     packed the same way) with the `collate` that batches them, `eval_documents()` (the
-    evaluator's), the report, and where it lives."""
+    evaluator's), the data report, and where it lives."""
 
     def __init__(self, path: Path, cfg: DataConfig, cache_hit: bool, need_blocks: bool = True):
         self.cache_path, self.cache_hit, self.cfg = path, cache_hit, cfg
@@ -506,7 +467,7 @@ class Packed:
         text = (self.cache_path / "validation.ids.jsonl").read_text(encoding="utf-8")
         return [json.loads(line) for line in text.splitlines()]
 
-    def eval_documents(self, split: str = "validation") -> shards.Documents:
+    def eval_documents(self, split: str = "validation") -> shards.EvalDocuments:
         """The evaluator's documents of `split`: a seeded subset of whole documents holding at
         most data.max_eval_tokens tokens, the same on every call (all when they fit)."""
         return shards.documents(
@@ -563,7 +524,7 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
 
     cfg = corpus.cfg
     spec = model_stage.encoder_spec(tokenizer)
-    segments, mode, every = corpus.plan(spec["cuttable"], hold_out)
+    segments, mode, every = corpus.segments(spec["cuttable"], hold_out)
     units = preparation.group(segments, every)
     dtype = shards.dtype_for(_vocabulary(tokenizer))
     settings = preparation.Settings(

@@ -3,7 +3,7 @@ the same bytes whatever the number of processes, and the manifest that describes
 
 The work goes into a folder beside the cache entry (`.<key>.partial`) in four steps:
 
-  plan      the segments (sources.py) grouped into units of work: consecutive segments of about
+  group     the segments (sources.py) grouped into units of work: consecutive segments of about
             1/UNITS of the corpus, between UNIT_BYTES; fixed by the data, never by num_proc
   count     where a split or an id needs it, each unit's records and documents are counted
             (a read without tokenizing), so every document has its global index
@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +50,7 @@ import numpy as np
 from .. import progress
 from ..errors import UserError
 from . import shards, sources
+from .encoders import build_encoder
 from .sources import Segment
 from .split import held_out_indices, split_of
 
@@ -122,53 +122,7 @@ def last_cut(text: str) -> int | None:
     return None
 
 
-# ---------------------------------------------------------------- the encoder in a worker
-
-
-def build_encoder(spec: dict, threads: int = 1) -> Callable[[list[str]], list[np.ndarray]]:
-    """tokenizer.encoder_spec back into a function texts -> ids (one array per text), and a
-    check that it still gives the reference ids on tokenizer.PROBES."""
-    route = spec["route"]
-    if route == "tiktoken":
-        import tiktoken
-
-        encoding = tiktoken.Encoding(
-            "gpt2-hftextgen", pat_str=spec["pattern"], mergeable_ranks=spec["ranks"], special_tokens=spec["special"]
-        )
-
-        def one(text: str) -> np.ndarray:
-            return encoding.encode_to_numpy(text, allowed_special="all")
-
-        if threads > 1:
-            pool = ThreadPoolExecutor(threads)
-            encode = lambda texts: list(pool.map(one, texts))  # noqa: E731
-        else:
-            encode = lambda texts: [one(t) for t in texts]  # noqa: E731
-    elif route == "backend":
-        import tokenizers
-
-        backend = tokenizers.Tokenizer.from_str(spec["json"])
-        backend.no_truncation()
-        backend.no_padding()
-        backend.encode_special_tokens = spec["encode_special_tokens"]
-
-        def encode(texts: list[str]) -> list[np.ndarray]:
-            return [np.asarray(e.ids, np.int64) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-    else:
-        tokenizer = spec["tokenizer"]
-
-        def encode(texts: list[str]) -> list[np.ndarray]:
-            ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)
-            return [np.asarray(doc, np.int64) for doc in ids["input_ids"]]
-
-    probes = spec.get("probes")
-    if probes is not None and [a.tolist() for a in encode(probes["texts"])] != probes["ids"]:
-        raise RuntimeError(f"the {route} encoder rebuilt in a worker differs from the tokenizer on its probes")
-    return encode
-
-
-# ---------------------------------------------------------------- plan
+# ---------------------------------------------------------------- group
 
 
 # The data section's fields that reading and splitting use. A worker gets them as a plain

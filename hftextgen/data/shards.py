@@ -205,7 +205,7 @@ def sample_blocks(blocks: BlockDataset, max_tokens: int, seed: int) -> BlockData
 
 
 @dataclass
-class Documents:
+class EvalDocuments:
     """Whole documents for the evaluator: each as it scores them, [EOS] + the document's tokens
     as they were trained, with its UTF-8 bytes and words; and the size of the split they were
     drawn from."""
@@ -263,7 +263,9 @@ def read_names(path: Path, chosen: np.ndarray) -> list[str]:
     return names
 
 
-def documents(root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, max_tokens: int, seed: int) -> Documents:
+def documents(
+    root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, max_tokens: int, seed: int
+) -> EvalDocuments:
     """The evaluator's documents of a split. With add_eos the documents are separate texts: a
     seeded subset of whole documents (choose_documents). Without it they are pieces of one text
     (lines of an article): the first ones that fit, scored as one text."""
@@ -288,7 +290,7 @@ def documents(root: Path, split: str, tokens: Tokens, eos: int, add_eos: bool, m
     cut = len(ids) == 1 and len(ids[0]) - 1 > max_tokens
     if cut:
         ids = [ids[0][: max_tokens + 1]]
-    return Documents(ids, names, n_bytes, words, len(lengths), int(lengths.sum()), cut)
+    return EvalDocuments(ids, names, n_bytes, words, len(lengths), int(lengths.sum()), cut)
 
 
 def read_manifest(root: Path) -> dict:

@@ -12,6 +12,7 @@ _EXPORTS = {
     "score_answers": "answers",
     "documents_of_split": "run:documents",
     "score": "run",
+    "scoring_settings": "run",
     "windows": "run",
 }
 __all__ = sorted(_EXPORTS)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, progress
+from .. import __version__, progress, runtime
 from .. import model as model_stage
 from ..config import DataConfig, EvaluateConfig, GenerateConfig
-from ..data import Documents
+from ..data import EvalDocuments
 from ..errors import UserError
 from ..files import write_atomic, write_json
 from ..generate import Generator, samples_markdown, write_samples
@@ -42,6 +42,33 @@ class Window:
     """Targets [first, stop) of the document, predicted from its tokens [begin, stop - 1)."""
 
 
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How documents are scored: tokens of context per window, the stride between windows, bf16 autocast."""
+
+    context: int
+    stride: int
+    bf16: bool
+
+
+def scoring_settings(lm, cfg: EvaluateConfig) -> ScoringSettings:
+    """evaluate.context (else the model's), evaluate.stride (else half the context) and
+    evaluate.bf16 (else where the device has it), checked against the model: the settings the
+    evaluator scores with, and validate times."""
+    model_context = model_stage.context_length(lm) or model_stage.DEFAULT_CONTEXT
+    context = cfg.context or model_context
+    if context > model_context:
+        raise UserError(
+            f"evaluate.context ({context}) is longer than the model's context ({model_context}): "
+            f"lower it or leave it unset"
+        )
+    stride = cfg.stride or max(1, context // 2)
+    if stride > context:
+        raise UserError(f"evaluate.stride ({stride}) must be <= the context ({context}): lower evaluate.stride")
+    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else runtime.bf16_scoring(lm.device)
+    return ScoringSettings(context, stride, bf16)
+
+
 def windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, first, stop) windows over a document of `length` tokens whose first token (the
     EOS before it) is context only. Together they score tokens 1..length-1 once each; the first
@@ -54,12 +81,6 @@ def windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]
         first, stop = stop, min(stop + stride, length)
         out.append((max(0, stop - 1 - context), first, stop))
     return out
-
-
-def document_ids(texts: list[str], tok, add_eos: bool) -> list[list[int]]:
-    eos = tok.eos_token_id
-    ids = tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return [[eos, *doc, *([eos] if add_eos else [])] for doc in ids]
 
 
 @torch.inference_mode()
@@ -132,56 +153,36 @@ def diversity_metrics(texts: list[str]) -> dict:
     return load_metric("diversity").compute(predictions=texts)
 
 
-def documents(packed, split: str) -> Documents:
+def documents(packed, split: str) -> EvalDocuments:
     """The documents `evaluate.split` names, from the prepared data (data.prepare; prepared with
     hold_out false for split all): a seeded subset of whole documents holding at most
     data.max_eval_tokens tokens, as token ids, with their bytes and words."""
     return packed.eval_documents("train" if split == "all" else split)
 
 
-def evaluate_documents(lm, tok, texts: list[str], cfg: EvaluateConfig, add_eos: bool) -> dict:
-    """Perplexity, bits-per-byte and word perplexity of `texts`, with the counts behind them."""
-    return evaluate_ids(
-        lm,
-        document_ids(texts, tok, add_eos),
-        [len(t.encode("utf-8")) for t in texts],
-        [len(t.split()) for t in texts],
-        cfg,
-    )
-
-
 def evaluate_ids(lm, ids: list[list[int]], n_bytes: list[int], words: list[int], cfg: EvaluateConfig) -> dict:
-    """The same, of documents given as the ids they are scored as ([EOS] + the document's ids,
-    with its EOS when trained so) and their UTF-8 bytes and words."""
-    model_context = model_stage.context_length(lm) or model_stage.DEFAULT_CONTEXT
-    context = cfg.context or model_context
-    if context > model_context:
-        raise UserError(
-            f"evaluate.context ({context}) is longer than the model's context ({model_context}): "
-            f"lower it or leave it unset"
-        )
-    stride = cfg.stride or max(1, context // 2)
-    if stride > context:
-        raise UserError(f"evaluate.stride ({stride}) must be <= the context ({context}): lower evaluate.stride")
-    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """Perplexity, bits-per-byte and word perplexity of documents given as the ids they are scored
+    as ([EOS] + the document's ids, with its EOS when trained so) and their UTF-8 bytes and words,
+    with the counts behind them."""
+    s = scoring_settings(lm, cfg)
     started = time.perf_counter()
-    scores = score(lm, ids, context, stride, cfg.batch_size, bf16=bf16)
+    scores = score(lm, ids, s.context, s.stride, cfg.batch_size, bf16=s.bf16)
     seconds = time.perf_counter() - started
     result = perplexity_metrics(scores, n_bytes, words)
     if result["tokens"] == 0:
         raise UserError("evaluation: the documents hold no tokens to score: check the data section")
     result.update(
         documents=len(ids),
-        context=context,
-        stride=stride,
-        precision="bf16" if bf16 else "fp32",
+        context=s.context,
+        stride=s.stride,
+        precision="bf16" if s.bf16 else "fp32",
         seconds=round(seconds, 2),
         tokens_per_second=round(result["tokens"] / seconds, 1),
     )
     return result
 
 
-def report(model_name: str, data_description: str, metrics: dict, samples: dict | None) -> dict:
+def eval_record(model_name: str, data_description: str, metrics: dict, samples: dict | None) -> dict:
     return {
         "model": model_name,
         "data": data_description,
@@ -224,7 +225,7 @@ def markdown(result: dict, sample_texts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def count_cut(docs: Documents, tok) -> None:
+def count_cut(docs: EvalDocuments, tok) -> None:
     """The bytes and words of the part of a cut document that is scored, from its text, so that
     bits-per-byte and word perplexity divide by what was scored."""
     from ..data import count_words
@@ -234,7 +235,7 @@ def count_cut(docs: Documents, tok) -> None:
     docs.bytes, docs.words = [len(utf8)], [count_words(text, utf8)]
 
 
-def describe(data: DataConfig, split: str, docs: Documents) -> str:
+def describe(data: DataConfig, split: str, docs: EvalDocuments) -> str:
     source = {"shakespeare": "the bundled Shakespeare plays", "files": "files", "hub": f"hub dataset {data.dataset}"}
     names = docs.names
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4:,} more" if len(names) > 4 else "")
@@ -259,7 +260,7 @@ def describe(data: DataConfig, split: str, docs: Documents) -> str:
 def run(
     lm,
     tok,
-    docs: Documents,
+    docs: EvalDocuments,
     *,
     data: DataConfig,
     cfg: EvaluateConfig,
@@ -294,7 +295,7 @@ def run(
         }
         sample_texts = [s.prompt + s.completion for s in samples]
     metrics.update(split_documents=docs.split_documents, split_tokens=docs.split_tokens)
-    result = report(model_name, describe(data, cfg.split, docs), metrics, samples_info)
+    result = eval_record(model_name, describe(data, cfg.split, docs), metrics, samples_info)
     write_json(out_dir / "eval.json", result)
     write_atomic(out_dir / "eval.md", markdown(result, sample_texts))
     say(

@@ -185,14 +185,14 @@ class Generator:
         while len(finished) < len(batch):
             # A row's windows depend only on its own length, so batching never changes a sample;
             # rows that generate the same number of tokens next run together, left-padded.
-            plans: dict[int, list[tuple[int, int]]] = {}
+            groups: dict[int, list[tuple[int, int]]] = {}
             for index in prompts:
                 if index in finished:
                     continue
                 remaining = self.cfg.max_new_tokens - (len(history[index]) - prompt_len[index])
-                keep, new = self._plan(len(history[index]), remaining)
-                plans.setdefault(new, []).append((index, keep))
-            for new, group in plans.items():
+                keep, new = self._next_window(len(history[index]), remaining)
+                groups.setdefault(new, []).append((index, keep))
+            for new, group in groups.items():
                 indices = [i for i, _ in group]
                 windows = [history[i][-keep:] for i, keep in group]
                 processors = []
@@ -211,7 +211,7 @@ class Generator:
                         finished[i] = sample
         return [finished[index] for _, index in batch]
 
-    def _plan(self, length: int, remaining: int) -> tuple[int, int]:
+    def _next_window(self, length: int, remaining: int) -> tuple[int, int]:
         """(tokens of history to keep, tokens to generate) for the next window."""
         if length + remaining <= self.context:
             return length, remaining

@@ -89,7 +89,7 @@ def unsupported(lm) -> str | None:
     return None
 
 
-class _Plan:
+class _Call:
     """One generate call as the decoder runs it: its processors, its criteria, its seeds."""
 
     def __init__(self, ops: list, gumbel: SeededGumbel | None, eos: torch.Tensor | None, stops: list, pad: int):
@@ -106,7 +106,7 @@ class _Plan:
         return (tuple(parts), self.gumbel is not None)
 
 
-def plan(lm, ids, mask, config, processors, tokenizer) -> _Plan | str:
+def build_call(lm, ids, mask, config, processors, tokenizer) -> _Call | str:
     """generate's own processors and criteria for this call, or why the decoder cannot run them."""
     try:
         config, _ = lm._prepare_generation_config(config)
@@ -145,7 +145,7 @@ def plan(lm, ids, mask, config, processors, tokenizer) -> _Plan | str:
         elif not isinstance(c, MaxLengthCriteria):  # the length is max_new_tokens, which the loop runs
             return f"stopping criterion {type(c).__name__}"
     pad = config._pad_token_tensor
-    return _Plan(ops, gumbel, eos, stops, 0 if pad is None else int(pad))
+    return _Call(ops, gumbel, eos, stops, 0 if pad is None else int(pad))
 
 
 class _State:
@@ -177,7 +177,7 @@ class _State:
         self.ops, self.gumbel = ops, gumbel
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def load(self, ids: torch.Tensor, mask: torch.Tensor, call: _Plan) -> None:
+    def load(self, ids: torch.Tensor, mask: torch.Tensor, call: _Call) -> None:
         width = ids.shape[1]
         self.valid.fill_(True)
         self.valid[:, :width].copy_(mask.bool())
@@ -224,7 +224,9 @@ class StaticDecoder:
         """The new tokens of each row as generate returns them, or None: then generate must run it."""
         device = self.lm.device
         ids, mask = ids.to(device), mask.to(device)
-        call = plan(self.lm, ids, mask, config, processors, tokenizer) if not self.lm.training else "training mode"
+        call = (
+            build_call(self.lm, ids, mask, config, processors, tokenizer) if not self.lm.training else "training mode"
+        )
         if isinstance(call, str):
             self.fallback = call
             if call not in self._noted:
@@ -255,7 +257,7 @@ class StaticDecoder:
             streamer.end()
         return ends.rows(tokens)
 
-    def _state(self, batch: int, length: int, call: _Plan) -> _State:
+    def _state(self, batch: int, length: int, call: _Call) -> _State:
         key = (batch, length, call.signature())
         if key in self.states:
             self.states.move_to_end(key)
@@ -365,7 +367,7 @@ class _Ends:
     """Where each row ends, by generate's stopping criteria, read off the tokens as they come;
     then the rows cut and padded as generate returns them."""
 
-    def __init__(self, window: torch.Tensor, call: _Plan):
+    def __init__(self, window: torch.Tensor, call: _Call):
         self.window, self.call = window, call
         self.end: list[int | None] = [None] * window.shape[0]  # step of the token that ended the row
         self.checked = 0  # steps looked at so far

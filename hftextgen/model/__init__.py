@@ -14,6 +14,7 @@ _EXPORTS = {
     "DEFAULT_CONTEXT": "architecture",
     "DEFAULT_TYPE": "architecture",
     "build_config": "architecture",
+    "describe_shape": "architecture",
     "check_config_keys": "architecture",
     "scratch_settings": "architecture",
     "shape": "architecture",

@@ -252,3 +252,26 @@ def shape(config) -> dict:
     if out["n_inner"] is None and out["model_type"] == "gpt2" and out["n_embd"]:
         out["n_inner"] = 4 * out["n_embd"]
     return out
+
+
+def describe_shape(shape: dict) -> str:
+    """A shape (the common names, as `shape` returns them) in words, leaving out what the
+    architecture does not have: "2 layers, 4 heads, 2 key/value heads, width 64, MLP 256,
+    context 128 tokens, vocabulary 50,257, tied embeddings"."""
+    parts = []
+    for key, label in (("n_layer", "layers"), ("n_head", "heads")):
+        if shape.get(key):
+            parts.append(f"{shape[key]} {label}")
+    if shape.get("n_kv_head") and shape["n_kv_head"] != shape.get("n_head"):
+        parts.append(f"{shape['n_kv_head']} key/value heads")
+    if shape.get("n_embd"):
+        parts.append(f"width {shape['n_embd']}")
+    if shape.get("n_inner"):
+        parts.append(f"MLP {shape['n_inner']}")
+    if shape.get("n_positions"):
+        parts.append(f"context {shape['n_positions']} tokens")
+    if shape.get("vocab_size"):
+        parts.append(f"vocabulary {shape['vocab_size']:,}")
+    if shape.get("tie_word_embeddings"):
+        parts.append("tied embeddings")
+    return ", ".join(parts)

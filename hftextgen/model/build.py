@@ -8,7 +8,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from .. import progress
+from .. import progress, runtime
 from ..config import ModelConfig
 from ..errors import UserError
 from ..hub import load_from_hub
@@ -68,10 +68,6 @@ def check_source(name: str | None, key: str = "model.name_or_path", adapter_ok: 
     )
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load(name_or_path: str, key: str = "--model", device: torch.device | str | None = None):
     """A trained causal LM and its tokenizer, for generation and evaluation, from a run
     directory, any save_pretrained folder, a LoRA adapter folder (loaded on its base model and
@@ -90,7 +86,7 @@ def load(name_or_path: str, key: str = "--model", device: torch.device | str | N
     tok_source = name_or_path if has_tokenizer else base
     tok = tokenizer_stage.ready_for_lm(tokenizer_stage.load_pretrained(tok_source, key), tok_source)
     ignore_padding_warning()
-    lm.to(device or default_device()).eval()
+    lm.to(device or runtime.default_device()).eval()
     return lm, tok
 
 

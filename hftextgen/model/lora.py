@@ -26,7 +26,6 @@ from ..errors import UserError
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model"  # .safetensors (or .bin from older peft)
 
 
 def require() -> None:

@@ -14,7 +14,7 @@ import importlib.metadata
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import tokenizers
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from .. import cache
 from ..config import ModelConfig, TokenizerConfig
-from ..data import check_template, resolve_template
+from ..data import build_encoder, check_template, resolve_template
 from ..errors import UserError
 from ..hub import load_from_hub
 from .architecture import DEFAULT_CONTEXT
@@ -151,8 +151,6 @@ def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 # ---------------------------------------------------------------- batch encoding
 
-Encoder = Callable[[list[str]], list[list[int]]]
-
 # The pre-tokenizer pattern of GPT-2 (and tiktoken's r50k_base), as tokenizers' ByteLevel applies it.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -214,63 +212,18 @@ def _tiktoken_tables(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[bytes, in
     return ranks, special
 
 
-def _tiktoken_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
-    """GPT-2's BPE through tiktoken, several times faster than tokenizers' ByteLevel BPE on
-    long documents (its pre-tokenizing regex is most of the cost)."""
-    if not _is_gpt2_bpe(tokenizer):
-        return None
-    try:
-        import tiktoken
-    except ImportError:
-        return None
-    ranks, special = _tiktoken_tables(tokenizer)
-    encoding = tiktoken.Encoding("gpt2-hftextgen", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        # allowed_special="all": a special token written in the text is that token, as in transformers.
-        return encoding.encode_batch(list(texts), num_threads=threads, allowed_special="all")
-
-    return encode
-
-
-def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
-    """The Rust tokenizer without what transformers adds per call: offsets, attention masks,
-    the conversion to Python dicts."""
+def _routes(tokenizer: PreTrainedTokenizerBase) -> Iterator[dict]:
+    """The fast routes that may encode as `tokenizer` does, fastest first: tiktoken for GPT-2's own
+    BPE (several times faster than tokenizers' ByteLevel BPE on long documents: its
+    pre-tokenizing regex is most of the cost), then the Rust backend without what transformers
+    adds per call (offsets, attention masks, the conversion to Python dicts)."""
+    if _is_gpt2_bpe(tokenizer):
+        ranks, special = _tiktoken_tables(tokenizer)
+        yield {"route": "tiktoken", "pattern": GPT2_PATTERN, "ranks": ranks, "special": special}
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        # What tokenizer(texts) sets on the backend before it encodes.
-        backend.no_truncation()
-        backend.no_padding()
-        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
-
-    return encode
-
-
-def _route(tokenizer: PreTrainedTokenizerBase) -> tuple[str, Encoder, list[list[int]]]:
-    """(route, its encoder, the reference ids of PROBES)."""
-
-    def reference(texts: list[str]) -> list[list[int]]:
-        return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-
-    expected = reference(PROBES)
-    for name, make in (("tiktoken", _tiktoken_encoder), ("backend", _backend_encoder)):
-        encode = make(tokenizer)
-        if encode is not None and encode(PROBES) == expected:
-            return name, encode, expected
-    return "reference", reference, expected
-
-
-def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder:
-    """A function texts -> token ids that returns exactly what
-    `tokenizer(texts, add_special_tokens=False)["input_ids"]` does, by the fastest route that
-    agrees with it on PROBES: tiktoken for GPT-2's own BPE, else the Rust backend directly,
-    else the tokenizer itself."""
-    return _route(tokenizer)[1]
+    if backend is not None:
+        encode_special = bool(getattr(tokenizer, "split_special_tokens", False))
+        yield {"route": "backend", "json": backend.to_str(), "encode_special_tokens": encode_special}
 
 
 def _gpt2_pre_tokenizer(backend) -> bool:
@@ -288,28 +241,30 @@ def _gpt2_pre_tokenizer(backend) -> bool:
 
 
 def encoder_spec(tokenizer: PreTrainedTokenizerBase) -> dict:
-    """batch_encoder's route as plain data, which a worker process turns back into an encoder
-    (preparation.build_encoder) without importing transformers.
+    """The fastest route to `tokenizer(texts, add_special_tokens=False)["input_ids"]` that agrees
+    with it on PROBES (tiktoken for GPT-2's own BPE, else the Rust backend directly, else the
+    tokenizer itself), as plain data, which a worker process turns back into an encoder
+    (data.build_encoder) without importing transformers.
 
     `cuttable`: a text may be cut at preparation.SAFE_CUT and its pieces encoded apart with the
     same ids: the pre-tokenizer is GPT-2's pattern, which never joins the characters on either
     side of such a cut into one piece, and BPE works within pieces; added tokens hold no
     whitespace, so no cut falls inside one.
     """
-    route, _, expected = _route(tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    expected = tokenizer(PROBES, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    for spec in _routes(tokenizer):
+        try:
+            if [ids.tolist() for ids in build_encoder(spec)(PROBES)] == expected:
+                break
+        except ImportError:  # tiktoken missing: the next route
+            continue
+    else:
+        spec = {"route": "reference", "tokenizer": tokenizer}
     added = [t.content for t in tokenizer.added_tokens_decoder.values()]
     no_space_tokens = not any(any(c.isspace() for c in token) for token in added)
-    # The worker checks the encoder it rebuilds against these.
-    spec = {"route": route, "probes": {"texts": PROBES, "ids": expected}}
-    if route == "tiktoken":
-        ranks, special = _tiktoken_tables(tokenizer)
-        return {**spec, "pattern": GPT2_PATTERN, "ranks": ranks, "special": special, "cuttable": no_space_tokens}
-    if route == "backend":
-        return {
-            **spec,
-            "json": backend.to_str(),
-            "encode_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
-            "cuttable": _gpt2_pre_tokenizer(backend) and no_space_tokens,
-        }
-    return {**spec, "tokenizer": tokenizer, "cuttable": False}
+    if spec["route"] == "backend":
+        cuttable = _gpt2_pre_tokenizer(tokenizer.backend_tokenizer) and no_space_tokens
+    else:
+        cuttable = spec["route"] == "tiktoken" and no_space_tokens
+    # The worker checks the encoder it rebuilds against the probes.
+    return {**spec, "probes": {"texts": PROBES, "ids": expected}, "cuttable": cuttable}

@@ -9,8 +9,8 @@ _EXPORTS = {
     "finetune_recipe": "finetune:finetune",
     "validate_recipe": "validate:validate",
     "describe_estimate": "validate:describe",
-    "Schedule": "plan",
-    "schedule": "plan",
+    "Schedule": "schedule",
+    "schedule_of": "schedule",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

@@ -3,7 +3,7 @@
 `finetune` reads as its steps: the checks before any work, the tokenizer, data and model
 (setup.py), a Trainer with the run's callbacks, the run directory (rundir.py), training under
 the guards (guards.py), the final model and metrics, the evaluator on the held-out documents,
-and the report. What the run directory ends up holding is listed in the README.
+and the model card (card.py). What the run directory ends up holding is listed in the README.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import EarlyStoppingCallback, Trainer, set_seed
 from .. import data, evaluate, generate, hub, runtime
 from ..config import DataConfig, EvaluateConfig, GenerateConfig, Recipe
 from ..errors import warn
-from . import callbacks, guards, report, rundir, setup
+from . import callbacks, card, guards, rundir, setup
 from .callbacks import perplexity
 
 
@@ -88,9 +88,7 @@ def describe_run(info: dict) -> str:
     share = f" ({trainable:,} trained: {trainable / info['parameters']:.2%})" if trainable < info["parameters"] else ""
     return (
         f"model: {info['parameters']:,} parameters{share}; precision {info['precision']} on {info['device']}\n"
-        f"batch: {info['effective_batch_size']} blocks = {info['per_device_batch_size']} per device x "
-        f"{info['processes']} processes x {info['gradient_accumulation_steps']} accumulation "
-        f"({info['tokens_per_step']:,} tokens per step)"
+        + setup.describe_batch(info)
     )
 
 
@@ -219,8 +217,8 @@ def evaluate_task_run(lm, tok, packed, cfg: EvaluateConfig, generate_cfg: Genera
 def publish(trainer: Trainer, output_dir: Path, say) -> None:
     """loss.png and the model card, then the upload when train.push_to_hub asks for it."""
     args = trainer.args
-    written = report.write(output_dir, model_id=trainer.hub_model_id if args.push_to_hub else None)
-    say(f"report: {', '.join(str(p) for p in written)}", flush=True)
+    written = card.write(output_dir, model_id=trainer.hub_model_id if args.push_to_hub else None)
+    say(f"model card: {', '.join(str(p) for p in written)}", flush=True)
     if args.push_to_hub:
         say(f"pushed to https://huggingface.co/{hub.push_run(trainer, output_dir)}", flush=True)
     say(f"run directory: {output_dir}", flush=True)

@@ -131,7 +131,7 @@ class GracefulStop(TrainerCallback):
 
 @contextlib.contextmanager
 def interruptible(what: str, instead: str):
-    """SIGTERM or Ctrl-C during `what` (work after training: the final evaluation, the report)
+    """SIGTERM or Ctrl-C during `what` (work after training: the final evaluation, the model card)
     ends the command at once with one line saying what to run `instead`; the model is saved by
     then, so there is nothing to keep."""
 

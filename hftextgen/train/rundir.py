@@ -31,6 +31,7 @@ from pathlib import Path
 from .. import model
 from ..errors import UserError, warn
 from ..files import write_atomic, write_json
+from ..progress import size
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Files hftextgen or the Trainer write into every run directory before or while training; a
@@ -398,10 +399,6 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def disk_warning(
     output_dir: Path, parameters: int, saves: int, save_total_limit: int | None, trainable: int | None = None
 ) -> str | None:
@@ -426,7 +423,7 @@ def disk_warning(
         return None
     limit = f"train.save_total_limit={save_total_limit}" if save_total_limit else "no train.save_total_limit"
     return (
-        f"train.output_dir {output_dir}: {_gb(free)} free, but this run may write about {_gb(needed)} more "
-        f"({at_once} checkpoints of {_gb(checkpoint)} (weights + AdamW state) at once with {limit}, and the "
+        f"train.output_dir {output_dir}: {size(free)} free, but this run may write about {size(needed)} more "
+        f"({at_once} checkpoints of {size(checkpoint)} (weights + AdamW state) at once with {limit}, and the "
         f"final model): free some space, lower train.save_total_limit, or choose another train.output_dir"
     )

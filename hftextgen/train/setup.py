@@ -128,3 +128,12 @@ def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
         "tokens_per_step": recipe.tokens_per_step,
         "data_cache": str(data_cache),
     }
+
+
+def describe_batch(info: dict) -> str:
+    """The batch line of finetune and validate, from run_info's batch fields."""
+    return (
+        f"batch: {info['effective_batch_size']} blocks = {info['per_device_batch_size']} per device x "
+        f"{info['processes']} processes x {info['gradient_accumulation_steps']} accumulation "
+        f"({info['tokens_per_step']:,} tokens per step)"
+    )

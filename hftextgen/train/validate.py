@@ -8,7 +8,7 @@ the same errors, before any work; the data is then cached for finetune), then:
              final save, Trainer evaluation, samples and the end-of-training evaluator; reads the
              peak memory (`measure`)
   schedule   steps, evaluations and checkpoints of the run: pure arithmetic that agrees with the
-             stock Trainer (plan.py, through Recipe.schedule)
+             stock Trainer (schedule.py, through Recipe.schedule)
   estimate   time = measured seconds x how often the schedule does each thing; memory = weights +
              gradients + AdamW state + activations (a formula) beside the measured peak; disk = a
              real checkpoint's size x the checkpoints kept, plus the final model (`estimate`)
@@ -39,7 +39,7 @@ from .. import data, evaluate, generate, model, progress, runtime
 from ..config import Recipe
 from ..progress import size
 from . import fused_loss, rundir, setup
-from .plan import Schedule
+from .schedule import Schedule
 
 # Timed steps: at least MIN_STEPS and MIN_SECONDS of them after the warm-up step, at most
 # MAX_STEPS: enough to average out noise on a fast model, few on a slow one.
@@ -159,6 +159,7 @@ def describe_model(lm, info: dict) -> dict:
         "context": shape["n_positions"],
         "vocab_size": shape["vocab_size"],
         "tied_embeddings": shape["tie_word_embeddings"],
+        "shape": model.describe_shape(shape),
         **({"lora": _lora(lm)} if model.is_peft(lm) else {}),
     }
 
@@ -397,9 +398,8 @@ def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
     lm, tok, packed = built.lm, built.tok, built.packed
     if packed.task:
         return _time_answer_scoring(built, cfg)
-    context = cfg.context or model.context_length(lm) or model.DEFAULT_CONTEXT
-    stride = cfg.stride or max(1, context // 2)
-    bf16 = bool(cfg.bf16) if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    s = evaluate.scoring_settings(lm, cfg)
+    context, stride, bf16 = s.context, s.stride, s.bf16
     wanted = context + 1 + stride * (2 * cfg.batch_size - 1)  # two batches of windows
     blocks = math.ceil(wanted / block_size)
     ids = packed.validation[: min(blocks, len(packed.validation))]["input_ids"]
@@ -442,19 +442,6 @@ def describe(est: dict) -> str:
     d, m, b, st, tk, t, mem, disk = (
         est[k] for k in ("data", "model", "batch", "steps", "tokens", "time", "memory", "disk")
     )
-    shape = ", ".join(
-        text
-        for value, text in (
-            (m["architecture"], m["architecture"]),
-            (m["layers"], f"{m['layers']} layers"),
-            (m["heads"], f"{m['heads']} heads"),
-            (m["kv_heads"] != m["heads"] and m["kv_heads"], f"{m['kv_heads']} key/value heads"),
-            (m["width"], f"width {m['width']}"),
-            (m["mlp_width"], f"MLP {m['mlp_width']}"),
-            (m["tied_embeddings"], "tied embeddings"),
-        )
-        if value
-    )
     start = (
         f"resumes {est['resume_from']} at step {st['first']:,}"
         if est["resume_from"]
@@ -466,11 +453,10 @@ def describe(est: dict) -> str:
         f"recipe: valid; {est['output_dir']}: {start}; nothing written",
         f"data: {'cached' if d['cached'] else 'prepared and cached'} at {d['cache']} ({d['seconds']:.1f} s)",
         data.format_report(d["report"]),
-        f"model: {m['parameters']:,} parameters ({shape}; context {m['context']}, vocabulary {m['vocab_size']:,}); "
+        f"model: {m['parameters']:,} parameters ({m['architecture']}, {m['shape']}); "
         f"precision {est['precision']} on {est['device']}",
         *_lora_lines(m, f),
-        f"batch: {b['effective_batch_size']} blocks = {b['per_device_batch_size']} per device x {b['processes']} "
-        f"processes x {b['gradient_accumulation_steps']} accumulation ({b['tokens_per_step']:,} tokens per step)",
+        setup.describe_batch(b),
         f"steps: {st['total']:,} = {st['epochs']:g} epochs of {st['per_epoch']:,} steps"
         + (f"; {st['to_run']:,} left to run" if st["first"] else ""),
         f"tokens: {tk['total']:,} trained ({tk['total'] / max(tk['train_split'], 1):.2f} x the "

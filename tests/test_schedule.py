@@ -1,4 +1,4 @@
-"""plan.schedule against the stock Trainer: the steps, evaluations and checkpoints it counts are
+"""schedule_of against the stock Trainer: the steps, evaluations and checkpoints it counts are
 the ones a real Trainer makes, for step and epoch strategies, fractions, accumulation, a resumed
 run and several processes."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hftextgen.train import plan
+from hftextgen.train import schedule
 
 
 class Toy(torch.nn.Module):
@@ -75,7 +75,7 @@ def test_schedule_counts_what_the_trainer_does(tmp_path, name):
     blocks, settings = CASES[name]
     settings = {"per_device_train_batch_size": 2, "logging_steps": 1000, **settings}
     count, trainer = run_trainer(tmp_path, blocks, **settings)
-    st = plan.schedule(trainer.args, blocks)
+    st = schedule.schedule_of(trainer.args, blocks)
     assert st.total == trainer.state.max_steps == trainer.state.global_step
     assert st.saves == len(count.saves), count.saves
     assert st.evaluations == len(count.evaluations), count.evaluations
@@ -84,7 +84,7 @@ def test_schedule_counts_what_the_trainer_does(tmp_path, name):
 def test_a_resumed_run_counts_only_what_is_left(tmp_path):
     settings = dict(per_device_train_batch_size=2, max_steps=17, save_steps=5, eval_strategy="steps", eval_steps=3)
     count, trainer = run_trainer(tmp_path, 10, resume_at=10, **settings)
-    st = plan.schedule(trainer.args, 10, first=10)
+    st = schedule.schedule_of(trainer.args, 10, first=10)
     assert (st.to_run, st.saves, st.evaluations) == (7, len(count.saves), len(count.evaluations)) == (7, 2, 3)
 
 
@@ -100,14 +100,14 @@ def test_a_resumed_run_counts_only_what_is_left(tmp_path):
     ],
 )
 def test_steps_per_epoch(blocks, batch, processes, accumulation, drop_last, expected):
-    assert plan.steps_per_epoch(blocks, batch, processes, accumulation, drop_last) == expected
+    assert schedule.steps_per_epoch(blocks, batch, processes, accumulation, drop_last) == expected
 
 
 def test_occurrences_at_the_edges():
     # DefaultFlowCallback: every `every` steps, and once more at the last step when it is off the grid.
-    assert plan.occurrences("steps", 5, 0, 14, 1) == 3
-    assert plan.occurrences("steps", 5, 0, 15, 1) == 3
-    assert plan.occurrences("steps", 5, 10, 15, 1) == 1
-    assert plan.occurrences("steps", 5, 0, 14, 1, delay=6) == 2  # eval_delay: steps 10 and 14
-    assert plan.occurrences("no", 5, 0, 14, 1) == 0
-    assert plan.occurrences("epoch", None, 0, 14, 3) == 3
+    assert schedule.occurrences("steps", 5, 0, 14, 1) == 3
+    assert schedule.occurrences("steps", 5, 0, 15, 1) == 3
+    assert schedule.occurrences("steps", 5, 10, 15, 1) == 1
+    assert schedule.occurrences("steps", 5, 0, 14, 1, delay=6) == 2  # eval_delay: steps 10 and 14
+    assert schedule.occurrences("no", 5, 0, 14, 1) == 0
+    assert schedule.occurrences("epoch", None, 0, 14, 3) == 3

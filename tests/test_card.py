@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hftextgen.train import report
+from hftextgen.train import card
 
 
 def front_matter(text: str) -> dict:
@@ -57,20 +57,20 @@ def test_model_card_metadata_and_content(trained_run):
     assert "n_embd: 16" in text  # the resolved recipe, collapsed at the end
 
 
-def test_report_is_remade_from_the_run_directory(trained_run, tmp_path):
+def test_card_is_remade_from_the_run_directory(trained_run, tmp_path):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("checkpoint-*", "*.safetensors"))
     (copy / "loss.png").unlink()
     (copy / "README.md").unlink()
-    written = report.write(copy, model_id="someone/tiny")
+    written = card.write(copy, model_id="someone/tiny")
     assert [p.name for p in written] == ["loss.png", "README.md"]
     assert 'model="someone/tiny"' in (copy / "README.md").read_text()
 
 
 def test_plot_with_nothing_to_draw_is_skipped(tmp_path):
-    assert report.plot_losses([{"step": 3, "train_runtime": 1.0}], 128, tmp_path / "loss.png", "x") is False
+    assert card.plot_losses([{"step": 3, "train_runtime": 1.0}], 128, tmp_path / "loss.png", "x") is False
     assert not (tmp_path / "loss.png").exists()
 
 
@@ -121,11 +121,11 @@ def test_tensorboard_curves_do_not_double_back_after_a_resume(corpus, tmp_path, 
 
 
 def test_counts_ticks_and_smoothing():
-    assert [report._count(n) for n in (999, 1234, 1_500_000, 2e9, 3e12)] == ["999", "1.23k", "1.5M", "2B", "3T"]
+    assert [card._count(n) for n in (999, 1234, 1_500_000, 2e9, 3e12)] == ["999", "1.23k", "1.5M", "2B", "3T"]
     # Round numbers of each decade between the perplexities the loss axis spans.
-    assert report._perplexity_ticks(30, 600) == [50, 100, 200, 500]
-    assert report._perplexity_ticks(1.5, 3) == [2]
+    assert card._perplexity_ticks(30, 600) == [50, 100, 200, 500]
+    assert card._perplexity_ticks(1.5, 3) == [2]
     # A centred moving average: a constant stays put, a step is spread evenly over its middle.
-    assert report._smooth([2.0] * 45) == [2.0] * 45
-    smoothed = report._smooth([0.0] * 30 + [1.0] * 30)
+    assert card._smooth([2.0] * 45) == [2.0] * 45
+    smoothed = card._smooth([0.0] * 30 + [1.0] * 30)
     assert smoothed[0] == 0 and smoothed[-1] == 1 and smoothed[29] == pytest.approx(0.4)

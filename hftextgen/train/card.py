@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__, model
+from .. import __version__, model, progress
 from ..files import write_atomic
 
 TAGS = ["text-generation", "hftextgen"]  # and the model's architecture, and lora/peft for a LoRA run
@@ -200,22 +200,8 @@ def _architecture(config: dict | None, parameters: int | None) -> str:
         shape = {"model_type": config["model_type"]}
     kind = {"gpt2": "GPT-2"}.get(shape["model_type"], shape["model_type"])
     parts = [f"{_count(parameters)} parameters"] if parameters else []
-    for key, label in (("n_layer", "layers"), ("n_head", "heads")):
-        if shape.get(key):
-            parts.append(f"{shape[key]} {label}")
-    if shape.get("n_kv_head") and shape["n_kv_head"] != shape.get("n_head"):
-        parts.append(f"{shape['n_kv_head']} key/value heads")
-    if shape.get("n_embd"):
-        parts.append(f"width {shape['n_embd']}")
-    if shape.get("n_inner"):
-        parts.append(f"MLP {shape['n_inner']}")
-    if shape.get("n_positions"):
-        parts.append(f"context {shape['n_positions']} tokens")
-    if shape.get("vocab_size"):
-        parts.append(
-            f"vocabulary {shape['vocab_size']:,}" + (", tied embeddings" if shape.get("tie_word_embeddings") else "")
-        )
-    return f"A {kind} ({', '.join(parts)})"
+    parts.append(model.describe_shape(shape))
+    return f"A {kind} ({', '.join(p for p in parts if p)})"
 
 
 def _context(config: dict | None) -> int | None:
@@ -463,7 +449,10 @@ def _training(run: RunFiles) -> list[str]:
         ("optimizer", _optimizer(train)),
         ("precision", info.get("precision")),
         ("device", _device(info)),
-        ("training time", _seconds(run.train_results.get("train_runtime"))),
+        (
+            "training time",
+            progress.spoken(took) if (took := run.train_results.get("train_runtime")) is not None else None,
+        ),
         ("throughput", _get(run.train_results, "train_tokens_per_second", "{:,.0f} tokens/s")),
         ("training loss, last logged", f"{train_points[-1][1]:.4f}" if train_points else None),
         ("versions", f"torch {info['torch']}, transformers {info['transformers']}" if "torch" in info else None),
@@ -531,13 +520,6 @@ def _optimizer(train: dict) -> str | None:
         f"{train['optim']} (beta1 {train.get('adam_beta1')}, beta2 {train.get('adam_beta2')}, "
         f"weight decay {train.get('weight_decay')})"
     )
-
-
-def _seconds(value: float | None) -> str | None:
-    if value is None:
-        return None
-    minutes, seconds = divmod(round(value), 60)
-    return f"{minutes} min {seconds} s" if minutes else f"{value:.1f} s"
 
 
 def write(run_dir: Path, model_id: str | None = None) -> list[Path]:

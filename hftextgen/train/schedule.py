@@ -2,7 +2,7 @@
 
 Pure arithmetic on the training arguments and the number of training blocks, written to agree
 with the stock Trainer (`set_initial_training_values`, `TrainerState.compute_steps`,
-`DefaultFlowCallback`); tests/test_plan.py checks it against a real Trainer. finetune uses it for
+`DefaultFlowCallback`); tests/test_schedule.py checks it against a real Trainer. finetune uses it for
 the disk estimate, validate for its time and disk estimates.
 """
 
@@ -66,7 +66,7 @@ def steps_per_epoch(train_blocks: int, batch_size: int, processes: int, accumula
     return max(1, math.ceil(batches / accumulation))
 
 
-def schedule(args, train_blocks: int, first: int = 0) -> Schedule:
+def schedule_of(args, train_blocks: int, first: int = 0) -> Schedule:
     """The run's schedule for TrainingArguments `args` over `train_blocks` blocks, from step `first`."""
     per_epoch = steps_per_epoch(
         train_blocks,
