@@ -134,6 +134,7 @@ def files_of(path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # worker processes
 def test_the_same_shards_and_masks_whatever_the_number_of_processes(tmp_path, gpt2):
     path = write_jsonl(tmp_path / "chat.jsonl", chat_records(200))
     entries = []
@@ -258,6 +259,7 @@ def test_a_custom_task_recipe_end_to_end(tmp_path, run_cli, recipe):
     assert answered["messages"][-1]["role"] == "assistant"
 
 
+@pytest.mark.slow  # datasets builds the folder's dataset (and streams it)
 @pytest.mark.parametrize("streaming", [False, True])
 def test_hub_task_data_streamed_or_not(tmp_path, gpt2, streaming):
     """A hub dataset of conversations (a local folder: `datasets` reads it offline, streamed or
