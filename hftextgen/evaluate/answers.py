@@ -23,7 +23,6 @@ prompt, reference and answer with its seed and decoding settings), each put in p
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import time
@@ -38,7 +37,7 @@ import torch
 from .. import progress
 from ..errors import UserError
 from ..files import write_atomic, write_json
-from .run import load_metric
+from .run import eval_record, load_metric
 
 if TYPE_CHECKING:
     from ..config import GenerateConfig
@@ -436,20 +435,6 @@ def describe(examples: Examples) -> str:
     return f"{which} ({examples.split_tokens:,} tokens in the split; {shown})"
 
 
-def report(model_name: str, data: str, metrics: dict, samples: dict | None) -> dict:
-    from .. import __version__
-
-    return {
-        "model": model_name,
-        "data": data,
-        **metrics,
-        **({"samples": samples} if samples else {}),
-        "hftextgen": __version__,
-        "torch": torch.__version__,
-        "evaluated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def markdown(result: dict, records: list[dict]) -> str:
     lines = [
         f"# Evaluation of {result['model']} on held-out answers",
@@ -525,7 +510,7 @@ def run_answers(
             "seed": generate_cfg.seed,
             **settings_of(generate_cfg),
         }
-    result = report(model_name, data_description or describe(examples), metrics, samples_info)
+    result = eval_record(model_name, data_description or describe(examples), metrics, samples_info)
     write_json(out_dir / "eval.json", result)
     write_atomic(out_dir / "eval.md", markdown(result, records))
     matched = ""
