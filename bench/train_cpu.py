@@ -77,8 +77,9 @@ def baseline_config(recipe: Path) -> dict:
     }
 
 
-def variants(recipe: Path, explore: bool) -> dict[str, list[str]]:
-    """Ours as the recipe sets it, then (--explore) each variant that changes something."""
+def variants(recipe: Path, explore: bool, only: list[str] | None = None) -> dict[str, list[str]]:
+    """Ours as the recipe sets it, then (--explore) each variant that changes something (only
+    those whose name holds one of `only`, when given)."""
     found = {"hftextgen finetune (the recipe)": []}
     if explore:
         spec = yaml.safe_load(recipe.read_text())
@@ -87,6 +88,8 @@ def variants(recipe: Path, explore: bool) -> dict[str, list[str]]:
         for name, flags in EXPLORE.items():
             if ("dropout" in name and not no_dropout) or flags == ["--train.fused_loss", fused]:
                 continue  # the recipe as it is: timed already
+            if only and not any(word in name for word in only):
+                continue
             found[name] = flags
     return found
 
@@ -98,7 +101,7 @@ def measure(args, shapes: dict[Path, tuple[int, int]], cache: str) -> dict[str, 
         for recipe, (warmup, steps) in shapes.items():
             shared = {"warmup": warmup, "steps": steps, "cache_dir": cache}
             configs = {"baseline": {**baseline_config(recipe), **shared}}
-            for name, flags in variants(recipe, args.explore).items():
+            for name, flags in variants(recipe, args.explore, args.variant).items():
                 configs[name] = {"kind": "ours", "recipe": str(recipe), "flags": flags, **shared}
             for name, config in configs.items():
                 result = common.run_child("bench.training", config)
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--recipe", type=Path, action="append", help="time this recipe (repeatable; default: both shapes)")
     p.add_argument("--explore", action="store_true", help="also time variants of ours (several minutes each)")
+    p.add_argument("--variant", action="append", help="with --explore: only variants whose name holds this (e.g. fp32)")
     p.add_argument("--repeats", type=int, default=1, help="baseline/ours pairs, alternating (default 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default per shape, quick 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default per shape, quick 3)")
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for recipe, (warmup, steps) in shapes.items():
-        for name in variants(recipe, args.explore):
+        for name in variants(recipe, args.explore, args.variant):
             label, baseline = f"{recipe.name}: {name}", f"{recipe.name}: baseline"
             first = median(label, "first_step_s")
             span = f"steps {warmup + 1}-{warmup + steps}" + (f"; first step {first:.1f} s" if first else "")

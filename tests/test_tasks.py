@@ -342,3 +342,18 @@ def test_chatml_answers_end_at_their_marker():
     example = _encode_one(tokenizer, MIXED[3])
     runs = [_decode(tokenizer, example.input_ids[run]) for run in _runs(example.trained)]
     assert runs == [answer + "<|im_end|>" for answer in _answers(MIXED[3])]
+
+
+def test_an_earlier_answer_cut_by_the_truncation_is_not_trained(gpt2):
+    """The prompt side of a long conversation loses tokens from the left; an earlier answer the
+    cut falls inside loses its trained tail too (it answers nothing that is kept)."""
+    tok = gpt2
+    first = "word " * 30
+    record = {"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."},
+    ]}  # fmt: skip
+    whole = tasks.ExampleEncoder(tok, "messages")([record]).examples[0]
+    start = int(np.flatnonzero(whole.trained)[0])  # the first answer's first token
+    cut = tasks.ExampleEncoder(tok, "messages", max_length=len(whole.input_ids) - start - 5)([record]).examples[0]
+    assert tok.decode(cut.input_ids[cut.trained]) == "Yes." + tok.eos_token

@@ -287,7 +287,11 @@ def _fit(ids: np.ndarray, answer: np.ndarray, max_length: int | None) -> tuple[n
         return ids, answer
     if len(ids) - _last_answer_start(answer) >= max_length:
         return None
-    return ids[-max_length:], answer[-max_length:]
+    kept = answer[-max_length:].copy()
+    if answer[-max_length - 1] and kept[0]:
+        # An earlier answer cut in two: its tail alone is not an answer to anything kept.
+        kept[: int(np.argmin(kept))] = False
+    return ids[-max_length:], kept
 
 
 def _overlap_mask(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
