@@ -465,7 +465,8 @@ class Packed:
             self.eval_blocks = evaluated.select(np.argsort(-evaluated.lengths, kind="stable"))
         for split, items in (("train", self.train), ("validation", None)):
             rows = len(items) if items is not None else None
-            self.report[split]["rows" if self.packing == "isolated" else "examples"] = rows or len(found[split])
+            if not (self.task and self.packing == "padded"):  # task data counts its examples already
+                self.report[split]["rows" if self.packing == "isolated" else "examples"] = rows or len(found[split])
             self.report[split]["tokens_dropped"] = 0
             del self.report[split]["blocks"]
 
@@ -666,7 +667,7 @@ def _columns(report: dict) -> list[tuple[str, object]]:
         ]
     else:
         columns += [("documents", "documents"), ("characters", "characters")]
-    columns += [("tokens", "tokens"), (unit, unit)]
+    columns += [("tokens", "tokens")] + ([] if task and unit == "examples" else [(unit, unit)])
     if unit == "blocks":
         columns.append(("dropped", "tokens_dropped"))
     return columns
