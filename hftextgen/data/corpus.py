@@ -500,6 +500,11 @@ class Packed:
 
         return self.train.select(packing.length_grouped_order(self.train.lengths, batch_size, seed))
 
+    @property
+    def evaluated(self) -> Packed:
+        """The prepared data the evaluator scores: this (a mixture's: one of its sources)."""
+        return self
+
     @cached_property
     def validation_ids(self) -> list[str]:
         text = (self.cache_path / "validation.ids.jsonl").read_text(encoding="utf-8")
@@ -595,13 +600,14 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
     preparation.clean(work)
 
 
-def prepare(
-    corpus: Corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True, need_blocks: bool = True
-) -> Packed:
+def prepare(corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True, need_blocks: bool = True) -> Packed:
     """The prepared data of a corpus for a tokenizer: from the cache when the inputs are
     unchanged, else prepared (continuing an earlier run stopped part way). `hold_out` false:
     every document in train, none held out (to evaluate on all of them). `need_blocks`: a
-    split too small for one block is an error (not for the evaluator, which scores documents)."""
+    split too small for one block is an error (not for the evaluator, which scores documents).
+    A mixture's corpus (mixture.MixedCorpus) prepares each of its sources so, and draws them."""
+    if not isinstance(corpus, Corpus):
+        return corpus.prepare(tokenizer, tokenizer_fingerprint, hold_out, need_blocks)
     cfg = corpus.cfg
     key = cache.key(
         version=PREPROCESS_VERSION,
@@ -674,7 +680,12 @@ def _columns(report: dict) -> list[tuple[str, object]]:
 
 
 def report_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """The data report's table: its heading and a row per split, numbers formatted."""
+    """The data report's table: its heading and a row per split, numbers formatted (a mixture's:
+    a row per source)."""
+    if "mixture" in report:
+        from .mixture import mixture_table
+
+        return mixture_table(report)
     columns = _columns(report)
     head = ("split", *(name for name, _ in columns))
     value = lambda r, k: k(r) if callable(k) else r.get(k)  # noqa: E731
@@ -687,12 +698,11 @@ def report_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
 
 def format_report(report: dict) -> str:
     """The data report as a table whose columns fit their numbers, at any size."""
-    head, rows = report_table(report)
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in (head, *rows)
-    ]
+    if "mixture" in report:
+        from .mixture import format_mixture
+
+        return format_mixture(report)
+    lines = aligned(*report_table(report))
     lines.append(packing_line(report))
     ev = report.get("eval")
     if ev:
@@ -709,6 +719,16 @@ def format_report(report: dict) -> str:
             f"({ev['tokens']:,} tokens; data.max_eval_tokens={ev['max_tokens']:,})"
         )
     return "\n".join(lines)
+
+
+def aligned(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A table's lines, each column as wide as its widest cell: the first to the left, numbers
+    to the right."""
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in (head, *rows)
+    ]
 
 
 def packing_line(report: dict) -> str:
