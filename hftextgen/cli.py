@@ -335,6 +335,8 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
         for key, value in values.items()
     }
     defaults.pop("evaluate.output_dir", None)  # results go next to the model being evaluated
+    if any(a.split("=")[0] in ("--data.source", "--data.paths", "--data.dataset") for a in argv):
+        defaults.pop("data.mixture", None)  # other data named: not the run's mixture
     return parse(build(), argv, defaults)
 
 

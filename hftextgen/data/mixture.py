@@ -221,7 +221,7 @@ class MixedCorpus:
                 if need_blocks and not len(one.train):
                     raise UserError("its training split holds no examples: give it data, or drop the entry")
             packed.append(one)
-        return mix(self, packed)
+        return mix(self, packed, warn_repeats=need_blocks)
 
 
 def _with_packing(cfg: DataConfig, packing: str) -> DataConfig:
@@ -257,7 +257,7 @@ def _combine(parts: list, counts_of: list[np.ndarray], packing: str, block_size:
     return items
 
 
-def mix(mixed: MixedCorpus, packed: list[Packed]) -> Mixture:
+def mix(mixed: MixedCorpus, packed: list[Packed], warn_repeats: bool = True) -> Mixture:
     """The prepared sources drawn by weight (module docstring) into one training set, and each
     source's share of the held-out evaluation."""
     cfg, packing = mixed.cfg, mixed.packing
@@ -273,7 +273,7 @@ def mix(mixed: MixedCorpus, packed: list[Packed]) -> Mixture:
     if packing == "padded":  # longest first, as one source's are
         eval_blocks = eval_blocks.select(np.argsort(-eval_blocks.lengths, kind="stable"))
     for name, n, k in zip(mixed.names, available, counts, strict=True):
-        if n and k > REPEAT_WARNING * n:
+        if warn_repeats and n and k > REPEAT_WARNING * n:
             warn(
                 f"data.mixture{name} is repeated {k / n:.1f} times an epoch (its weight asks for {k:,} of its {n:,} "
                 f"items): the model may learn it by heart; lower its weight, or give it more data"
@@ -295,17 +295,17 @@ def _tokens_of(part, chosen: np.ndarray) -> int:
 
 def _source_row(name, weight, packed: Packed, part, drawn, evaluated, share) -> dict:
     """What the report says of one source: its items, those drawn and how often, its evaluation."""
-    n = len(part)
+    n = int(len(part))
     return {
         "source": name,
         "format": packed.task["format"] if packed.task else "text",
         "weight": float(weight),
         "unit": "blocks" if isinstance(part, shards.BlockDataset) else "examples",
         "available": n,
-        "drawn": len(drawn),
+        "drawn": int(len(drawn)),
         "tokens_drawn": _tokens_of(part, drawn),
         "repeat": round(len(drawn) / n, 3) if n else 0.0,
-        "eval_max_tokens": share,
+        "eval_max_tokens": int(share),
         "eval_tokens": evaluated.n_tokens,
         "cache": str(packed.cache_path),
     }
@@ -358,6 +358,7 @@ class Mixture:
                 "blocks": len(self.eval_blocks),
                 "tokens": self.eval_blocks.n_tokens,
             },
+            "evaluated_source": self.evaluated_index,
             "evaluator": f"data.mixture{table[self.evaluated_index]['source']}: its {what}",
         }
 
