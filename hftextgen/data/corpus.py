@@ -455,6 +455,8 @@ class Packed:
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
             if not len(found[split]) and need_blocks:
                 raise UserError(f"the {split} split holds no examples: {_why_none(self.report[split], cfg)}")
+        # The held-out tokens in blocks too, as concat has them (validate times scoring on them).
+        self.validation = shards.BlockDataset(self.tokens["validation"], cfg.block_size)
         evaluated = shards.sample_examples(found["validation"], cfg.max_eval_tokens, cfg.split_seed)
         if self.packing == "isolated":
             self.train = packing.PackedRows(found["train"], packing.pack(found["train"].lengths, cfg.block_size))
