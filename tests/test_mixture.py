@@ -115,8 +115,8 @@ def test_the_draw_is_seeded_and_the_report_says_it(sources, gpt2):  # noqa: F811
     cfg = mixture({"paths": [str(chat)], "weight": 1}, {"paths": [f"{text}/*.txt"], "weight": 2.5})
     one, two = prepared(gpt2, cfg), prepared(gpt2, cfg)
     assert np.array_equal(one.train.examples.index, two.train.examples.index)
-    other = prepared(gpt2, mixture(*[{"paths": p, "weight": w} for p, w in (([str(chat)], 1), ([f"{text}/*.txt"], 2.5))],
-                                   split_seed=7))  # fmt: skip
+    entries = [{"paths": [str(chat)], "weight": 1}, {"paths": [f"{text}/*.txt"], "weight": 2.5}]
+    other = prepared(gpt2, mixture(*entries, split_seed=7))
     assert not np.array_equal(one.train.examples.index, other.train.examples.index)
     head, rows = report_table(one.report)
     assert head[:6] == ("source", "format", "weight", "share", "examples", "drawn")
