@@ -280,7 +280,7 @@ def run_prepare(argv: list[str]) -> int:
     progress.configure(cfg.progress, no_bars=bool(s.train.disable_tqdm))
     from . import data, model
 
-    corpus = data.Corpus(recipe.data)
+    corpus = data.open_corpus(recipe.data)
     tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
     packed = data.prepare(corpus, tok, model.fingerprint(tok))
     print(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}")
@@ -335,6 +335,8 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
         for key, value in values.items()
     }
     defaults.pop("evaluate.output_dir", None)  # results go next to the model being evaluated
+    if any(a.split("=")[0] in ("--data.source", "--data.paths", "--data.dataset") for a in argv):
+        defaults.pop("data.mixture", None)  # other data named: not the run's mixture
     return parse(build(), argv, defaults)
 
 
@@ -413,9 +415,11 @@ def run_evaluate(argv: list[str]) -> int:
 
     runtime.reuse_freed_memory()
     lm, tok = model.load(cfg.model, device=cfg.device)
-    corpus = data.Corpus(s.data)
-    # The model's tokenizer finds the data its run prepared; split all holds nothing out.
+    corpus = data.open_corpus(s.data)
+    # The model's tokenizer finds the data its run prepared; split all holds nothing out. A
+    # mixture: the source its run's evaluator scored (the first task source, else the first).
     packed = data.prepare(corpus, tok, model.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
+    packed = packed.evaluated
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
     if packed.task:  # prompts and answers: the answers scored given their prompts
         evaluate.evaluate_answers(
@@ -433,7 +437,7 @@ def run_evaluate(argv: list[str]) -> int:
         lm,
         tok,
         evaluate.documents_of_split(packed, s.evaluate.split),
-        data=s.data,
+        data=packed.cfg,
         cfg=s.evaluate,
         generate_cfg=s.generate,
         prompts=generate.read_prompts(s.generate),

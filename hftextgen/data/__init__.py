@@ -1,4 +1,5 @@
-"""The data stage: read a corpus (plays, files, hub datasets), split it, tokenize it into cached token shards.
+"""The data stage: read a corpus (plays, files, hub datasets), split it, tokenize it into cached token shards;
+a mixture of several, drawn by weight.
 
 The rest of the house uses only the names below; the modules behind them are the stage's own.
 """
@@ -12,6 +13,9 @@ _EXPORTS = {
     "format_report": "corpus",
     "packing_line": "corpus",
     "report_table": "corpus",
+    "Mixture": "mixture",
+    "MixedCorpus": "mixture",
+    "open_corpus": "mixture",
     "expand_paths": "sources",
     "play_to_text": "sources",
     "shakespeare_files": "sources",

@@ -416,6 +416,8 @@ class Packed:
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
             if not len(found[split]) and need_blocks:
                 raise UserError(f"the {split} split holds no examples: {_why_none(self.report[split], cfg)}")
+        # The held-out tokens in blocks too, as concat has them (validate times scoring on them).
+        self.validation = shards.BlockDataset(self.tokens["validation"], cfg.block_size)
         evaluated = shards.sample_examples(found["validation"], cfg.max_eval_tokens, cfg.split_seed)
         if self.packing == "isolated":
             self.train = packing.PackedRows(found["train"], packing.pack(found["train"].lengths, cfg.block_size))
@@ -426,7 +428,8 @@ class Packed:
             self.eval_blocks = evaluated.select(np.argsort(-evaluated.lengths, kind="stable"))
         for split, items in (("train", self.train), ("validation", None)):
             rows = len(items) if items is not None else None
-            self.report[split]["rows" if self.packing == "isolated" else "examples"] = rows or len(found[split])
+            if not (self.task and self.packing == "padded"):  # task data counts its examples already
+                self.report[split]["rows" if self.packing == "isolated" else "examples"] = rows or len(found[split])
             self.report[split]["tokens_dropped"] = 0
             del self.report[split]["blocks"]
 
@@ -461,6 +464,11 @@ class Packed:
         from . import packing
 
         return self.train.select(packing.length_grouped_order(self.train.lengths, batch_size, seed))
+
+    @property
+    def evaluated(self) -> Packed:
+        """The prepared data the evaluator scores: this (a mixture's: one of its sources)."""
+        return self
 
     @cached_property
     def validation_ids(self) -> list[str]:
@@ -557,13 +565,14 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
     preparation.clean(work)
 
 
-def prepare(
-    corpus: Corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True, need_blocks: bool = True
-) -> Packed:
+def prepare(corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True, need_blocks: bool = True) -> Packed:
     """The prepared data of a corpus for a tokenizer: from the cache when the inputs are
     unchanged, else prepared (continuing an earlier run stopped part way). `hold_out` false:
     every document in train, none held out (to evaluate on all of them). `need_blocks`: a
-    split too small for one block is an error (not for the evaluator, which scores documents)."""
+    split too small for one block is an error (not for the evaluator, which scores documents).
+    A mixture's corpus (mixture.MixedCorpus) prepares each of its sources so, and draws them."""
+    if not isinstance(corpus, Corpus):
+        return corpus.prepare(tokenizer, tokenizer_fingerprint, hold_out, need_blocks)
     cfg = corpus.cfg
     key = cache.key(
         version=PREPROCESS_VERSION,
@@ -629,14 +638,19 @@ def _columns(report: dict) -> list[tuple[str, object]]:
         ]
     else:
         columns += [("documents", "documents"), ("characters", "characters")]
-    columns += [("tokens", "tokens"), (unit, unit)]
+    columns += [("tokens", "tokens")] + ([] if task and unit == "examples" else [(unit, unit)])
     if unit == "blocks":
         columns.append(("dropped", "tokens_dropped"))
     return columns
 
 
 def report_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """The data report's table: its heading and a row per split, numbers formatted."""
+    """The data report's table: its heading and a row per split, numbers formatted (a mixture's:
+    a row per source)."""
+    if "mixture" in report:
+        from .mixture import mixture_table
+
+        return mixture_table(report)
     columns = _columns(report)
     head = ("split", *(name for name, _ in columns))
     value = lambda r, k: k(r) if callable(k) else r.get(k)  # noqa: E731
@@ -649,12 +663,11 @@ def report_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
 
 def format_report(report: dict) -> str:
     """The data report as a table whose columns fit their numbers, at any size."""
-    head, rows = report_table(report)
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in (head, *rows)
-    ]
+    if "mixture" in report:
+        from .mixture import format_mixture
+
+        return format_mixture(report)
+    lines = aligned(*report_table(report))
     lines.append(packing_line(report))
     ev = report.get("eval")
     if ev:
@@ -671,6 +684,16 @@ def format_report(report: dict) -> str:
             f"({ev['tokens']:,} tokens; data.max_eval_tokens={ev['max_tokens']:,})"
         )
     return "\n".join(lines)
+
+
+def aligned(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A table's lines, each column as wide as its widest cell: the first to the left, numbers
+    to the right."""
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in (head, *rows)
+    ]
 
 
 def packing_line(report: dict) -> str:

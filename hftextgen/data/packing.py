@@ -170,12 +170,12 @@ class PackedRows(torch.utils.data.Dataset):
         return [self.examples[int(i)] for i in self.rows[row]]
 
     def select(self, indices) -> PackedRows:
-        """The rows at `indices`, in that order."""
-        chosen = np.asarray(indices, np.int64)
-        parts = [self.rows[int(r)] for r in chosen]
-        order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
-        return PackedRows(self.examples, Rows(order=order, bounds=bounds))
+        """The rows at `indices`, in that order (as BlockDataset.select: validate times a few)."""
+        chosen = np.asarray(indices, dtype=np.int64)
+        sizes = np.diff(self.rows.bounds)[chosen]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        at = np.repeat(self.rows.bounds[chosen] - bounds[:-1], sizes) + np.arange(int(bounds[-1]))
+        return PackedRows(self.examples, Rows(order=self.rows.order[at], bounds=bounds))
 
     @property
     def n_tokens(self) -> int:

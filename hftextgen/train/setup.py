@@ -24,8 +24,8 @@ class Built:
     """What a recipe builds before training."""
 
     tok: PreTrainedTokenizerBase
-    corpus: data.Corpus
-    packed: data.Packed
+    corpus: data.Corpus | data.MixedCorpus
+    packed: data.Packed | data.Mixture
     lm: PreTrainedModel
 
 
@@ -71,7 +71,7 @@ def uses_fsdp(args: TrainingArguments) -> bool:
 def build(recipe: Recipe) -> Built:
     """Tokenizer, prepared data and model. Under several processes the first one of each
     machine prepares the data while the others wait, then read what it wrote."""
-    corpus = data.Corpus(recipe.data)
+    corpus = data.open_corpus(recipe.data)  # one source, or a mixture: one tokenizer for all
     with recipe.train.main_process_first(desc="preprocessing"):
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
         packed = data.prepare(corpus, tok, model.fingerprint(tok))
