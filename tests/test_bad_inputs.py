@@ -444,14 +444,12 @@ def test_overwrite_starts_the_run_over(small_run, tmp_path, run_cli, monkeypatch
     shutil.copytree(small_run.run_dir, run_dir)
     (run_dir / "checkpoint-40" / "marker").write_text("from the earlier run")
     monkeypatch.setenv("HFTEXTGEN_CACHE", str(small_run.cache))
-    code, out, err = run_cli(*small_run.argv(run_dir, "--train.max_steps", "10"))
+    code, out, err = run_cli(*small_run.argv(run_dir, "--train.max_steps", "5"))
     assert code == 2 and "is not empty" in err
-    code, out, err = run_cli(
-        *small_run.argv(run_dir, "--train.max_steps", "10", "--train.overwrite_output_dir", "true")
-    )
+    code, out, err = run_cli(*small_run.argv(run_dir, "--train.max_steps", "5", "--train.overwrite_output_dir", "true"))
     assert code == 0, err
     assert f"train.overwrite_output_dir: deleted the earlier run in {run_dir}" in out
-    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-10"]
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-5"]
     # The saved recipe continues this run as it is, without deleting it again.
     assert "overwrite_output_dir: false" in (run_dir / "recipe.yaml").read_text()
 
