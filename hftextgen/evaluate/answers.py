@@ -298,7 +298,7 @@ def _generate(lm, tok, prompts: list[list[int]], seeds: list[int], new: int, cfg
     """One lm.generate call over left-padded prompts; the new tokens of each row."""
     from transformers import GenerationConfig
 
-    from ..generate.sampling import SeededGumbel, warpers
+    from ..generate import SeededGumbel, warpers
 
     settings = cfg.settings()
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(ends)

@@ -11,6 +11,8 @@ _EXPORTS = {
     "samples_markdown": "generator",
     "write_samples": "generator",
     "converse": "chat:chat",
+    "SeededGumbel": "sampling",
+    "warpers": "sampling",
     "answer_file": "chat",
 }
 __all__ = sorted(_EXPORTS)
