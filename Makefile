@@ -110,6 +110,8 @@ bench: setup
 	$(BIN)/python -m bench.generate $(ARGS)
 	$(BIN)/python -m bench.evaluate $(ARGS)
 	$(BIN)/python -m bench.scale $(ARGS)
+	$(BIN)/python -m bench.packing $(ARGS)
+	$(BIN)/python -m bench.cpu_step $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(LATEST)

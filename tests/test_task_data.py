@@ -183,13 +183,22 @@ def test_each_packing_trains_the_answers_alone_and_scores_the_same(tmp_path, gpt
     assert losses["isolated"] > 0 and losses["padded"] > 0
 
 
-def test_loss_on_all_trains_every_token(tmp_path, gpt2):
+def test_loss_on_all_trains_every_token_and_the_answers_are_still_scored(tmp_path, gpt2):
     path = write_jsonl(tmp_path / "pc.jsonl", pc_records(12))
-    cfg = DataConfig(source="files", paths=[str(path)], block_size=64, loss_on="all", max_eval_tokens=1 << 20)
-    _, packed = prepared(gpt2, cfg)
-    items, _, _ = packed.eval_examples("train")
-    assert all(items[i].trained.all() for i in range(len(items)))
-    assert packed.report["task"]["loss_on"] == "all"
+    answers_only = None
+    for loss_on in ("answers", "all"):
+        cfg = DataConfig(source="files", paths=[str(path)], block_size=64, loss_on=loss_on, max_eval_tokens=1 << 20)
+        _, packed = prepared(gpt2, cfg)
+        assert packed.report["task"]["loss_on"] == loss_on
+        rows = [packed.train[i] for i in range(len(packed.train))]
+        trained = [bool(t) for row in rows for e in row for t in e.trained]
+        assert all(trained) == (loss_on == "all")
+        # The evaluator scores the answers whatever trained: the same prepared masks.
+        items, _, _ = packed.eval_examples("validation")
+        masks = [items[i].trained.tolist() for i in range(len(items))]
+        assert not any(all(m) for m in masks)
+        answers_only = answers_only or masks
+        assert masks == answers_only
 
 
 def test_the_plays_as_dialogue_hold_out_the_default_runs_plays(gpt2):

@@ -150,7 +150,9 @@ class Corpus:
         return {
             "tokenizer": tokenizer,
             "format": self.format,
-            "loss_on": self.loss_on,
+            # The masks always mark the answers (what the evaluator scores); data.loss_on all
+            # trains every token anyway, when the rows are built (Packed).
+            "loss_on": "answers",
             "max_length": self.cfg.block_size,
         }
 
@@ -368,6 +370,8 @@ class Packed:
         if self.manifest.get("format") != shards.FORMAT:
             raise UserError(f"{path} holds prepared data of another format: delete it and run again")
         self.task = self.manifest.get("task")
+        if self.task:  # the prepared masks mark the answers; loss_on says what trains
+            self.task = {**self.task, "loss_on": cfg.loss_on or "answers"}
         self.packing = cfg.packing or ("isolated" if self.task else "concat")
         self.tokens, self.masks = {}, {}
         for split in SPLITS:
@@ -378,7 +382,9 @@ class Packed:
             if problem:
                 raise UserError(f"the prepared data is damaged ({problem}): delete {path} and prepare it again")
             self.tokens[split], self.masks[split] = tokens, masks
-        self.report = report(self.manifest, cfg.block_size)
+        self.report = report(self.manifest, cfg.block_size, self.task)
+        # What the rows train on: the answers' masks, or (loss_on all, and text) every token.
+        self.trained = self.masks if self.task and self.task["loss_on"] == "answers" else dict.fromkeys(SPLITS)
         if self.packing == "concat":
             self._blocks(need_blocks)
         else:
@@ -393,8 +399,10 @@ class Packed:
     def _blocks(self, need_blocks: bool) -> None:
         """concat: the split's tokens cut into blocks of block_size."""
         cfg = self.cfg
-        self.train = shards.BlockDataset(self.tokens["train"], cfg.block_size, masks=self.masks["train"])
-        self.validation = shards.BlockDataset(self.tokens["validation"], cfg.block_size, masks=self.masks["validation"])
+        self.train = shards.BlockDataset(self.tokens["train"], cfg.block_size, masks=self.trained["train"])
+        self.validation = shards.BlockDataset(
+            self.tokens["validation"], cfg.block_size, masks=self.trained["validation"]
+        )
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
             if self.report[split]["blocks"] == 0 and need_blocks:
                 raise UserError(
@@ -411,7 +419,7 @@ class Packed:
         cfg, found = self.cfg, {}
         for split in SPLITS:
             found[split] = shards.examples(
-                self.cache_path, split, self.tokens[split], self.masks[split], cfg.block_size
+                self.cache_path, split, self.tokens[split], self.trained[split], cfg.block_size
             )
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
             if not len(found[split]) and need_blocks:
@@ -501,10 +509,10 @@ def _why_none(split: dict, cfg: DataConfig) -> str:
     return "give it more data (or raise data.validation_fraction)"
 
 
-def report(manifest: dict, block_size: int) -> dict:
+def report(manifest: dict, block_size: int, task: dict | None = None) -> dict:
     out = {"block_size": block_size, "add_eos": manifest["add_eos"]}
-    if manifest.get("task"):
-        out["task"] = manifest["task"]
+    if task:
+        out["task"] = task
     for split in SPLITS:
         s = manifest["splits"][split]
         blocks = s["tokens"] // block_size
@@ -518,7 +526,7 @@ def report(manifest: dict, block_size: int) -> dict:
         }
         if "examples" in s:  # task data: what became of the records, and the tokens trained on
             out[split]["examples"] = s["examples"]
-            out[split]["trained_tokens"] = s.get("trained_tokens")
+            out[split]["trained_tokens"] = s["tokens"] if task and task["loss_on"] == "all" else s.get("trained_tokens")
     return out
 
 
@@ -559,7 +567,7 @@ def _build(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, work: Path, ho
         "hold_out": hold_out,
         "split": mode,
         "splits": splits,
-        "task": {"format": corpus.format, "loss_on": corpus.loss_on} if corpus.is_task else None,
+        "task": {"format": corpus.format} if corpus.is_task else None,
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     preparation.clean(work)
@@ -585,7 +593,7 @@ def prepare(corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True
         hold_out=hold_out,
         shard_tokens=preparation.SHARD_TOKENS,
         # Task data: how records become examples (the template is in the tokenizer's files).
-        **({"task": [corpus.format, corpus.loss_on, cfg.block_size]} if corpus.is_task else {}),
+        **({"task": [corpus.format, cfg.block_size]} if corpus.is_task else {}),
     )
     root = cache.root(cfg.cache_dir, "data")
     path = cache.lookup(root, key)

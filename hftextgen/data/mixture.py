@@ -239,7 +239,7 @@ def _eval_items(packed: Packed, max_tokens: int, seed: int):
     if packed.packing == "concat":
         return shards.sample_blocks(packed.validation, max_tokens, seed)
     found = shards.examples(
-        packed.cache_path, "validation", packed.tokens["validation"], packed.masks["validation"], cfg.block_size
+        packed.cache_path, "validation", packed.tokens["validation"], packed.trained["validation"], cfg.block_size
     )
     return shards.sample_examples(found, max_tokens, seed)
 
