@@ -37,7 +37,7 @@ import torch
 from .. import progress
 from ..errors import UserError
 from ..files import write_atomic, write_json
-from .run import eval_record, load_metric
+from .run import eval_record, load_metric, nll_rows
 
 if TYPE_CHECKING:
     from ..config import GenerateConfig
@@ -77,22 +77,6 @@ class Examples:
 
 
 # -- scoring ---------------------------------------------------------------------------------
-
-# Elements of the logits turned into losses at once: fp32 log-softmax of a whole batch is as large
-# as the logits again; a chunk of rows at a time bounds it (each row's loss is the same).
-LOSS_CHUNK_ELEMENTS = 2**24
-
-
-def _nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The cross-entropy of each row of `logits` [N, V] against `targets` [N], in fp32."""
-    rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
-    return torch.cat(
-        [
-            torch.nn.functional.cross_entropy(logits[i : i + rows].float(), targets[i : i + rows], reduction="none")
-            for i in range(0, len(targets), rows)
-        ]
-        or [logits.new_zeros(0, dtype=torch.float32)]
-    )
 
 
 def trained_targets(mask: np.ndarray) -> np.ndarray:
@@ -143,7 +127,7 @@ def score_examples(lm, examples: Examples, batch_size: int, bf16: bool = False) 
                 # logits_to_keep as a [batch, width] bool mask: logits of the kept positions
                 # only, flattened row by row (transformers' slice_logits_to_keep).
                 out = lm(input_ids=ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep.to(device))
-            losses = _nll_rows(out.logits, torch.tensor(targets, device=device))
+            losses = nll_rows(out.logits, torch.tensor(targets, device=device))
             del out  # one batch of logits at a time
             nll.index_add_(0, torch.tensor(owner), losses.double().cpu())
         shown.update(len(chunk))

@@ -134,6 +134,7 @@ def nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             torch.nn.functional.cross_entropy(logits[i : i + rows].float(), targets[i : i + rows], reduction="none")
             for i in range(0, len(targets), rows)
         ]
+        or [logits.new_zeros(0, dtype=torch.float32)]
     )
 
 
