@@ -535,10 +535,12 @@ def evaluate_answers(lm, tok, packed, split: str, *, cfg, generate_cfg, out_dir:
 
 
 def answer_examples(items, names: list[str], answer_bytes, split_examples: int, split_tokens: int) -> Examples:
-    """The evaluator's Examples from prepared ones (data.Packed.eval_examples)."""
+    """The evaluator's Examples from prepared ones (data.Packed.eval_examples), each read from
+    the memory maps once."""
+    read = [items[i] for i in range(len(items))]
     return Examples(
-        ids=[items[i].ids for i in range(len(items))],
-        masks=[items[i].trained for i in range(len(items))],
+        ids=[example.ids for example in read],
+        masks=[example.trained for example in read],
         names=list(names),
         answer_bytes=[int(b) for b in answer_bytes],
         split_examples=split_examples,
