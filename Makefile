@@ -15,7 +15,7 @@ LAUNCH ?=
 NPROC ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup prepare finetune validate generate evaluate test test-fast test-latest lock lint bench clean-venv
+.PHONY: setup prepare finetune validate generate evaluate test test-all test-fast test-latest lock lint bench clean-venv
 .DEFAULT_GOAL := finetune
 
 # constraints.txt: the exact versions the whole suite last passed with (`make lock` writes it).
@@ -46,14 +46,14 @@ test-latest:
 	rm -f $(LATEST)/.installed
 	$(MAKE) $(LATEST)/.installed
 	$(LATEST)/bin/pip list --disable-pip-version-check --format freeze | grep -v -e '^hftextgen' -e '^-e'
-	$(LATEST)/bin/python -m pytest -q -m "not slow" $(ARGS)
+	$(LATEST)/bin/python -m pytest -q $(XDIST) -m "not slow" $(ARGS)
 
 # Refresh the lock: the newest versions the ranges allow, the whole suite on them, and only if it
 # passes, those versions into constraints.txt (torch excluded: TORCH pins it, CPU or CUDA build).
 lock:
 	rm -f $(LATEST)/.installed
 	$(MAKE) $(LATEST)/.installed
-	$(LATEST)/bin/python -m pytest -q $(ARGS)
+	$(LATEST)/bin/python -m pytest -q $(XDIST) $(ARGS)
 	{ echo "# The versions the whole suite passed with: written by \`make lock\`, read by \`make setup\`."; \
 	  $(LATEST)/bin/pip freeze --disable-pip-version-check --exclude-editable \
 	  | grep -v -i -e '^torch==' -e '^nvidia-' -e '^triton=='; } > constraints.txt.new
@@ -92,11 +92,22 @@ generate: setup
 evaluate: setup
 	$(BIN)/hftextgen evaluate --model $(MODEL) $(ARGS)
 
+# The tests run on every core, up to 8 (pytest-xdist; each test uses one thread). `test` is what
+# CI runs: every fast test and each feature end to end once. `test-all` adds the extended tests
+# (the same paths on other architectures, signals and process counts): before changing training,
+# resuming, launching or LoRA, and by `make lock`. TEST_JOBS=1 runs them in this process.
+TEST_JOBS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0))))")
+XDIST = $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist worksteal)
+PYTEST = $(BIN)/python -m pytest -q $(XDIST)
+
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) -m "not extended" $(ARGS)
+
+test-all: setup
+	$(PYTEST) $(ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check hftextgen tests bench

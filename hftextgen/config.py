@@ -607,7 +607,7 @@ class GenerateConfig:
 
     cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache. static: preallocated key/value buffers; a GPT-2 decodes through
-    hftextgen/decode.py, each step replayed as one CUDA graph on a GPU; other models use
+    hftextgen/generate/static.py, each step replayed as one CUDA graph on a GPU; other models use
     transformers' static cache (compiled on a GPU). Same text either way."""
 
     def __post_init__(self) -> None:
@@ -740,12 +740,12 @@ class TrainArguments(TrainingArguments):
     fused_loss: bool | Literal["auto", "liger"] = field(
         default="auto",
         metadata={
-            "help": "Compute the training loss with the output layer and cross-entropy fused, a chunk of rows at "
-            "a time, never holding the batch x block x vocabulary logits (hftextgen/fused_loss.py): the same loss "
-            "in far less memory, for any model whose head is a plain linear layer (others keep their own, said "
-            "once). auto: on when training on a CPU, where it also measured as fast or faster (bench/RESULTS.md); "
-            "off elsewhere. liger: liger-kernel's Triton kernel, where that package and a CUDA GPU are there. "
-            "Under train.torch_compile it runs outside the compiled graph."
+            "help": "Compute the training loss with the output layer and cross-entropy fused, a chunk of rows "
+            "at a time, never holding the batch x block x vocabulary logits (hftextgen/train/fused_loss.py): "
+            "the same loss in far less memory, for any model whose head is a plain linear layer (others keep "
+            "their own, said once). auto: on when training on a CPU, where it also measured as fast or faster "
+            "(bench/RESULTS.md); off elsewhere. liger: liger-kernel's Triton kernel, where that package and a "
+            "CUDA GPU are there. Under train.torch_compile it runs outside the compiled graph."
         },
     )
 

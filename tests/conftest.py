@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,15 +124,36 @@ def files_args(corpus: Path, output_dir: Path, *extra: str, model=TINY_MODEL) ->
     return ["finetune", *data, *model, *TINY_TRAIN, "--train.output_dir", str(output_dir), *extra]
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder `make(folder)` fills once for the whole session: under pytest-xdist the first
+    worker to ask makes it while the others wait, and all read the same one."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, shared by the workers
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died half-way
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A tiny model trained once for the session (60 steps), with its run directory; the
     generation and evaluation tests read it and never write into it."""
-    root = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(root / "corpus")
-    argv = files_args(corpus, root / "run", "--train.max_steps", "60", "--train.eval_steps", "60")
-    finetune_offline(argv + flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8}), root / "cache")
-    return root / "run"
+
+    def make(root: Path) -> None:
+        corpus = write_corpus(root / "corpus")
+        argv = files_args(corpus, root / "run", "--train.max_steps", "60", "--train.eval_steps", "60")
+        finetune_offline(argv + flags({"generate.prompts": '["HAMLET:", ""]', "evaluate.stride": 8}), root / "cache")
+
+    return made_once(tmp_path_factory, "trained", make) / "run"
 
 
 def finetune_offline(argv: list[str], cache: Path) -> None:
@@ -172,7 +195,10 @@ class SmallRun:
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> SmallRun:
     """Trained once for the session; tests copy its run directory and never write into it."""
-    run = SmallRun(tmp_path_factory.mktemp("small"))
-    write_corpus(run.corpus)
-    finetune_offline(run.argv(run.run_dir), run.cache)
-    return run
+
+    def make(root: Path) -> None:
+        run = SmallRun(root)
+        write_corpus(run.corpus)
+        finetune_offline(run.argv(run.run_dir), run.cache)
+
+    return SmallRun(made_once(tmp_path_factory, "small", make))

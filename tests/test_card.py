@@ -101,6 +101,7 @@ def test_tensorboard_holds_losses_throughput_perplexity_and_samples(trained_run)
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_tensorboard_curves_do_not_double_back_after_a_resume(corpus, tmp_path, run_cli):
     import shutil
 

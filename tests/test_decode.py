@@ -1,4 +1,4 @@
-"""Static-cache decoding (hftextgen/decode.py) gives exactly the tokens of transformers' generate."""
+"""Static-cache decoding (hftextgen/generate/static.py) gives exactly the tokens of transformers' generate."""
 
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def test_fused_loss_matches_each_architectures_loss_and_gradients(model_type, bf
     assert error <= GRAD_TOLERANCE[bf16]
 
 
-@pytest.mark.slow  # compiles a model (~3 s)
+@pytest.mark.slow  # compiles a model (~20 s on a 2-core CPU)
+@pytest.mark.extended
 def test_the_fused_loss_runs_outside_compiled_graphs(monkeypatch):
     """Under train.torch_compile the fused loss runs eagerly, as checked above: compiled on an
     H200 its backward gave zero gradients (the model trained nothing). Dynamo traces a function

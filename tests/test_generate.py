@@ -135,6 +135,7 @@ def test_bad_decoding_settings_are_one_line(trained_run, run_cli, flag, value, m
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.extended  # a process of its own
 def test_interactive_streams_and_records(trained_run, tmp_path):
     out = tmp_path / "gen.jsonl"
     result = subprocess.run(

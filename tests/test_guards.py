@@ -23,6 +23,8 @@ from hftextgen import model as model_stage
 from hftextgen.train import guards, rundir
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
+# SIGINT (Ctrl-C) takes the same path as SIGTERM: the extended suite (`make test-all`) runs it.
+SIGNALS = [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.extended)]
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +36,7 @@ def _small_run_cache(small_run, monkeypatch):
 # ---------------------------------------------------------------- SIGTERM, Ctrl-C
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", SIGNALS, ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_continue(small_run, tmp_path, run_cli, signum):
     run_dir = tmp_path / "run"
     # SIGTERM as `kill` sends it, to the process; SIGINT as a terminal's Ctrl-C does, to the
@@ -75,6 +77,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_continue(small_run, tmp_pat
         assert_same_run(run_dir, small_run.run_dir)
 
 
+@pytest.mark.extended
 def test_a_signal_during_an_evaluation_stops_it_and_saves_the_steps_since_the_last_checkpoint(
     small_run, tmp_path, run_cli
 ):
@@ -103,6 +106,7 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves_the_steps_since_the_la
     assert_same_run(run_dir, tmp_path / "reference")
 
 
+@pytest.mark.extended
 def test_two_processes_stop_at_the_same_step(small_run, tmp_path):
     """Under accelerate launch every process gets the signal (torchrun passes it on), maybe at
     different steps: they agree at each step end, or one would wait forever for the other."""
@@ -209,6 +213,7 @@ def test_on_nan_skip_drops_the_step_and_goes_on(small_run, tmp_path, run_cli, mo
     assert all(map(torch.isfinite, map(torch.tensor, losses(run_dir).values())))
 
 
+@pytest.mark.extended
 def test_on_nan_skip_gives_up_after_ten_steps_in_a_row(small_run, tmp_path, run_cli, monkeypatch):
     poison(monkeypatch, set(range(5, 100)))
     run_dir = tmp_path / "run"
@@ -220,6 +225,7 @@ def test_on_nan_skip_gives_up_after_ten_steps_in_a_row(small_run, tmp_path, run_
     assert not (run_dir / "model.safetensors").exists()
 
 
+@pytest.mark.extended
 def test_a_full_disk_stops_the_run_with_a_line_and_the_checkpoints_before_stay_good(
     small_run, tmp_path, run_cli, monkeypatch
 ):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL, TINY_TRAIN, flags, write_corpus
+from conftest import TINY_MODEL, TINY_TRAIN, flags, made_once, write_corpus
 from runs import launch_two
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -308,11 +308,14 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """One run of 8 steps under 2 processes (2 blocks each), shared by the tests below."""
-    root = tmp_path_factory.mktemp("two")
-    corpus = write_corpus(root / "corpus")
-    run_dir = root / "run"
-    result = launch_two(finetune_args(corpus, run_dir, 2), root / "cache", root)
-    return corpus, run_dir, root / "cache", result.stdout + result.stderr
+
+    def make(root: Path) -> None:
+        corpus = write_corpus(root / "corpus")
+        result = launch_two(finetune_args(corpus, root / "run", 2), root / "cache", root)
+        (root / "output.txt").write_text(result.stdout + result.stderr)
+
+    root = made_once(tmp_path_factory, "two", make)
+    return root / "corpus", root / "run", root / "cache", (root / "output.txt").read_text()
 
 
 def test_two_processes_write_one_run_directory_and_say_everything_once(two_process_run):
@@ -370,6 +373,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(two_process_run
     assert eval_two == pytest.approx(eval_one, abs=2e-3)
 
 
+@pytest.mark.extended
 def test_two_processes_resume_from_the_last_checkpoint(two_process_run, tmp_path):
     corpus, run_dir, cache_dir, _ = two_process_run
     # The same run, as if it had stopped after its checkpoint at step 4.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import files_args, finetune_offline, flags, save_tiny_pretrained, write_corpus
+from conftest import files_args, finetune_offline, flags, made_once, save_tiny_pretrained, write_corpus
 from runs import kill_once_saved, launch_two
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, pipeline
@@ -58,13 +58,17 @@ class LoraRun:
         )
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# Every test on GPT-2 and on Llama (other target modules, grouped-query attention); the Llama
+# set is in the extended suite (`make test-all`), CI trains Llama in test_architecture.
+@pytest.fixture(scope="module", params=["gpt2", pytest.param("llama", marks=pytest.mark.extended)])
 def lora_run(request, tmp_path_factory) -> LoraRun:
-    run = LoraRun(request.param, tmp_path_factory.mktemp(f"lora-{request.param}"))
-    write_corpus(run.corpus)
-    save_tiny_pretrained(run.base, request.param)
-    finetune_offline(run.argv(run.run_dir), run.cache)
-    return run
+    def make(root: Path) -> None:
+        run = LoraRun(request.param, root)
+        write_corpus(run.corpus)
+        save_tiny_pretrained(run.base, request.param)
+        finetune_offline(run.argv(run.run_dir), run.cache)
+
+    return LoraRun(request.param, made_once(tmp_path_factory, f"lora-{request.param}", make))
 
 
 @pytest.fixture(autouse=True)
@@ -180,6 +184,7 @@ def test_a_killed_lora_run_resumes_exactly(lora_run, tmp_path, run_cli):
         assert largest_difference(load_file(run_dir / name), load_file(lora_run.run_dir / name)) <= 1e-6, name
 
 
+@pytest.mark.extended  # test_launch trains 2 processes like one; this is the same with an adapter
 def test_two_processes_train_a_lora_run_as_one_does(lora_run, tmp_path, run_cli):
     # Dropout off (the adapters' and the base model's): each process draws its own masks.
     one, two = tmp_path / "one", tmp_path / "two"
@@ -206,6 +211,7 @@ def test_two_processes_train_a_lora_run_as_one_does(lora_run, tmp_path, run_cli)
         assert largest_difference(load_file(one / name), load_file(two / name)) < bound, name
 
 
+@pytest.mark.extended
 def test_gradient_checkpointing_and_bf16_with_lora(lora_run, tmp_path, run_cli):
     quick = ("--evaluate.at_end_of_training", "false")  # the run's steps and schedule, without its ending
     code, _, err = run_cli(*lora_run.argv(tmp_path / "ckpt", *quick, "--train.gradient_checkpointing", "true"))

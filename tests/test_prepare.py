@@ -354,7 +354,9 @@ def test_prepare_killed_then_run_again_is_byte_identical(tmp_path, gpt2, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.extended)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_signal_stops_prepare_within_seconds_with_one_line(tmp_path, signum):
     corpus = big_corpus(tmp_path / "corpus")
     process = start_prepare(corpus, tmp_path / "cache", "--data.num_proc", "2")
@@ -388,7 +390,7 @@ def stream_folder(folder: Path, n_files: int = 3, rows: int = 40) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_proc", [1, 2])
+@pytest.mark.parametrize("num_proc", [1, pytest.param(2, marks=pytest.mark.extended)])
 def test_streamed_hub_data_is_held_out_by_a_hash_of_each_document(tmp_path, gpt2, num_proc):
     texts = stream_folder(tmp_path / "hub")
     cfg = DataConfig(

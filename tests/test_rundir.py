@@ -41,6 +41,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(small_run, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_save_cut_short_is_skipped_and_the_run_resumes_from_the_one_before(small_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     process = start(small_run.argv(run_dir), small_run.cache, tmp_path, DIE_IN_SAVE="20")

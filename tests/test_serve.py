@@ -68,6 +68,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # starts a server: the extended suite (`make test-all`)
 def test_transformers_serve_answers_the_openai_client_from_a_run_directory(tmp_path):
     folder = save_chat_model(tmp_path / "run")
     port, log = free_port(), tmp_path / "serve.log"
