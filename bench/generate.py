@@ -10,7 +10,7 @@ after a warm-up call (compilation and graph capture happen there), best of --rep
 - HF generate, top-k 50 sampling, at batch 1 and on 64 left-padded prompts (the baseline);
 - ours (Generator, seeded per-sample top-k 50 sampling), generate.cache dynamic: transformers'
   generate underneath;
-- ours, generate.cache static: hftextgen/decode.py (a CUDA graph per step on a GPU);
+- ours, generate.cache static: hftextgen/generate/static.py (a CUDA graph per step on a GPU);
 - --compiled: the same with the step compiled by torch.compile before capture;
 - --hf-static: HF generate with cache_implementation="static" at batch 1 (transformers compiles
   its forward on a GPU);

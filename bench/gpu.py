@@ -18,7 +18,7 @@ losses, then FSDP's save and validate's estimate):
                    the same thing), 12 steps; per-step losses must agree within --loss-tolerance.
                    `fast` is also a throughput row: the recipe without dropout
   generate         bench/generate.py on GPT-2 124M (random weights), 256 new tokens: HF generate vs
-                   ours with the dynamic and the static cache (hftextgen/decode.py), batch 1 and 64
+                   ours with the dynamic and the static cache (hftextgen/generate/static.py), batch 1 and 64
   fused_loss       ours + train.fused_loss
   fsdp             launch/fsdp.yaml on one process: 4 steps, a sharded checkpoint, the final model
                    saved whole and loaded back with stock transformers
@@ -29,6 +29,16 @@ losses, then FSDP's save and validate's estimate):
   decode_compiled  generation with the static step compiled (only when `generate`'s batch-1 row
                    missed 1,500 tokens/s)
   hf_static        HF generate with its own static cache (transformers compiles it), batch 1
+  profile          ours, 2 steps under torch.profiler after the warm-up: the top kernels by device
+                   time and the device's busy fraction (where a step's time goes)
+  llama            ours with a Llama-style model of GPT-2 small's depth and width from scratch
+                   (RoPE, RMSNorm, SwiGLU of 2,048, 4 key/value heads), the recipe's bf16 and compile
+  lora             recipes/custom/lora.yaml on a GPT-2 124M checkpoint the child saves (random
+                   weights: the hub is offline), the plays, bf16, gradient checkpointing
+  packing          bench/packing.py: task data packed isolated vs padded, a Llama of GPT-2 small's
+                   shape, SDPA (flash-attn is not on the machine), real tokens/s and answer bits/byte
+  autotune         ours + train.torch_compile_mode max-autotune-no-cudagraphs (inductor benchmarks
+                   its GEMM and Triton choices while compiling: minutes)
 
 MFU = tokens/s x (6N + 12*L*H*Q*T) / 989e12, N without position embeddings (855 MFLOP/token for
 GPT-2 124M at T=1024). Everything lands in one JSON (--out) and the log gpu.sh tees.
@@ -48,6 +58,8 @@ from pathlib import Path
 from bench import common
 
 RECIPE = str(common.ROOT / "recipes/shakespeare/gpt2-small.yaml")
+LORA = str(common.ROOT / "recipes/custom/lora.yaml")
+AUTOTUNE = "max-autotune-no-cudagraphs"  # CUDA graphs are the cudagraphs row's lever
 NO_DROPOUT = ["--model.resid_pdrop", "0", "--model.embd_pdrop", "0", "--model.attn_pdrop", "0"]
 SLOW = ["--train.bf16", "false", "--train.torch_compile", "false", "--train.optim", "adamw_torch"]
 SLOW += ["--train.fused_loss", "false", *NO_DROPOUT]
@@ -55,6 +67,7 @@ NO_COMPILE = ["--train.torch_compile", "false"]
 # --cpu-smoke: the recipe's settings on a model small enough for a CPU.
 SMOKE = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.n_positions", "64"]
 SMOKE += ["--data.block_size", "64", "--train.per_device_train_batch_size", "2"]
+OTHER_MODELS = ("llama", "lora")
 GOALS = {"mfu": 0.45, "generate_batch1": 1500.0, "generate_batch64_ratio": 3.0}
 
 
@@ -63,7 +76,7 @@ class Job:
     """One configuration: what runs, and the seconds it is expected to take on an H200."""
 
     name: str
-    kind: str  # train (bench.training), generate (bench/generate.py), validate, fsdp (bench.gpu_checks)
+    kind: str  # train (bench.training), generate, packing (their scripts), validate, fsdp (bench.gpu_checks)
     config: dict = field(default_factory=dict)
     needs_s: float = 60
     datasets: bool = True  # needs the datasets package (the data stage): skipped without it
@@ -91,6 +104,15 @@ def plan(args) -> list[Job]:
         if args.cpu_smoke
         else ["--new-tokens", "256", "--repeats", "2"]
     )
+    llama = ["--model.model_type", "llama", "--model.n_kv_head", "1" if args.cpu_smoke else "4"]
+    llama += ["--model.n_inner", "64" if args.cpu_smoke else "2048"]
+    checkpoint = (
+        {"n_layer": 2, "n_head": 2, "n_embd": 32} if args.cpu_smoke else {"n_layer": 12, "n_head": 12, "n_embd": 768}
+    )
+    lora = ["--data.source", "shakespeare", "--data.paths", "[]", "--train.gradient_checkpointing", "true"]
+    lora += ["--data.block_size", "64" if args.cpu_smoke else "1024"]
+    lora += ["--train.per_device_train_batch_size", "2" if args.cpu_smoke else "16"]
+    packing = ["--quick"] if args.cpu_smoke else ["--examples", "4000", "--shape", "small", "--rows", "32"]
     return [
         Job("ours", "train", {**timing, "flags": smoke}, 90),
         Job("baseline", "train", baseline, 30),
@@ -105,6 +127,11 @@ def plan(args) -> list[Job]:
         Job("cudagraphs", "train", {**timing, "flags": [*smoke, "--train.torch_compile_mode", "reduce-overhead"]}, 100),
         Job("decode_compiled", "generate", {"args": [*generate, "--compiled", "--no-main"]}, 150, datasets=False),
         Job("hf_static", "generate", {"args": [*generate, "--hf-static", "--no-main"]}, 80, datasets=False),
+        Job("profile", "train", {**timing, "steps": 2, "profile": True, "flags": smoke}, 70),
+        Job("llama", "train", {**timing, "flags": [*smoke, *llama]}, 90),
+        Job("lora", "train", {**timing, "recipe": LORA, "pretrained": checkpoint, "flags": lora}, 60),
+        Job("packing", "packing", {"args": packing}, 120),
+        Job("autotune", "train", {**timing, "flags": [*smoke, "--train.torch_compile_mode", AUTOTUNE]}, 240),
     ]
 
 
@@ -208,11 +235,11 @@ def _run(job: Job, results: dict, cache: str, timeout: float | None, args) -> di
         return {**result, "flags": config.get("flags", [])}
     if job.kind in ("validate", "fsdp"):
         return common.run_child("bench.gpu_checks", {**job.config, "kind": job.kind, "cache_dir": cache}, timeout)
-    with tempfile.TemporaryDirectory() as tmp:  # generate: bench/generate.py writes its JSON
-        out = Path(tmp) / "generate.json"
+    with tempfile.TemporaryDirectory() as tmp:  # generate, packing: their script writes its JSON
+        out = Path(tmp) / f"{job.kind}.json"
         started = time.perf_counter()
         code = common.run_command(
-            [sys.executable, "-m", "bench.generate", *job.config["args"], "--out", str(out)], timeout
+            [sys.executable, "-m", f"bench.{job.kind}", *job.config["args"], "--out", str(out)], timeout
         )
         wall = time.perf_counter() - started
         if code is None:
@@ -234,6 +261,13 @@ def _batch64(config: dict, results: dict, args) -> dict:
 def _shown(r: dict) -> str:
     if "error" in r:
         return f"FAILED: {r['error']}"
+    if "profile" in r:
+        top = ", ".join(f"{e['name'][:40]} {e['s_per_step'] * 1e3:.1f} ms" for e in r["profile"]["top"][:5])
+        return f"device busy {r['profile']['busy_fraction']:.0%} of each step; top: {top}"
+    if "isolated" in r and "padded" in r:
+        speed = {k: r[k]["real_tokens_per_s"] for k in ("isolated", "padded")}
+        learned_ = {k: r[k]["bits_per_byte"] for k in ("isolated", "padded")}
+        return f"real tokens/s {speed}, answer bits/byte {learned_}"
     if "tokens_per_s" in r and isinstance(r["tokens_per_s"], float):
         memory = r.get("peak_memory_bytes", 0) / 2**30
         first = r["first_step_s"]
@@ -271,7 +305,12 @@ def _summary(results: dict, args) -> dict:
     for name in ("generate", "decode_compiled", "hf_static"):
         generation.update(results.get(name, {}).get("tokens_per_s", {}))
     rows += _generation_rows(generation)
-    learning = [name for name in training if learned(training[name])]
+    rows += _packing_rows(results.get("packing", {}))
+    if "profile" in results.get("profile", {}):
+        print(f"[gpu] profile of {RECIPE} after the warm-up:\n{results['profile']['profile']['table']}")
+    # The MFU goal is GPT-2's: the Llama and LoRA rows are other models (LoRA computes no weight
+    # gradients of the frozen layers, so 6N overstates its work).
+    learning = [name for name in training if learned(training[name]) and name not in OTHER_MODELS]
     best = max(learning, key=lambda n: training[n]["tokens_per_s"]) if learning else None
     check = loss_check(results.get("slow", {}), results.get("fast", {}), args.loss_tolerance)
     validation = _validate_vs_measured(results.get("validate", {}), results.get("ours", {}))
@@ -298,7 +337,7 @@ def learned(result: dict) -> bool:
 
 def _training_rows(results: dict) -> tuple[list, dict]:
     base, rows, training = results.get("baseline", {}), [], {}
-    for name in ("ours", "fast", "fused_loss", "liger", "batch64", "cudagraphs"):
+    for name in ("ours", "fast", "fused_loss", "liger", "batch64", "cudagraphs", "autotune", "llama", "lora"):
         r = results.get(name, {})
         if "tokens_per_s" not in r:
             continue
@@ -319,6 +358,17 @@ def _generation_rows(generation: dict) -> list:
         if (name.startswith("ours") or name.startswith("HF generate, static")) and batch.isdigit():
             rows.append(common.Row(f"generate: {name}", generation.get(f"HF generate, batch {batch}"), rate, "tok/s"))
     return rows
+
+
+def _packing_rows(r: dict) -> list:
+    if "isolated" not in r or "padded" not in r:
+        return []
+    speed = r["padded"]["real_tokens_per_s"], r["isolated"]["real_tokens_per_s"]
+    learned_ = r["padded"]["bits_per_byte"], r["isolated"]["bits_per_byte"]
+    return [
+        common.Row("packing: real tokens/s (padded = baseline)", *speed, "tokens/s"),
+        common.Row("packing: answer bits/byte (padded = baseline)", *learned_, "bits/byte", higher_is_better=False),
+    ]
 
 
 def _goals(best: dict | None, generation: dict) -> dict:

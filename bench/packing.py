@@ -1,7 +1,7 @@
 """Task data packed isolated vs padded: tokens/s of real (non-pad) tokens and held-out answer
 bits/byte after the same examples.
 
-    python -m bench.packing [--quick] [--examples N] [--out FILE]
+    python -m bench.packing [--quick] [--examples N] [--rows N] [--shape recipe|small] [--out FILE]
 
 Data: short examples made of the bundled plays (each speech answering the one before it, as
 recipes/shakespeare/dialogue.yaml makes them, as prompt/completion records; the first N of the
@@ -48,7 +48,14 @@ def write_examples(folder: Path, limit: int) -> tuple[Path, Path]:
     return paths
 
 
-def finetune(folder: Path, name: str, paths: tuple[Path, Path], packing: str, batch: int, epochs: float) -> dict:
+# --shape small, for a GPU: the dialogue recipe's Llama at GPT-2 small's depth and width (the
+# recipe's 1.25M parameters leave a GPU waiting on the host), at a learning rate for that size.
+SMALL = ["--model.n_layer", "12", "--model.n_embd", "768", "--model.n_head", "12", "--model.n_kv_head", "4"]
+SMALL += ["--model.n_inner", "2048", "--train.learning_rate", "6e-4"]
+
+
+def finetune(folder: Path, name: str, paths: tuple[Path, Path], packing: str, batch: int, epochs: float,
+             shape: list[str]) -> dict:  # fmt: skip
     run = folder / name
     cmd = [
         sys.executable, "-m", "hftextgen", "finetune", "--config", "recipes/shakespeare/dialogue.yaml",
@@ -57,7 +64,7 @@ def finetune(folder: Path, name: str, paths: tuple[Path, Path], packing: str, ba
         "--data.cache_dir", str(folder / "cache"), "--train.output_dir", str(run),
         "--train.max_steps", "-1", "--train.num_train_epochs", str(epochs),
         "--train.per_device_train_batch_size", str(batch), "--train.eval_strategy", "no",
-        "--train.save_strategy", "no", "--evaluate.max_answers", "0", "--progress", "quiet",
+        "--train.save_strategy", "no", "--evaluate.max_answers", "0", "--progress", "quiet", *shape,
     ]  # fmt: skip
     code = common.run_command(cmd)
     if code != 0:
@@ -77,16 +84,20 @@ def finetune(folder: Path, name: str, paths: tuple[Path, Path], packing: str, ba
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--examples", type=int, default=4000, help="training examples (default 4,000)")
+    p.add_argument("--rows", type=int, default=ROWS, help=f"isolated rows a step (default {ROWS})")
+    p.add_argument("--shape", choices=("recipe", "small"), default="recipe", help="the model (default: the recipe's)")
     args = p.parse_args()
     load_before = common.load()
     examples = 300 if args.quick else args.examples
+    shape = SMALL if args.shape == "small" else []
     with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
         folder = Path(tmp)
         paths = write_examples(folder, examples)
-        isolated = finetune(folder, "isolated", paths, "isolated", ROWS, 1)
+        isolated = finetune(folder, "isolated", paths, "isolated", args.rows, 1, shape)
         per_row = isolated["report"]["train"]["examples"]["examples"] / isolated["report"]["train"]["rows"]
-        padded = finetune(folder, "padded", paths, "padded", max(1, round(ROWS * per_row)), 1)
-    note = f"{ROWS} rows of <= {BLOCK} tokens vs {max(1, round(ROWS * per_row))} padded examples a step"
+        padded_batch = max(1, round(args.rows * per_row))
+        padded = finetune(folder, "padded", paths, "padded", padded_batch, 1, shape)
+    note = f"{args.rows} rows of <= {BLOCK} tokens vs {padded_batch} padded examples a step, model: {args.shape}"
     speed = padded["real_tokens_per_s"], isolated["real_tokens_per_s"]
     learned = padded["bits_per_byte"], isolated["bits_per_byte"]
     rows = [

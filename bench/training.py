@@ -14,8 +14,8 @@ covers allocation, torch.compile and the first-step autotuning. The run stops ri
 last timed step: the saving and final evaluation that follow are not measured. The child also
 reports its peak resident memory, and its kernel time and page faults per timed step.
 
-Also recorded: the loss of every step (kept on the device until the end, so that recording it
-costs no sync; bench/gpu.py's loss check compares them), and the peak memory (GPU memory
+Also recorded: the loss of every step (a copy kept on the device until the end, so that recording
+it costs no sync; bench/gpu.py's loss check compares them), and the peak memory (GPU memory
 allocated by torch on a GPU, else peak RSS). liger-kernel's loss is the recipe's own
 `--train.fused_loss liger`.
 """
@@ -54,7 +54,7 @@ def flops_per_token(model, block_size: int) -> tuple[int, float]:
     return n, 6 * n + 12 * layers * heads * head_dim * block_size
 
 
-def make_clock(warmup: int, steps: int):
+def make_clock(warmup: int, steps: int, profile: bool = False):
     import torch
     from transformers import TrainerCallback
 
@@ -104,6 +104,8 @@ def make_clock(warmup: int, steps: int):
             if step == 1:
                 self.result["first_step_s"] = now() - self.begin  # compile and warm-up show here
             if step == warmup:
+                if profile:
+                    self.profiler = start_profiler(on_gpu)
                 self.start = self.last = now()
                 self.cpu_start = time.process_time()
                 self.usage_start = resource.getrusage(resource.RUSAGE_SELF)
@@ -132,9 +134,45 @@ def make_clock(warmup: int, steps: int):
                     r["step_times_s"] = self.step_times
                     r["tokens_per_s_median_step"] = r["tokens_per_step"] / statistics.median(self.step_times)
                 r["peak_memory_bytes"], r["peak_memory"] = peak_memory()
+                if profile:
+                    r["profile"] = stop_profiler(self.profiler, on_gpu, elapsed, steps)
                 raise MeasurementDone
 
     return StepClock()
+
+
+def start_profiler(on_gpu: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def stop_profiler(profiler, on_gpu: bool, elapsed: float, steps: int) -> dict:
+    """Where the timed steps' time went: the top operators by their own device time (CPU time on
+    a CPU), and how busy the device was (its kernels' time over the wall time: what is left is
+    launch overhead and waiting on the host). The profiler slows the steps it watches, so a
+    profiled row's tokens/s is not a speed."""
+    from torch.autograd import DeviceType
+
+    profiler.__exit__(None, None, None)
+    events = profiler.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    # A kernel's time shows twice, as the kernel and as its operator's own device time: the busy
+    # time counts the kernels, the top list the operators.
+    device = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    busy_s = sum(getattr(e, key) for e in events if e.device_type == device) / 1e6
+    top = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: getattr(e, key), reverse=True)
+    top = top[:25]
+    return {
+        "device_busy_s_per_step": busy_s / steps,
+        "wall_s_per_step": elapsed / steps,
+        "busy_fraction": busy_s / elapsed,
+        "top": [{"name": e.key, "calls": e.count, "s_per_step": getattr(e, key) / 1e6 / steps} for e in top],
+        "table": events.table(sort_by=key, row_limit=25, max_name_column_width=60),
+    }
 
 
 def peak_memory() -> tuple[int, str]:
@@ -157,7 +195,9 @@ def record_step_losses() -> list:
 
     def training_step(self, *args, **kwargs):
         loss = stock(self, *args, **kwargs)
-        losses.append(loss)
+        # A copy: under CUDA graphs (torch_compile_mode reduce-overhead) the step's output lives in
+        # the graph's memory, which the next replay overwrites.
+        losses.append(loss.detach().clone())
         return loss
 
     transformers.Trainer.training_step = training_step
@@ -168,7 +208,7 @@ def run(config: dict) -> dict:
     """Child side: run one configuration and return its measurements."""
     import transformers.trainer
 
-    clock = make_clock(config["warmup"], config["steps"])
+    clock = make_clock(config["warmup"], config["steps"], config.get("profile", False))
     transformers.trainer.DEFAULT_CALLBACKS.append(clock)
     losses = record_step_losses()
     started = time.perf_counter()
@@ -194,11 +234,13 @@ def _ours(config: dict) -> None:
 
     steps = config["warmup"] + config["steps"]
     with tempfile.TemporaryDirectory() as tmp:
+        pretrained = ["--model.name_or_path", _pretrained(config["pretrained"], tmp)] if "pretrained" in config else []
         code = cli.main(
             [
                 "finetune",
                 "--config",
                 config["recipe"],
+                *pretrained,
                 *config.get("flags", []),
                 "--train.max_steps",
                 str(steps),
@@ -218,6 +260,23 @@ def _ours(config: dict) -> None:
         )
     if code:
         raise SystemExit(f"hftextgen finetune exited with {code}")
+
+
+def _pretrained(shape: dict, folder: str) -> str:
+    """A GPT-2 checkpoint of this shape saved as a hub model is (random weights: the hub is
+    offline here), with the bundled GPT-2 tokenizer: what a LoRA row fine-tunes."""
+    from transformers import AutoModelForCausalLM, GPT2Config, set_seed
+
+    from hftextgen.model import tokenizer
+
+    tok = tokenizer.bundled_gpt2()
+    set_seed(0)
+    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id}
+    model = AutoModelForCausalLM.from_config(GPT2Config(**shape, vocab_size=len(tok), **ids))
+    path = f"{folder}/pretrained"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def _plain(config: dict) -> None:

@@ -725,7 +725,8 @@ class TrainArguments(TrainingArguments):
     """Training: every transformers.TrainingArguments field, with hftextgen's defaults.
 
     The subclass earns its place with a few fields: bf16 defaults to "where the hardware runs it
-    natively", so one recipe is fast on a CPU and on a GPU without edits; overwrite_output_dir
+    natively", so one recipe is fast on a CPU and on a GPU without edits; dataloader_drop_last
+    follows torch_compile (an incomplete batch would recompile the model); overwrite_output_dir
     and on_nan are hftextgen's (see rundir.py and guards.py), and logging_nan_inf_filter follows on_nan. It
     also rejects values TrainingArguments lets through (a learning rate or batch size <= 0).
     """
@@ -789,6 +790,15 @@ class TrainArguments(TrainingArguments):
         },
     )
 
+    dataloader_drop_last: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Drop each epoch's last, incomplete batch. Unset: on under train.torch_compile, where a batch "
+            "of another size recompiles the model (tens of seconds on a GPU, then a graph for any batch size), "
+            "off otherwise. The blocks it drops change from epoch to epoch (the order is reshuffled)."
+        },
+    )
+
     early_stopping_threshold: float = field(
         default=0.0,
         metadata={
@@ -807,6 +817,8 @@ class TrainArguments(TrainingArguments):
         )
         if self.logging_nan_inf_filter is None:
             self.logging_nan_inf_filter = self.on_nan == "skip"
+        if self.dataloader_drop_last is None:
+            self.dataloader_drop_last = bool(self.torch_compile)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1 (got {getattr(self, key)})")
         self._early_stopping()

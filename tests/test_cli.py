@@ -68,6 +68,23 @@ def test_command_line_overrides_the_recipe():
 
 
 @pytest.mark.parametrize(
+    "argv, drop_last",
+    [
+        ([], False),
+        (["--train.torch_compile", "true"], True),
+        (["--train.torch_compile", "true", "--train.dataloader_drop_last", "false"], False),
+        (["--train.dataloader_drop_last", "true"], True),
+    ],
+)
+def test_compiled_runs_drop_the_incomplete_batch_unless_told(argv, drop_last):
+    """Under torch.compile a batch of another size recompiles the model (21 s for a 2-layer
+    model on a 2-core CPU; the likely stall of the H200's micro-batch-64 row, bench/RESULTS.md)."""
+    parser = finetune_parser()
+    sections = parser.instantiate(parser.parse_args(["--config", str(ROOT / "recipes/shakespeare/tiny.yaml"), *argv]))
+    assert sections.train.dataloader_drop_last is drop_last
+
+
+@pytest.mark.parametrize(
     "argv, expected",
     [
         (["--model.n_layr", "2"], "unknown recipe key model.n_layr: did you mean model.n_layer?"),
