@@ -11,8 +11,9 @@ Baseline: transformers.Trainer(TrainingArguments(output_dir, per_device_train_ba
 recipe's>, report_to="none")) - fp32, AdamW (adamw_torch) - on the recipe's GPT-2 and its packed
 Shakespeare blocks. Ours: `hftextgen finetune --config <recipe>`, everything as the recipe and
 hftextgen's defaults set it (bf16 autocast where the CPU has native bf16, glibc allocator
-settings, the fused loss, ...). Each run is a child process of its own, one after the other,
-never two at once; --repeats alternates baseline and ours, shape by shape, and reports medians.
+settings, the fused loss where a micro-batch's logits exceed one chunk, ...). Each run is a
+child process of its own, one after the other, never two at once; --repeats alternates
+baseline and ours, shape by shape, and reports medians.
 Four figures per run: tokens/s over the whole timed interval; tokens per step over the median
 step time; tokens per CPU-second of the process; its peak resident memory (RSS). The median step
 and the CPU-second figures are the ones least moved by other processes when the machine is
@@ -77,6 +78,20 @@ def baseline_config(recipe: Path) -> dict:
     }
 
 
+def recipe_fuses(spec: dict) -> bool:
+    """Whether the recipe trains with the fused loss on a CPU (`auto`: when a micro-batch's fp32
+    logits exceed one chunk; the vocabulary is GPT-2's unless the recipe trains or sets one)."""
+    from hftextgen.train.fused_loss import CPU_CHUNK_BYTES
+
+    setting = spec["train"].get("fused_loss", "auto")
+    if setting != "auto":
+        return setting is not False
+    tok = spec.get("tokenizer", {})
+    vocab = spec["model"].get("vocab_size") or (tok.get("vocab_size") if tok.get("source") == "train" else 50257)
+    rows = spec["train"]["per_device_train_batch_size"] * spec["data"]["block_size"]
+    return rows * vocab * 4 > CPU_CHUNK_BYTES
+
+
 def variants(recipe: Path, explore: bool, only: list[str] | None = None) -> dict[str, list[str]]:
     """Ours as the recipe sets it, then (--explore) each variant that changes something (only
     those whose name holds one of `only`, when given)."""
@@ -84,7 +99,7 @@ def variants(recipe: Path, explore: bool, only: list[str] | None = None) -> dict
     if explore:
         spec = yaml.safe_load(recipe.read_text())
         no_dropout = all(spec["model"].get(k) == 0 for k in DROPOUT_KEYS)
-        fused = "true" if spec["train"].get("fused_loss", "auto") in (True, "auto") else "false"  # auto: on, on a CPU
+        fused = "true" if recipe_fuses(spec) else "false"
         for name, flags in EXPLORE.items():
             if ("dropout" in name and not no_dropout) or flags == ["--train.fused_loss", fused]:
                 continue  # the recipe as it is: timed already

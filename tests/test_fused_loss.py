@@ -265,15 +265,20 @@ def test_models_that_change_their_logits_keep_their_own_loss(name):
 
 def test_setup_follows_the_setting():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    for setting, device, installed in (
-        (False, cpu, None),
-        ("auto", gpu, None),
-        ("auto", cpu, "hftextgen"),
-        (True, gpu, "hftextgen"),
+    vocab = tiny("qwen2").get_output_embeddings().weight.shape[0]
+    one_chunk = fused_loss.CPU_CHUNK_BYTES // (4 * vocab)  # rows whose fp32 logits fill one chunk
+    for setting, device, rows, installed in (
+        (False, cpu, None, None),
+        ("auto", gpu, None, None),
+        ("auto", cpu, None, "hftextgen"),
+        ("auto", cpu, one_chunk + 1, "hftextgen"),  # more logits than one chunk: fused
+        ("auto", cpu, one_chunk, None),  # one chunk would be the stock loss with overhead
+        (True, cpu, 8, "hftextgen"),
+        (True, gpu, None, "hftextgen"),
     ):
         model = tiny("qwen2")
-        assert fused_loss.setup(model, setting, device) is None
-        assert getattr(model, "_fused_loss", None) == installed, (setting, device)
+        assert fused_loss.setup(model, setting, device, rows=rows) is None
+        assert getattr(model, "_fused_loss", None) == installed, (setting, device, rows)
     with pytest.raises(ValueError, match="true, false, auto or liger"):
         fused_loss.setup(tiny(), "sometimes", cpu)
 

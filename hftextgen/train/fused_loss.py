@@ -75,6 +75,12 @@ def chunk_rows(n_rows: int, vocab: int, device: torch.device, compute_dtype: tor
     return max(1, -(-n_rows // chunks))
 
 
+def _chunked(model: nn.Module, rows: int | None) -> bool:
+    """Whether `rows` of the model's fp32 logits are more than one CPU chunk (unknown rows: yes)."""
+    head = model.get_output_embeddings()
+    return rows is None or head is None or rows * head.weight.shape[0] * 4 > CPU_CHUNK_BYTES
+
+
 def installed(model: nn.Module) -> str | None:
     """The kernel a model's training loss runs through ("hftextgen", "liger"), or None: stock."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
@@ -364,13 +370,18 @@ def install(model: nn.Module, kernel: str = "hftextgen", evaluation: bool = Fals
     return None
 
 
-def setup(model: nn.Module, setting: bool | str, device: torch.device, evaluation: bool = False) -> str | None:
+def setup(
+    model: nn.Module, setting: bool | str, device: torch.device, evaluation: bool = False, rows: int | None = None
+) -> str | None:
     """Apply train.fused_loss to a model that trains on `device`: True, hftextgen's fused loss;
-    "auto", the same on a CPU (measured faster and leaner there at both benchmark shapes; on a
-    GPU the stock loss until bench/gpu.py says otherwise); "liger", liger-kernel's where it can
-    run, else hftextgen's; False, the stock loss. Returns a line for the log when the setting
-    could not be followed as given, else None. `evaluation`: see `install`."""
-    if setting is False or (setting == "auto" and device.type != "cpu"):
+    "auto", the same on a CPU when a micro-batch's `rows` (batch x block) hold more fp32 logits
+    than one chunk (CPU_CHUNK_BYTES), where it keeps memory flat and measured faster; below that
+    it would run as one chunk, the stock computation with its own overhead (11-14% slower a step
+    on an Intel Xeon VM: bench/RESULTS.md), so the stock loss; on a GPU the stock loss until
+    bench/gpu.py says otherwise. "liger", liger-kernel's where it can run, else hftextgen's;
+    False, the stock loss. Returns a line for the log when the setting could not be followed as
+    given, else None. `evaluation`: see `install`."""
+    if setting is False or (setting == "auto" and not (device.type == "cpu" and _chunked(model, rows))):
         return None
     if setting not in (True, "auto", "liger"):
         raise ValueError(f"train.fused_loss must be true, false, auto or liger, not {setting!r}")

@@ -89,7 +89,8 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
         target = built.lm.get_base_model() if model.is_peft(built.lm) else built.lm
         # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
-        note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only)
+        rows = args.per_device_train_batch_size * built.corpus.cfg.block_size
+        note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only, rows=rows)
         if note:
             print(note, flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
