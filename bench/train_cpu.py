@@ -81,7 +81,9 @@ def baseline_config(recipe: Path) -> dict:
 def recipe_fuses(spec: dict) -> bool:
     """Whether the recipe trains with the fused loss on a CPU (`auto`: when a micro-batch's fp32
     logits exceed one chunk; the vocabulary is GPT-2's unless the recipe trains or sets one)."""
-    from hftextgen.train.fused_loss import CPU_CHUNK_BYTES
+    import torch
+
+    from hftextgen.train.fused_loss import chunk_rows
 
     setting = spec["train"].get("fused_loss", "auto")
     if setting != "auto":
@@ -89,7 +91,7 @@ def recipe_fuses(spec: dict) -> bool:
     tok = spec.get("tokenizer", {})
     vocab = spec["model"].get("vocab_size") or (tok.get("vocab_size") if tok.get("source") == "train" else 50257)
     rows = spec["train"]["per_device_train_batch_size"] * spec["data"]["block_size"]
-    return rows * vocab * 4 > CPU_CHUNK_BYTES
+    return chunk_rows(rows, vocab, torch.device("cpu")) < rows
 
 
 def variants(recipe: Path, explore: bool, only: list[str] | None = None) -> dict[str, list[str]]:

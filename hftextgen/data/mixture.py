@@ -93,7 +93,7 @@ class MixedExamples:
         return int(self.lengths.sum())
 
 
-class MixedBlocks:
+class MixedBlocks(shards.Blocks):
     """Blocks of several sources (concat packing): item i is block index[i] of source source[i].
     With a task source among them every item carries labels (a text block's are its inputs), so
     that any batch collates alike."""
@@ -112,25 +112,9 @@ class MixedBlocks:
             item["labels"] = item["input_ids"].clone()
         return item
 
-    def __getitem__(self, item):
-        import torch
-
-        if isinstance(item, slice):
-            rows = [self._item(i) for i in range(*item.indices(len(self)))]
-            return {key: torch.stack([r[key] for r in rows]) for key in rows[0]} if rows else {}
-        if item < 0:
-            item += len(self)
-        if not 0 <= item < len(self):
-            raise IndexError(f"block {item} of {len(self)}")
-        return self._item(item)
-
     def select(self, indices) -> MixedBlocks:
         chosen = np.asarray(indices, np.int64)
         return MixedBlocks(self.parts, self.source[chosen], self.index[chosen])
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self) * self.block_size
 
 
 # ---------------------------------------------------------------- the sources
@@ -362,11 +346,10 @@ class Mixture:
             "evaluator": f"data.mixture{table[self.evaluated_index]['source']}: its {what}",
         }
 
-    @cached_property
+    @property
     def validation(self) -> shards.BlockDataset:
         """The evaluated source's held-out tokens in blocks (what `validate` times scoring on)."""
-        ev = self.evaluated
-        return shards.BlockDataset(ev.tokens["validation"], self.cfg.block_size)
+        return self.evaluated.validation
 
     @cached_property
     def validation_ids(self) -> dict[str, list[str]]:

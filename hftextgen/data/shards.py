@@ -90,7 +90,35 @@ class Tokens:
         return {**self.__dict__, "_maps": None}
 
 
-class BlockDataset:
+class Blocks:
+    """What the block datasets share: item i (negative counts from the end) from `_item`, a
+    slice of them stacked into one batch, and their tokens."""
+
+    block_size: int
+
+    def _item(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, item):
+        import torch
+
+        if isinstance(item, slice):
+            rows = [self._item(i) for i in range(*item.indices(len(self)))]
+            if not rows:
+                return {"input_ids": torch.empty((0, self.block_size), dtype=torch.long)}
+            return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+        if item < 0:
+            item += len(self)
+        if not 0 <= item < len(self):
+            raise IndexError(f"block {item} of {len(self)}")
+        return self._item(item)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self) * self.block_size
+
+
+class BlockDataset(Blocks):
     """Blocks of `block_size` tokens of a split, as the Trainer takes them: item i is
     {"input_ids": LongTensor[block_size]}, tokens [b * block_size, (b + 1) * block_size) of the
     split for block b = indices[i] (all blocks, in order, without indices). Only the final
@@ -116,29 +144,11 @@ class BlockDataset:
         labels = np.where(self._block(i, self.masks).astype(bool), ids, -100)
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
 
-    def __getitem__(self, item):
-        import torch
-
-        if isinstance(item, slice):
-            rows = [self._item(i) for i in range(*item.indices(len(self)))]
-            if not rows:
-                return {"input_ids": torch.empty((0, self.block_size), dtype=torch.long)}
-            return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
-        if item < 0:
-            item += len(self)
-        if not 0 <= item < len(self):
-            raise IndexError(f"block {item} of {len(self)}")
-        return self._item(item)
-
     def select(self, indices) -> BlockDataset:
         """The blocks at `indices` (of this dataset), in that order."""
         chosen = np.asarray(indices, np.int64)
         base = self.indices[chosen] if self.indices is not None else chosen
         return BlockDataset(self.tokens, self.block_size, base, self.masks)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self) * self.block_size
 
 
 class Example(NamedTuple):

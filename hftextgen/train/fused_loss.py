@@ -76,9 +76,9 @@ def chunk_rows(n_rows: int, vocab: int, device: torch.device, compute_dtype: tor
 
 
 def _chunked(model: nn.Module, rows: int | None) -> bool:
-    """Whether `rows` of the model's fp32 logits are more than one CPU chunk (unknown rows: yes)."""
+    """Whether `rows` of the model's fp32 logits take more than one CPU chunk (unknown rows: yes)."""
     head = model.get_output_embeddings()
-    return rows is None or head is None or rows * head.weight.shape[0] * 4 > CPU_CHUNK_BYTES
+    return rows is None or head is None or chunk_rows(rows, head.weight.shape[0], torch.device("cpu")) < rows
 
 
 def installed(model: nn.Module) -> str | None:
