@@ -175,8 +175,9 @@ def evaluate_parser():
     parser = _parser(
         "evaluate",
         "Perplexity, bits-per-byte and word perplexity of a model on documents (default: the run's "
-        "held-out documents), and samples; writes eval.json, eval.md, samples.jsonl and samples.md.",
-        ("data", "evaluate", "generate"),
+        "held-out documents), and samples; writes eval.json, eval.md, samples.jsonl and samples.md. Preference "
+        "pairs: preference accuracy, rewards and each answer's bits-per-byte, before and after training.",
+        ("data", "evaluate", "generate", "preference"),
     )
     _add_model(parser)
     return parser
@@ -421,6 +422,8 @@ def run_evaluate(argv: list[str]) -> int:
     packed = data.prepare(corpus, tok, model.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
     packed = packed.evaluated
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
+    if getattr(packed, "pairs", False):
+        return _evaluate_pairs(cfg, s, lm, tok, packed, out_dir)
     if packed.task:  # prompts and answers: the answers scored given their prompts
         evaluate.evaluate_answers(
             lm,
@@ -441,6 +444,29 @@ def run_evaluate(argv: list[str]) -> int:
         cfg=s.evaluate,
         generate_cfg=s.generate,
         prompts=generate.read_prompts(s.generate),
+        out_dir=out_dir,
+        model_name=cfg.model,
+    )
+    return 0
+
+
+def _evaluate_pairs(cfg, s, lm, tok, packed, out_dir: Path) -> int:
+    """Preference pairs: the held-out ones, with the run's reference log-probabilities as "before"
+    where its run directory names them."""
+    from . import evaluate
+    from .train import saved_reference
+
+    if s.evaluate.split != "validation":
+        raise UserError(f"evaluate.split={s.evaluate.split}: preference pairs are scored on the held-out ones: drop it")
+    if Path(cfg.model).is_dir():
+        saved_reference(Path(cfg.model), packed)
+    evaluate.evaluate_pairs(
+        lm,
+        tok,
+        packed,
+        cfg=s.evaluate,
+        generate_cfg=s.generate,
+        preference=s.preference,
         out_dir=out_dir,
         model_name=cfg.model,
     )

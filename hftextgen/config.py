@@ -20,6 +20,7 @@ from . import model as model_stage
 from . import runtime
 from . import train as train_stage
 from .errors import ConfigError
+from .train import PreferenceConfig
 
 
 def _require(condition: bool, message: str) -> None:
@@ -359,12 +360,14 @@ class DataConfig:
     encoding: str = "utf-8"
     """Encoding of text, json, jsonl and csv files."""
 
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference"] = "auto"
     """What a record holds (TRL's dataset conventions). text: a document, in text_field.
     prompt_completion: `prompt` and `completion`, two strings (prompt, then completion, then EOS;
     no template) or two lists of messages. messages: a conversation, a list of {role, content}
-    with roles system, user and assistant (through the chat template). auto: what the first
-    record holds, said when preparing; plain-text files are text, and so are the plays (a
+    with roles system, user and assistant (through the chat template). preference: `chosen` and
+    `rejected`, two answers to one `prompt` (strings, or lists of messages), or without a prompt
+    two conversations whose shared beginning is the prompt (docs/preference.md). auto: what the
+    first record holds, said when preparing; plain-text files are text, and so are the plays (a
     task format on the plays makes dialogue examples of them: docs/tasks.md)."""
 
     loss_on: Literal["answers", "all"] | None = None
@@ -904,8 +907,10 @@ class Recipe:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def __post_init__(self) -> None:
+        self._check_preference()
         if self.peft.lora:
             _require(
                 not self.model.from_scratch,
@@ -929,6 +934,24 @@ class Recipe:
                 self.data.block_size <= self.model.n_positions,
                 f"data.block_size ({self.data.block_size}) is larger than model.n_positions "
                 f"({self.model.n_positions}): lower data.block_size or raise model.n_positions",
+            )
+
+    def _check_preference(self) -> None:
+        """What the preference section needs of the others, where the recipe says it (data.format
+        auto is checked once the records are read: train/preference.py)."""
+        pref, fmt = self.preference, self.data.format
+        _require(
+            pref.loss_type is None or fmt in ("auto", "preference") or bool(self.data.mixture),
+            f"preference.loss_type={pref.loss_type} trains on pairs of answers, and data.format is {fmt}: use "
+            f"data.format preference (chosen and rejected answers), or drop preference.loss_type",
+        )
+        if fmt == "preference" or pref.loss_type is not None:
+            _require(
+                not (pref.reference_based and self.model.from_scratch),
+                f"preference.loss_type={pref.objective}{'' if pref.loss_type else ' (the default)'} measures the "
+                f"model against a reference, the starting "
+                f"model: set model.name_or_path (e.g. a supervised run's directory), or use a reference-free "
+                f"objective (preference.loss_type simpo or orpo)",
             )
 
     @property

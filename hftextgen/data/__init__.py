@@ -1,5 +1,5 @@
 """The data stage: read a corpus (plays, files, hub datasets), split it, tokenize it into cached token shards;
-a mixture of several, drawn by weight.
+a mixture of several, drawn by weight; preference pairs.
 
 The rest of the house uses only the names below; the modules behind them are the stage's own.
 """
@@ -27,6 +27,10 @@ _EXPORTS = {
     "ExampleEncoder": "tasks",
     "check_template": "tasks",
     "resolve_template": "tasks",
+    "PairCollator": "pairs",
+    "PairTargets": "pairs",
+    "PreferencePacked": "pairs",
+    "PairEncoder": "preference",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

@@ -23,7 +23,7 @@ from .. import cache, progress
 from ..config import DataConfig
 from ..errors import RunStopped, UserError
 from ..hub import load_from_hub
-from . import preparation, shards, sources, tasks
+from . import preference, preparation, shards, sources, tasks
 from .sources import expand_paths, play_to_text, shakespeare_files  # noqa: F401  (the data stage's API)
 from .split import held_out_indices, split_of
 
@@ -44,6 +44,10 @@ def _load_hub_split(path: str, /, local_files_only: bool = False, **kwargs):
         return datasets.load_dataset(path, **kwargs)
     finally:
         datasets.config.HF_HUB_OFFLINE = previous
+
+
+# The field whose kind (a string, or a list of messages) says whether a task record is a conversation.
+_ANSWER_FIELD = {"prompt_completion": "prompt", "preference": "chosen"}
 
 
 class Corpus:
@@ -82,7 +86,7 @@ class Corpus:
             return cfg.format
         where, record = self._first_record()
         try:
-            fmt = tasks.detect_format(record, text_field=cfg.text_field)
+            fmt = preference.detect_format(record, text_field=cfg.text_field)
         except UserError as e:
             raise UserError(f"data.format auto: {where}: {e}") from None
         self.found = f"data.format auto: {where} holds {', '.join(map(str, record))}: reading {fmt} records"
@@ -131,11 +135,11 @@ class Corpus:
         prompt/completion strings are joined without a template, and get none."""
         if self.format == "messages":
             return True
-        if self.format != "prompt_completion":
+        if self.format not in ("prompt_completion", "preference"):
             return False
         if self.cfg.source == "shakespeare":
-            return False
-        return isinstance(json.loads(self._first_task_record()).get("prompt"), list)
+            return self.format == "preference"  # the plays' pairs are conversations
+        return isinstance(json.loads(self._first_task_record()).get(_ANSWER_FIELD[self.format]), list)
 
     def _first_task_record(self) -> str:
         for _, record in sources.read_all(self.segments(False)[0], self.reading):
@@ -250,6 +254,7 @@ class Corpus:
             ds = self._hub_loaded(split)
             columns = ds.column_names  # None: a stream that does not know them before reading
             wanted = sources.TASK_FIELDS.get(fmt, (cfg.text_field,))
+            wanted = (*wanted, *sources.optional_fields(fmt, columns or ()))
             if columns is not None and fmt != "auto" and not set(wanted) <= set(columns):
                 missing = ", ".join(repr(c) for c in wanted if c not in columns)
                 raise UserError(
@@ -352,7 +357,8 @@ class Corpus:
             held = held_out_indices(n, cfg.validation_fraction, cfg.split_seed)
         for index, (fixed, doc_id, text) in enumerate(self._whole_documents()):
             if split_of(mode, fixed, index, text, held, cfg.validation_fraction) == split:
-                yield doc_id, tasks.plain_text(json.loads(text)) if self.is_task else text
+                plain = preference.plain_text if self.format == "preference" else tasks.plain_text
+                yield doc_id, plain(json.loads(text)) if self.is_task else text
 
 
 # ---------------------------------------------------------------- prepared data
@@ -612,6 +618,10 @@ def prepare(corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True
                     shutil.rmtree(work, ignore_errors=True)
                     raise
         path = root / key
+    if corpus.format == "preference":
+        from .pairs import PreferencePacked
+
+        return PreferencePacked(path, cfg, cache_hit, need_blocks)
     return Packed(path, cfg, cache_hit, need_blocks)
 
 
@@ -637,11 +647,12 @@ def _columns(report: dict) -> list[tuple[str, object]]:
     unit = "blocks" if "blocks" in report["train"] else "rows" if "rows" in report["train"] else "examples"
     columns: list[tuple[str, object]] = []
     if task:
+        pairs = task["format"] == "preference"
         columns += [
-            ("examples", lambda r: r["examples"]["examples"]),
+            ("pairs" if pairs else "examples", lambda r: r["examples"]["examples"]),
             ("prompt cut", lambda r: r["examples"]["truncated"]),
             ("too long", lambda r: r["examples"]["dropped_too_long"]),
-            ("no answer", lambda r: r["examples"]["skipped_no_assistant"]),
+            *([] if pairs else [("no answer", lambda r: r["examples"]["skipped_no_assistant"])]),
             ("trained", "trained_tokens"),
         ]
     else:
@@ -682,6 +693,8 @@ def format_report(report: dict) -> str:
         unit = (
             "blocks"
             if report.get("packing", "concat") == "concat"
+            else "pairs"
+            if (report.get("task") or {}).get("format") == "preference"
             else "rows"
             if report["packing"] == "isolated"
             else "examples"
@@ -710,6 +723,11 @@ def packing_line(report: dict) -> str:
     what = f"data.format {task['format']}, loss on {task['loss_on']}; " if task else ""
     if packing == "concat":
         return f"{what}blocks of {size} tokens; EOS after each document: {report['add_eos']}"
+    if task and task["format"] == "preference":
+        return (
+            f"{what}pairs: the prompt with each answer, packed into rows of at most {size} tokens, each sequence "
+            "attending only to itself"
+        )
     if packing == "isolated":
         return f"{what}packing isolated: rows of at most {size} tokens, each example attending only to itself"
     return f"{what}packing padded: one example a row (at most {size} tokens), batches grouped by length"

@@ -11,6 +11,8 @@ _EXPORTS = {
     "describe_estimate": "validate:describe",
     "Schedule": "schedule",
     "schedule_of": "schedule",
+    "PreferenceConfig": "preference_config",
+    "saved_reference": "reference:saved",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

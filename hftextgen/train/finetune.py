@@ -16,6 +16,7 @@ from .. import data, evaluate, generate, hub, runtime
 from ..config import DataConfig, EvaluateConfig, GenerateConfig, Recipe
 from ..errors import warn
 from . import callbacks, card, guards, rundir, setup
+from . import preference as preference_stage
 from .callbacks import perplexity
 
 
@@ -41,13 +42,13 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     if resume is not None:
         rundir.check_same_model(Path(resume), built.lm)
     trainer, tensorboard = setup_trainer(recipe, built)
-    info = setup.run_info(recipe, built.lm, packed.cache_path)
+    info = setup.run_info(recipe, built)
     say(describe_run(info), flush=True)
     if main:
         start_run_dir(recipe, built, info, resume, resolved_yaml)
 
     result = guards.fit(trainer, resume, output_dir, command)
-    metrics = save_final(trainer, result, recipe)
+    metrics = save_final(trainer, result, recipe, info["tokens_per_step"])
     metrics.update(held_out_loss(trainer, packed, say))
     instead = f"the model is saved in {output_dir}: run `hftextgen evaluate --model {output_dir}`"
     with guards.interruptible("the final evaluation", instead):
@@ -63,14 +64,16 @@ def setup_trainer(recipe: Recipe, built: setup.Built) -> tuple[Trainer, callback
     trainer = setup.make_trainer(built, recipe.train)
     validation = built.packed.report["validation"]
     output_dir = Path(recipe.train.output_dir)
+    language_model = built.preference is None  # a preference loss is no perplexity
     tensorboard = callbacks.install(
         trainer,
-        tokens_per_step=recipe.tokens_per_step,
+        tokens_per_step=setup.tokens_per_step(recipe, built),
         # Task data: the loss is over the answers, and the bytes are theirs.
         tokens_per_byte=validation.get("trained_tokens", validation["tokens"]) / validation["bytes"]
-        if validation.get("bytes")
+        if validation.get("bytes") and language_model
         else None,
         log_dir=output_dir / "tensorboard",
+        perplexity=language_model,
     )
     if recipe.train.early_stopping_patience is not None:
         trainer.add_callback(
@@ -110,7 +113,7 @@ def start_run_dir(recipe: Recipe, built: setup.Built, info: dict, resume: str | 
     rundir.start(output_dir, args.overwrite_output_dir, resume, resolved_yaml, files)
 
 
-def save_final(trainer: Trainer, result, recipe: Recipe) -> dict:
+def save_final(trainer: Trainer, result, recipe: Recipe, tokens_per_step: int) -> dict:
     """The final model, atomically, and the training metrics."""
     if trainer.is_fsdp_enabled:
         # Checkpoints may stay sharded (launch/fsdp.yaml), but the run directory must load with
@@ -119,8 +122,9 @@ def save_final(trainer: Trainer, result, recipe: Recipe) -> dict:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     rundir.save_final_model(trainer, Path(recipe.train.output_dir))
     metrics = dict(result.metrics)
-    metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * recipe.data.block_size, 1)
-    metrics["train_tokens"] = trainer.state.global_step * recipe.tokens_per_step
+    per_item = tokens_per_step / recipe.effective_batch_size  # a block, or a pair's tokens on average
+    metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * per_item, 1)
+    metrics["train_tokens"] = trainer.state.global_step * tokens_per_step
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics
@@ -130,6 +134,15 @@ def held_out_loss(trainer: Trainer, packed: data.Packed, say) -> dict:
     """The Trainer's held-out loss of the final model over the validation blocks it evaluates
     (data.max_eval_tokens of them): the evaluation at the final step when one ran, else a new one."""
     metrics = last_evaluation(trainer) or trainer.evaluate()
+    if getattr(packed, "pairs", False):
+        trainer.save_metrics("eval", metrics)
+        accuracy = metrics.get("eval_rewards/accuracies")
+        shown = f", reward accuracy {accuracy:.1%}" if accuracy is not None else ""
+        say(
+            f"held-out preference loss {metrics['eval_loss']:.4f}{shown} ({len(packed.eval_blocks):,} pairs)",
+            flush=True,
+        )
+        return metrics
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     trainer.save_metrics("eval", metrics)
     say(
@@ -166,6 +179,14 @@ def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: setup.Built, tensor
     if trainer.args.process_index != 0:
         return {}
     scored = built.packed.evaluated  # a mixture: one of its sources, as its data report says
+    if built.preference is not None:
+        scores = preference_stage.evaluate_at_end(recipe, trainer.model, built.tok, scored, output_dir)
+        if tensorboard is not None:
+            final = {f"final/{k}": v for k, v in scores["after"].items() if v is not None}
+            tensorboard.log_final(
+                trainer.state.global_step, final, {"final/samples": callbacks.samples_text(output_dir)}
+            )
+        return {f"eval_preference_{k}": scores["after"][k] for k in ("accuracy", "chosen_bits_per_byte")}
     if scored.task:
         scores = evaluate_task_run(trainer.model, built.tok, scored, recipe.evaluate, recipe.generate, output_dir)
         names = ("perplexity", "bits_per_byte", "loss")

@@ -17,6 +17,8 @@ from .. import __version__, data, generate, hub, model, progress
 from ..config import Recipe
 from ..errors import UserError
 from . import callbacks, fused_loss, rundir
+from . import preference as preference_stage
+from .preference_config import PreferenceConfig
 
 
 @dataclass
@@ -25,8 +27,12 @@ class Built:
 
     tok: PreTrainedTokenizerBase
     corpus: data.Corpus | data.MixedCorpus
-    packed: data.Packed | data.Mixture
+    packed: data.Packed | data.Mixture | data.PreferencePacked
     lm: PreTrainedModel
+    preference: PreferenceConfig | None = None
+    """Set for a preference run (data.format preference): its section."""
+    reference: dict | None = None
+    """A preference run's reference model and the cache of its log-probabilities."""
 
 
 def preflight(recipe: Recipe) -> str | None:
@@ -72,20 +78,27 @@ def build(recipe: Recipe) -> Built:
     """Tokenizer, prepared data and model. Under several processes the first one of each
     machine prepares the data while the others wait, then read what it wrote."""
     corpus = data.open_corpus(recipe.data)  # one source, or a mixture: one tokenizer for all
+    preference_stage.check_data(recipe, corpus)
     with recipe.train.main_process_first(desc="preprocessing"):
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
+        if preference_stage.is_pairs(corpus):
+            preference_stage.check_reference(recipe.preference, tok)
         packed = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
+    built = Built(tok, corpus, packed, lm)
+    if getattr(packed, "pairs", False):
+        # Before LoRA's adapters: the reference is these weights.
+        built.preference, built.reference = recipe.preference, preference_stage.prepare(recipe, built)
     if recipe.peft.lora:
-        lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
-    return Built(tok, corpus, packed, lm)
+        built.lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
+    return built
 
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     """A stock Trainer over the packed blocks, with the training loss fused when asked."""
     setting = getattr(args, "fused_loss", False)
-    if setting is not False:
+    if setting is not False and built.preference is None:  # the preference loss reads the logits
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
         target = built.lm.get_base_model() if model.is_peft(built.lm) else built.lm
         # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
@@ -94,6 +107,8 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
         if note:
             print(note, flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
+    if built.preference is not None:
+        return preference_stage.make_trainer(built, args)
     packed = built.packed
     if packed.packing == "padded":
         # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
@@ -110,9 +125,17 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     )
 
 
-def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
+def tokens_per_step(recipe: Recipe, built: Built) -> int:
+    """Tokens a step holds: recipe.tokens_per_step, or for pairs their tokens on average."""
+    if built.preference is None:
+        return recipe.tokens_per_step
+    return round(recipe.effective_batch_size * preference_stage.tokens_per_pair(built.packed.train))
+
+
+def run_info(recipe: Recipe, built: Built) -> dict:
     """What run_info.json records: versions, device, precision, parameters and the batch."""
-    args = recipe.train
+    args, lm = recipe.train, built.lm
+    pairs = {"batch_unit": "pairs", **built.reference} if built.preference is not None else {}
     return {
         "hftextgen": __version__,
         "torch": torch.__version__,
@@ -126,15 +149,17 @@ def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
         "processes": args.world_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "effective_batch_size": recipe.effective_batch_size,
-        "tokens_per_step": recipe.tokens_per_step,
-        "data_cache": str(data_cache),
+        "tokens_per_step": tokens_per_step(recipe, built),
+        "data_cache": str(built.packed.cache_path),
+        **pairs,
     }
 
 
 def describe_batch(info: dict) -> str:
     """The batch line of finetune and validate, from run_info's batch fields."""
     return (
-        f"batch: {info['effective_batch_size']} blocks = {info['per_device_batch_size']} per device x "
+        f"batch: {info['effective_batch_size']} {info.get('batch_unit', 'blocks')} = {info['per_device_batch_size']} "
+        f"per device x "
         f"{info['processes']} processes x {info['gradient_accumulation_steps']} accumulation "
         f"({info['tokens_per_step']:,} tokens per step)"
     )

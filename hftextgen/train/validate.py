@@ -63,7 +63,7 @@ def validate(recipe: Recipe) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "report": built.packed.report,
     }
-    info = setup.run_info(recipe, built.lm, built.packed.cache_path)
+    info = setup.run_info(recipe, built)
     # Before the probe: a LoRA probe's final save folds the adapter into the model.
     described = describe_model(built.lm, info)
     formula = memory_formula(built.lm, recipe.train, recipe.data.block_size, info["precision"])
