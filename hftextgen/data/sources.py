@@ -525,7 +525,7 @@ def columns(cfg, present: list[str]) -> list[str]:
 def _fix(cfg) -> str:
     if task_fields(cfg) is None:
         return "set data.text_field"
-    return "set data.format to what the records hold (text, prompt_completion or messages)"
+    return "set data.format to what the records hold (text, prompt_completion, messages or preference)"
 
 
 def _pick(record, where: str, cfg) -> str | None:
