@@ -301,9 +301,15 @@ CASES = {
         "peft.method=lora needs the peft package, which is not installed: pip install peft",
     ),
     # ---- task data
-    "a role other than system, user and assistant": (
-        lambda c: c.with_data(chat_file(c, [ASK, {"role": "tool", "content": "x"}, ANSWER])),
-        "{tmp}/chat.jsonl:1: messages[1] has role 'tool': roles are system, user or assistant; map or drop the others",
+    "a role other than system, user, assistant and tool": (
+        lambda c: c.with_data(chat_file(c, [ASK, {"role": "narrator", "content": "x"}, ANSWER])),
+        "{tmp}/chat.jsonl:1: messages[1] has role 'narrator': roles are system, user, assistant or tool; map or drop "
+        "the others",
+    ),
+    "a content part that is not text": (
+        lambda c: c.with_data(chat_file(c, [{"role": "user", "content": [{"type": "image", "url": "x"}]}, ANSWER])),
+        "{tmp}/chat.jsonl:1: messages[0].content holds parts of type image without text: only text parts "
+        "(type text, with a text field) can be trained on; drop the others",
     ),
     "no conversation with an answer": (
         lambda c: c.with_data(chat_file(c, [ASK])),

@@ -182,7 +182,7 @@ def test_a_template_whose_earlier_turns_change_still_trains_exactly_its_answers(
     example = _encode_one(bpe, MIXED[3], chat_template=template)
     runs = [_decode(bpe, example.input_ids[run]) for run in _runs(example.trained)]
     assert runs == [answer + bpe.eos_token for answer in _answers(MIXED[3])]
-    assert example.answer_text == "\n".join(_answers(MIXED[3]))  # the bytes counted: no EOS
+    assert example.answers == tuple(_answers(MIXED[3]))  # the bytes counted: no EOS
 
 
 def test_a_record_the_template_cannot_show_is_skipped_and_counted_not_a_stop(bpe):

@@ -137,7 +137,7 @@ def test_each_family_trains_exactly_its_answers_and_their_end_markers(family):
     runs = [_decode(tok, example.input_ids[run]).lstrip(" ") for run in _runs(example.trained)]
     assert runs == [a + fam.earlier for a in answers[:-1]] + [answers[-1] + fam.last], name
     # Answer bytes are the answers' text, not their markers.
-    assert example.answer_text == "\n".join(answers)
+    assert example.answers == tuple(answers)
 
 
 def test_generation_stops_at_the_families_end_of_turn_tokens(family):

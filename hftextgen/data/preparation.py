@@ -356,15 +356,16 @@ class _Part:
         digest.update(data)
         self.trained[split] = self.trained.get(split, 0) + int(trained.sum())
 
-    def count_answer(self, split: str, row: int, text: str, text_bytes: int) -> None:
+    def count_answer(self, split: str, row: int, answers: tuple[str, ...], text_bytes: int) -> None:
         """A task example's bytes and words: those of its answers' text (markers left out), which
         answer bits-per-byte divides by; its characters: the whole record's; `text_bytes`: its
         whole text's (what loss on every token divides by)."""
-        utf8 = text.encode("utf-8", "surrogatepass")
         rows = self.rows[split]
-        rows["bytes"][row] += len(utf8)
-        rows["words"][row] += count_words(text, utf8)
-        self.bytes[split] += len(utf8)
+        for text in answers:
+            utf8 = text.encode("utf-8", "surrogatepass")
+            rows["bytes"][row] += len(utf8)
+            rows["words"][row] += count_words(text, utf8)
+            self.bytes[split] += len(utf8)
         self.text_bytes[split] = self.text_bytes.get(split, 0) + text_bytes
 
     @property
@@ -498,7 +499,7 @@ class _UnitWork:
                 self.part.chars[split] += len(record.text)
                 self.part.write(split, row, example.input_ids)
                 self.part.write_mask(split, example.trained)
-                self.part.count_answer(split, row, example.answer_text, example.text_bytes)
+                self.part.count_answer(split, row, example.answers, example.text_bytes)
                 self.next_part(records)
             with _done.get_lock():
                 _done.value += seg.size

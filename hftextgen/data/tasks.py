@@ -118,7 +118,7 @@ def _content(value: object, where: str) -> str:
         if kinds - {"text"} or not all(isinstance(p.get("text"), str) for p in value):
             raise UserError(
                 f"{where}.content holds parts of type {', '.join(sorted(map(str, kinds - {'text'}))) or 'text'} "
-                "without text: only text parts ({type: text, text: ...}) can be trained on; drop the others"
+                "without text: only text parts (type text, with a text field) can be trained on; drop the others"
             )
         return "\n".join(p["text"] for p in value)
     raise UserError(f"{where}.content is a {type(value).__name__}, not a string: give the content as text")
@@ -217,14 +217,14 @@ def _is_conversational(record: Mapping, index: int | None) -> bool:
 @dataclass(frozen=True)
 class Example:
     """One encoded record: its token ids (int64), which of them are trained on (bool), the text
-    of its answers (what answer bits-per-byte divides by: the answers' words, without the
-    markers that end them) and the UTF-8 bytes of its whole text (special tokens left out: what
-    loss on every token divides by)."""
+    of each of its answers (what answer bits-per-byte divides by: the answers' words, without
+    the markers that end them) and the UTF-8 bytes of its whole text (special tokens left out:
+    what loss on every token divides by)."""
 
     input_ids: np.ndarray
     trained: np.ndarray
     truncated: bool = False
-    answer_text: str = ""
+    answers: tuple[str, ...] = ()
     text_bytes: int = 0
 
     @property
@@ -324,7 +324,7 @@ class ExampleEncoder:
             text = _text(record, "text", index)
             ids = self._tokens(text, True) + [self.tokenizer.eos_token_id]
             counts.examples += 1
-            return Example(np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool), False, text, _bytes(text))
+            return Example(np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool), False, (text,), _bytes(text))
         if self.fmt == "prompt_completion" and not _is_conversational(record, index):
             example = self._strings(record, index)
             counts.turn_cut += isinstance(example, Example) and example.truncated
@@ -362,7 +362,7 @@ class ExampleEncoder:
         ids = np.asarray(kept + answer, dtype=np.int64)
         trained = np.r_[np.zeros(len(kept), dtype=bool), np.ones(len(answer), dtype=bool)]
         text = record["prompt"] + record["completion"]
-        return Example(ids, trained, len(kept) < len(prompt), record["completion"], _bytes(text))
+        return Example(ids, trained, len(kept) < len(prompt), (record["completion"],), _bytes(text))
 
     def _chat(self, chat: Conversation, counts: Counts) -> Example | str | None:
         """A conversation's Example, cut by turns to fit; None when the template cannot show it."""
@@ -387,7 +387,7 @@ class ExampleEncoder:
             raise templates.Unmaskable("no token of the answers")
         text_bytes = _bytes(self.specials.sub("", shown.text))
         ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-        return Example(ids, mask, False, "\n".join(shown.answers), text_bytes)
+        return Example(ids, mask, False, tuple(shown.answers), text_bytes)
 
 
 def _bytes(text: str) -> int:
@@ -395,11 +395,11 @@ def _bytes(text: str) -> int:
 
 
 def _tail(example: Example) -> tuple:
-    return example.truncated, example.answer_text, example.text_bytes
+    return example.truncated, example.answers, example.text_bytes
 
 
 def _truncated(example: Example) -> Example:
-    return Example(example.input_ids, example.trained, True, example.answer_text, example.text_bytes)
+    return Example(example.input_ids, example.trained, True, example.answers, example.text_bytes)
 
 
 class _Fitter:

@@ -155,12 +155,13 @@ class Rendered:
 class AnswerFinder:
     """Where a template puts the answers of the conversations it renders (the module says how).
 
-    An answer's closing marker: for the last turn, the special tokens that follow it (Cohere's
-    <|END_RESPONSE|><|END_OF_TURN_TOKEN|>; not Phi-3's EOS after the newline that closes the
-    whole conversation); for an earlier turn, the special tokens the template writes both after
-    an earlier answer and after the last one (the text an earlier answer is followed by goes on
-    into the next turn's header), or, for a template that ends them differently (GPT-OSS's <|end|>
-    and <|return|>), the first special token after it.
+    An answer's closing marker is what the template writes both after an earlier answer and after
+    the last one (an earlier answer's text goes on into the next turn's header): its special
+    tokens (Cohere's <|END_RESPONSE|><|END_OF_TURN_TOKEN|>; not Phi-3's newline and the EOS closing
+    the whole conversation), or, where the tokenizer lacks the template's special tokens, its
+    text up to the first whitespace. A template that ends its last turn differently (GPT-OSS's
+    <|end|>, then <|return|>) has none: each answer closes with the first special token after it
+    (the last, with the special tokens that follow that one).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str):
@@ -186,7 +187,11 @@ class AnswerFinder:
         except (Unmaskable, *TEMPLATE_ERRORS):
             return None
         common = os.path.commonprefix([earlier, last])
-        return common[: self._run(common, 0)] or None
+        if self.specials.match(earlier) or self.specials.match(last):
+            return common[: self._run(common, 0)] or None
+        # A marker of plain text (a tokenizer without the template's special tokens): up to the
+        # whitespace the template writes after it.
+        return common.split()[0] if common.strip() and not common[0].isspace() else None
 
     def find(self, messages: Sequence[dict], trained: Sequence[int], tools: list | None = None) -> Rendered:
         """The rendering of `messages` and the spans of the assistant turns at indices `trained`
@@ -248,7 +253,7 @@ class AnswerFinder:
     def _marker(self, text: str, start: int, stop: int, last: bool) -> tuple[int, int]:
         """Where the closing marker of an answer followed by text[start:stop] starts and ends
         (both `start` when none: a template that ends turns with no special token)."""
-        where = text.find(self.closing, start, stop) if self.closing and not last else -1
+        where = text.find(self.closing, start, stop) if self.closing else -1
         if where >= 0:
             return where, where + len(self.closing)
         marker = self.specials.search(text, start, stop)
