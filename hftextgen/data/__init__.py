@@ -26,6 +26,7 @@ _EXPORTS = {
     "DEFAULT_CHAT_TEMPLATE": "tasks",
     "ExampleEncoder": "tasks",
     "check_template": "tasks",
+    "end_of_turn_ids": "tasks",
     "resolve_template": "tasks",
 }
 __all__ = sorted(_EXPORTS)

@@ -456,3 +456,22 @@ def encode(
 ) -> Encoded:
     """ExampleEncoder(tokenizer, fmt, loss_on, max_length, chat_template)(records)."""
     return ExampleEncoder(tokenizer, fmt, loss_on, max_length, chat_template)(records)
+
+
+# ---------------------------------------------------------------- end of turn
+# provisional (issue-24b): the lead replaces this
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
+    """The token ids that end an assistant turn under `template`: the first special or added
+    token the template writes after the assistant's content (<|im_end|> for ChatML, <|eot_id|>
+    for Llama 3, the EOS for DEFAULT_CHAT_TEMPLATE), found by rendering a probe conversation.
+    A template whose turns end in plain text (no such token) gets the EOS, which always ends."""
+    text = _render(tokenizer, template, _PROBE)
+    answer = _PROBE[-1]["content"]
+    after = text[text.rindex(answer) + len(answer) :] if answer in text else ""
+    special = {token.content: i for i, token in tokenizer.added_tokens_decoder.items()}
+    special |= dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=True))
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    first = next((i for i in ids if i in special.values()), None)
+    return [int(first)] if first is not None else [int(tokenizer.eos_token_id)]

@@ -76,6 +76,9 @@ def build(recipe: Recipe) -> Built:
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
         packed = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
+    # The template the conversations were rendered with is the tokenizer's (build_tokenizer set it).
+    ends = data.end_of_turn_ids(tok, tok.chat_template) if corpus.uses_template else []
+    model.set_generation(lm, tok, ends, corpus.prompt_context, recipe.generate.settings())
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     if recipe.peft.lora:
         lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
