@@ -43,6 +43,7 @@ def preflight(recipe: Recipe) -> str | None:
         model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
     if recipe.peft.lora:
         check_lora(recipe)
+    check_cache(recipe)
     generate.read_prompts(recipe.generate)  # a missing or empty prompts file, before hours of training
     if "tensorboard" in args.report_to and not callbacks.tensorboard_available():
         raise UserError(
@@ -51,6 +52,19 @@ def preflight(recipe: Recipe) -> str | None:
         )
     hub.check_push(args)
     return resume
+
+
+def check_cache(recipe: Recipe) -> None:
+    """train.use_cache with isolated packing: refused. The examples of a row are kept apart by
+    position ids that restart, which transformers turns into a block-diagonal mask only without
+    a KV cache; with one they silently see each other. Refused rather than turned off: a cache
+    does nothing for a training step, so the setting can only be a mistake, and a recipe that
+    says one thing while the run does another is worse than a one-line error."""
+    if getattr(recipe.train, "use_cache", False) and data.open_corpus(recipe.data).packing == "isolated":
+        raise UserError(
+            "train.use_cache true lets the examples packed into a row see each other (data.packing isolated keeps "
+            "them apart only without a KV cache): drop train.use_cache, or set data.packing padded"
+        )
 
 
 def check_lora(recipe: Recipe) -> None:
