@@ -339,6 +339,11 @@ CASES = {
         lambda c: tasks(c, "--tokenizer.chat_template", "{% for m in messages %}{{ m.content }}"),
         "the chat template does not render a conversation (TemplateSyntaxError: <ANY>): fix tokenizer.chat_template",
     ),
+    "a KV cache with isolated packing": (
+        lambda c: tasks(c, "--train.use_cache", "true"),
+        "train.use_cache true lets the examples packed into a row see each other (data.packing isolated keeps them "
+        "apart only without a KV cache): drop train.use_cache, or set data.packing padded",
+    ),
     "a template for text": (
         lambda c: c.finetune("--tokenizer.chat_template", "{{ messages }}"),
         "tokenizer.chat_template renders conversations, and the data holds text records: use data.format messages "

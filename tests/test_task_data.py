@@ -151,20 +151,51 @@ def test_the_same_shards_and_masks_whatever_the_number_of_processes(tmp_path, gp
     assert any(name.endswith(".mask") for name in entries[0])
 
 
-def tiny_model(vocab: int) -> torch.nn.Module:
+def tiny_model(vocab: int, positions: int = 64) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=16, vocab_size=vocab, n_positions=64)
+    config = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=16, vocab_size=vocab, n_positions=positions)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def test_each_packing_trains_the_answers_alone_and_scores_the_same(tmp_path, gpt2):
-    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(30))
-    lm = tiny_model(len(gpt2))
-    scores, losses = {}, {}
+def rows_nll(lm, packed, pad_id: int, see_each_other: bool = False) -> tuple[float, int]:
+    """Summed NLL (nats) and count of the labelled tokens of the Trainer's evaluation rows, batched
+    by the Trainer's collator. `see_each_other`: position ids made contiguous, as a packing that
+    failed to keep a row's examples apart would leave them (the control that this can tell)."""
+    rows, collate = packed.eval_blocks, packed.collate(pad_id)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), 4):
+        batch = collate([rows[i] for i in range(start, min(start + 4, len(rows)))])
+        labels = batch.pop("labels")[:, 1:]
+        if see_each_other and "position_ids" in batch:
+            batch["position_ids"] = torch.arange(labels.shape[1] + 1).expand_as(batch["position_ids"])
+        with torch.no_grad():
+            logits = lm(**batch, use_cache=False).logits[:, :-1].double()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        total, count = total + loss.item(), count + int((labels != -100).sum())
+    return total, count
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "messages"])
+def test_each_packing_trains_the_answers_alone_and_the_trainer_sees_what_the_scorer_scores(tmp_path, gpt2, kind):
+    """What the Trainer's evaluation computes on each packing's rows equals the answer scorer's
+    sum on the same held-out examples, each scored alone: rows that let examples see each other
+    (or lose or add a trained token) would not."""
+    path = write_jsonl(tmp_path / "tasks.jsonl", chat_records(40) if kind == "messages" else pc_records(40))
+    lm = tiny_model(len(gpt2), positions=128)
     for packing in ("concat", "isolated", "padded"):
-        cfg = DataConfig(source="files", paths=[str(path)], block_size=64, packing=packing, max_eval_tokens=1 << 20)
+        cfg = DataConfig(
+            source="files", paths=[str(path)], block_size=128, packing=packing, validation_fraction=0.25,
+            max_eval_tokens=1 << 20,
+        )  # fmt: skip
         _, packed = prepared(gpt2, cfg)
         assert packed.packing == packing and packed.report["packing"] == packing
+        batch = packed.collate(gpt2.eos_token_id)([packed.train[i] for i in range(2)])
+        labels = batch["labels"][batch["labels"] != -100]
+        pieces = set(gpt2.decode(labels).split(gpt2.eos_token)) - {""}
+        if packing == "concat":  # blocks cut anywhere, an answer too; each holds the examples before it
+            assert all(any(piece in a for a in ANSWERS) for piece in pieces)
+            continue
+        assert pieces <= set(ANSWERS)
         items, names, answer_bytes = packed.eval_examples("validation")
         examples = Examples(
             ids=[items[i].ids for i in range(len(items))],
@@ -174,16 +205,13 @@ def test_each_packing_trains_the_answers_alone_and_scores_the_same(tmp_path, gpt
             split_examples=len(items),
             split_tokens=items.n_tokens,
         )
-        scores[packing] = score_answers(lm, examples, batch_size=4)["nll"]
-        batch = packed.collate(gpt2.eos_token_id)([packed.train[i] for i in range(2)])
-        labels = batch["labels"][batch["labels"] != -100]
-        assert set(gpt2.decode(labels).split(gpt2.eos_token)) <= {a for a in ANSWERS} | {""}
-        if packing != "concat":
-            # Every trained token of the batch, and only those, as in the examples.
-            with torch.no_grad():
-                losses[packing] = lm(**batch, use_cache=False).loss.item()
-    assert scores["concat"] == scores["isolated"] == scores["padded"]
-    assert losses["isolated"] > 0 and losses["padded"] > 0
+        scored = score_answers(lm, examples, batch_size=4)
+        nll, count = rows_nll(lm, packed, gpt2.eos_token_id)
+        assert count == scored["answer_tokens"] and nll == pytest.approx(scored["nll"], rel=1e-6)
+        if packing == "isolated":
+            assert len(packed.eval_blocks) < len(items)  # several examples a row: isolation is at stake
+            leaky, _ = rows_nll(lm, packed, gpt2.eos_token_id, see_each_other=True)
+            assert leaky != pytest.approx(scored["nll"], rel=1e-4)
 
 
 def test_loss_on_all_trains_every_token_and_the_answers_are_still_scored(tmp_path, gpt2):

@@ -137,6 +137,17 @@ class Corpus:
             return False
         return isinstance(json.loads(self._first_task_record()).get("prompt"), list)
 
+    @property
+    def prompt_context(self) -> str:
+        """What a prompt follows in this data, for generation to prompt a model as it was trained
+        (model.set_generation saves it): "document", a text document after the EOS that ended
+        the one before (the evaluator scores documents so too); "prompt", a prompt/completion
+        prompt tokenized alone with the tokenizer's special tokens (its BOS, where it adds one:
+        data.tasks); "conversation", a conversation as its template writes it, nothing added."""
+        if not self.is_task:
+            return "document"
+        return "conversation" if self.uses_template else "prompt"
+
     def _first_task_record(self) -> str:
         for _, record in sources.read_all(self.segments(False)[0], self.reading):
             if sources.is_document(record.text):
