@@ -324,7 +324,9 @@ def test_a_conversation_without_answer_is_skipped_and_counted(bpe):
 def test_resolve_template(bpe, tmp_path):
     assert templates.resolve_template(bpe, None) == templates.DEFAULT_CHAT_TEMPLATE  # no template of its own
     assert templates.resolve_template(_llama_style(), None) == LLAMA3_TEMPLATE  # the model's own
-    assert templates.resolve_template(_llama_style(), templates.DEFAULT_CHAT_TEMPLATE) == templates.DEFAULT_CHAT_TEMPLATE
+    assert (
+        templates.resolve_template(_llama_style(), templates.DEFAULT_CHAT_TEMPLATE) == templates.DEFAULT_CHAT_TEMPLATE
+    )
     path = tmp_path / "chat.jinja"
     path.write_text(LLAMA3_TEMPLATE, encoding="utf-8")
     assert templates.resolve_template(bpe, str(path)) == LLAMA3_TEMPLATE
