@@ -335,8 +335,15 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
         for key, value in values.items()
     }
     defaults.pop("evaluate.output_dir", None)  # results go next to the model being evaluated
-    if any(a.split("=")[0] in ("--data.source", "--data.paths", "--data.dataset") for a in argv):
-        defaults.pop("data.mixture", None)  # other data named: not the run's mixture
+    named = {a.split("=")[0] for a in argv}
+    if named & {"--data.source", "--data.paths", "--data.dataset"}:
+        # Other data named: not the run's mixture, nor its format (auto finds the new data's).
+        defaults.pop("data.mixture", None)
+        defaults.pop("data.format", None)
+    if named & {"--data.source", "--data.paths", "--data.dataset", "--data.format"}:
+        # How the run's data trained (its loss_on) says nothing of other data: the format's own
+        # default, unless given anew (the evaluator scores the answers, or every token of text).
+        defaults.pop("data.loss_on", None)
     return parse(build(), argv, defaults)
 
 

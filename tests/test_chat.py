@@ -213,11 +213,16 @@ def test_too_many_new_tokens_for_the_context_and_a_too_long_conversation_in_a_fi
 
 def test_end_of_turn_tokens_other_than_eos_end_the_answer(model):
     lm, tok = model
-    end = tok.convert_tokens_to_ids("Ġthe")  # stands for an <|eot_id|>: any id other than EOS
+    cfg = GenerateConfig(preset="greedy", max_new_tokens=8)
+    prompt = chat.render(tok, [{"role": "user", "content": "hi"}])
+    (free,) = chat.generator(lm, tok, cfg)([prompt])
+    ids = tok(free.completion, add_special_tokens=False)["input_ids"]
+    assert free.finish == "length" and len(ids) == 8
+    k = next(k for k in range(1, 8) if ids[k] not in ids[:k])  # a token new at k stands for an <|eot_id|>
     saved = lm.generation_config.eos_token_id
-    lm.generation_config.eos_token_id = [tok.eos_token_id, end]
+    lm.generation_config.eos_token_id = [tok.eos_token_id, ids[k]]
     try:
-        gen = chat.generator(lm, tok, GenerateConfig(stop=["x"], max_new_tokens=8))
+        (cut,) = chat.generator(lm, tok, cfg)([prompt])
     finally:
         lm.generation_config.eos_token_id = saved
-    assert gen.cfg.stop == ["x", " the"] and gen.cfg.num_return_sequences == 1
+    assert cut.finish == "eos" and cut.new_tokens == k and cut.completion == tok.decode(ids[:k])

@@ -16,7 +16,7 @@ from hftextgen.config import DataConfig, MixtureSource
 from hftextgen.data import Mixture, format_report, open_corpus, prepare, report_table
 from hftextgen.data.mixture import draw, draw_counts
 from hftextgen.data.packing import IGNORE
-from hftextgen.data.tasks import DEFAULT_CHAT_TEMPLATE
+from hftextgen.data.templates import DEFAULT_CHAT_TEMPLATE
 from hftextgen.errors import ConfigError, UserError
 from hftextgen.model import fingerprint
 

@@ -23,10 +23,11 @@ _EXPORTS = {
     "SAFE_CUT": "preparation",
     "build_encoder": "encoders",
     "count_words": "preparation",
-    "DEFAULT_CHAT_TEMPLATE": "tasks",
     "ExampleEncoder": "tasks",
-    "check_template": "tasks",
-    "resolve_template": "tasks",
+    "DEFAULT_CHAT_TEMPLATE": "templates",
+    "check_template": "templates",
+    "end_of_turn_ids": "templates",
+    "resolve_template": "templates",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

@@ -137,6 +137,17 @@ class Corpus:
             return False
         return isinstance(json.loads(self._first_task_record()).get("prompt"), list)
 
+    @property
+    def prompt_context(self) -> str:
+        """What a prompt follows in this data, for generation to prompt a model as it was trained
+        (model.set_generation saves it): "document", a text document after the EOS that ended
+        the one before (the evaluator scores documents so too); "prompt", a prompt/completion
+        prompt tokenized alone with the tokenizer's special tokens (its BOS, where it adds one:
+        data.tasks); "conversation", a conversation as its template writes it, nothing added."""
+        if not self.is_task:
+            return "document"
+        return "conversation" if self.uses_template else "prompt"
+
     def _first_task_record(self) -> str:
         for _, record in sources.read_all(self.segments(False)[0], self.reading):
             if sources.is_document(record.text):
@@ -260,7 +271,7 @@ class Corpus:
                 ds = ds.select_columns([cfg.text_field])
                 ds = ds.rename_column(cfg.text_field, "text") if cfg.text_field != "text" else ds
             elif not cfg.streaming and fmt != "auto":
-                ds = ds.select_columns(list(wanted))
+                ds = ds.select_columns(sources.columns(SimpleNamespace(format=fmt), columns))
             self._hub[(split, fmt)] = ds
         return self._hub[(split, fmt)]
 
@@ -500,6 +511,11 @@ class Packed:
 def _why_none(split: dict, cfg: DataConfig) -> str:
     """Why a split of task data holds no examples, and the fix."""
     counts = split.get("examples") or {}
+    if counts.get("skipped_unmaskable"):
+        return (
+            f"the chat template fails on, or does not show the answers of, {counts['skipped_unmaskable']:,} "
+            "conversations: check that the records suit the template (tokenizer.chat_template)"
+        )
     if counts.get("skipped_no_assistant") or counts.get("dropped_too_long"):
         return (
             f"{counts.get('skipped_no_assistant', 0):,} conversations had no assistant turn and "
@@ -526,7 +542,10 @@ def report(manifest: dict, block_size: int, task: dict | None = None) -> dict:
         }
         if "examples" in s:  # task data: what became of the records, and the tokens trained on
             out[split]["examples"] = s["examples"]
-            out[split]["trained_tokens"] = s["tokens"] if task and task["loss_on"] == "all" else s.get("trained_tokens")
+            every = task and task["loss_on"] == "all"
+            out[split]["trained_tokens"] = s["tokens"] if every else s.get("trained_tokens")
+            # What the Trainer's bits per byte divides its loss by: the trained text's bytes.
+            out[split]["trained_bytes"] = s.get("text_bytes", s["bytes"]) if every else s["bytes"]
     return out
 
 
@@ -593,7 +612,7 @@ def prepare(corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True
         hold_out=hold_out,
         shard_tokens=preparation.SHARD_TOKENS,
         # Task data: how records become examples (the template is in the tokenizer's files).
-        **({"task": [corpus.format, cfg.block_size]} if corpus.is_task else {}),
+        **({"task": [corpus.format, cfg.block_size, tasks.ENCODING]} if corpus.is_task else {}),
     )
     root = cache.root(cfg.cache_dir, "data")
     path = cache.lookup(root, key)
@@ -639,9 +658,11 @@ def _columns(report: dict) -> list[tuple[str, object]]:
     if task:
         columns += [
             ("examples", lambda r: r["examples"]["examples"]),
-            ("prompt cut", lambda r: r["examples"]["truncated"]),
+            ("turns dropped", lambda r: r["examples"].get("exchanges_dropped", 0)),
+            ("turn cut", lambda r: r["examples"].get("turn_cut", 0)),
             ("too long", lambda r: r["examples"]["dropped_too_long"]),
             ("no answer", lambda r: r["examples"]["skipped_no_assistant"]),
+            ("unmaskable", lambda r: r["examples"].get("skipped_unmaskable", 0)),
             ("trained", "trained_tokens"),
         ]
     else:

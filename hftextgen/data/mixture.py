@@ -184,6 +184,12 @@ class MixedCorpus:
         (its examples must not see each other), else concat."""
         return self.cfg.packing or ("isolated" if self.is_task else "concat")
 
+    @property
+    def prompt_context(self) -> str:
+        """What a prompt follows in the source the evaluator scores (the first task source, else
+        the first): Corpus.prompt_context."""
+        return next((c for c in self.corpora if c.is_task), self.corpora[0]).prompt_context
+
     @cached_property
     def split_fingerprint(self) -> str:
         return cache.key(mixture=[c.split_fingerprint for c in self.corpora])

@@ -7,11 +7,13 @@ from .. import stage_exports
 
 _EXPORTS = {
     "Generator": "generator",
+    "end_ids": "generator",
     "read_prompts": "generator",
     "samples_markdown": "generator",
     "write_samples": "generator",
     "converse": "chat:chat",
     "SeededGumbel": "sampling",
+    "UNSAMPLED": "sampling",
     "warpers": "sampling",
     "answer_file": "chat",
 }

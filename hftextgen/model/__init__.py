@@ -11,6 +11,8 @@ _EXPORTS = {
     "check_source": "build",
     "load": "build",
     "pretrained_overrides": "build",
+    "set_generation": "build",
+    "PROMPT_CONTEXT": "build",
     "DEFAULT_CONTEXT": "architecture",
     "DEFAULT_TYPE": "architecture",
     "build_config": "architecture",

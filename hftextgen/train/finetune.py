@@ -66,9 +66,11 @@ def setup_trainer(recipe: Recipe, built: setup.Built) -> tuple[Trainer, callback
     tensorboard = callbacks.install(
         trainer,
         tokens_per_step=recipe.tokens_per_step,
-        # Task data: the loss is over the answers, and the bytes are theirs.
-        tokens_per_byte=validation.get("trained_tokens", validation["tokens"]) / validation["bytes"]
-        if validation.get("bytes")
+        # Task data: the loss is over the trained tokens (the answers, or every token), and the
+        # bytes are those of the text they hold.
+        tokens_per_byte=validation.get("trained_tokens", validation["tokens"])
+        / validation.get("trained_bytes", validation["bytes"])
+        if validation.get("trained_bytes", validation.get("bytes"))
         else None,
         log_dir=output_dir / "tensorboard",
     )

@@ -43,6 +43,7 @@ def preflight(recipe: Recipe) -> str | None:
         model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
     if recipe.peft.lora:
         check_lora(recipe)
+    check_cache(recipe)
     generate.read_prompts(recipe.generate)  # a missing or empty prompts file, before hours of training
     if "tensorboard" in args.report_to and not callbacks.tensorboard_available():
         raise UserError(
@@ -51,6 +52,19 @@ def preflight(recipe: Recipe) -> str | None:
         )
     hub.check_push(args)
     return resume
+
+
+def check_cache(recipe: Recipe) -> None:
+    """train.use_cache with isolated packing: refused. The examples of a row are kept apart by
+    position ids that restart, which transformers turns into a block-diagonal mask only without
+    a KV cache; with one they silently see each other. Refused rather than turned off: a cache
+    does nothing for a training step, so the setting can only be a mistake, and a recipe that
+    says one thing while the run does another is worse than a one-line error."""
+    if getattr(recipe.train, "use_cache", False) and data.open_corpus(recipe.data).packing == "isolated":
+        raise UserError(
+            "train.use_cache true lets the examples packed into a row see each other (data.packing isolated keeps "
+            "them apart only without a KV cache): drop train.use_cache, or set data.packing padded"
+        )
 
 
 def check_lora(recipe: Recipe) -> None:
@@ -76,6 +90,9 @@ def build(recipe: Recipe) -> Built:
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
         packed = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
+    # The template the conversations were rendered with is the tokenizer's (build_tokenizer set it).
+    ends = data.end_of_turn_ids(tok, tok.chat_template) if corpus.uses_template else []
+    model.set_generation(lm, tok, ends, corpus.prompt_context, recipe.generate.settings())
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     if recipe.peft.lora:
         lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
