@@ -12,47 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ANSWERS, chat_records, pc_records, write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hftextgen.config import DataConfig, ModelConfig, TokenizerConfig
-from hftextgen.data import Corpus, prepare
+from hftextgen.data import Corpus, DataConfig, prepare
 from hftextgen.data.tasks import DEFAULT_CHAT_TEMPLATE
 from hftextgen.evaluate.answers import Examples, score_answers
-from hftextgen.model import bundled_gpt2, fingerprint, ready_for_lm
+from hftextgen.model import ModelConfig, TokenizerConfig, fingerprint
 from hftextgen.model.tokenizer import build_tokenizer
-
-# Answers with spaces, punctuation, digits and a non-ASCII letter: BPE merges across a careless
-# boundary would show.
-ANSWERS = ["Paris.", " 42", "Hello there, friend!", "Café au lait", "No.", "It is 3:15 now.", "Yes, 7 of them."]
-
-
-def pc_records(n: int = 40) -> list[dict]:
-    return [{"prompt": f"Question {i}: what is it?\n", "completion": ANSWERS[i % len(ANSWERS)]} for i in range(n)]
-
-
-def chat_records(n: int = 40) -> list[dict]:
-    out = []
-    for i in range(n):
-        first, second = ANSWERS[i % len(ANSWERS)], ANSWERS[(i + 3) % len(ANSWERS)]
-        messages = [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"Tell me thing {i}."},
-            {"role": "assistant", "content": first},
-            {"role": "user", "content": "And another?"},
-            {"role": "assistant", "content": second},
-        ]
-        out.append({"messages": messages})
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return ready_for_lm(bundled_gpt2(), "gpt2")
 
 
 def prepared(tok, cfg: DataConfig):

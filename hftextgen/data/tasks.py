@@ -15,7 +15,8 @@ with ``{% generation %}`` (DEFAULT_CHAT_TEMPLATE does), the mask is stock transf
 ``return_assistant_tokens_mask``; with one that does not (most models' own templates), the
 answers are found by rendering the conversation's prefixes.
 
-This module depends on nothing of hftextgen but its errors, so that it can move into the data stage.
+Of hftextgen it imports only the errors and the fields each format reads (sources.TASK_FIELDS): the
+preparation workers build their ExampleEncoder from it alone.
 """
 
 from __future__ import annotations

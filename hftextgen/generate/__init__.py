@@ -6,11 +6,12 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
+    "GenerateConfig": "config",
     "Generator": "generator",
     "read_prompts": "generator",
     "samples_markdown": "generator",
     "write_samples": "generator",
-    "converse": "chat:chat",
+    "converse": "chat",
     "SeededGumbel": "sampling",
     "warpers": "sampling",
     "answer_file": "chat",

@@ -26,9 +26,9 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from .. import model as model_stage
 from .. import progress
-from ..config import NEUTRAL, GenerateConfig
 from ..errors import UserError
 from ..files import append_lines, write_atomic
+from .config import NEUTRAL, GenerateConfig
 from .sampling import SeededGumbel, warpers
 
 
