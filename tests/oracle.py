@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hftextgen.config import DataConfig, EvaluateConfig
-from hftextgen.data import corpus as data
-from hftextgen.data import sources
+from hftextgen import data
+from hftextgen.data import DataConfig, shards, sources
+from hftextgen.evaluate import EvaluateConfig
 
 # ---------------------------------------------------------------- documents in memory
 
@@ -31,7 +31,7 @@ class SplitTexts:
 def split_texts(cfg: DataConfig) -> SplitTexts:
     """Every document of the corpus `cfg` names, whole, in the split preparing puts it in."""
     corpus = data.Corpus(cfg)
-    return SplitTexts(*(as_dataset(list(corpus.texts(split))) for split in data.SPLITS))
+    return SplitTexts(*(as_dataset(list(corpus.texts(split))) for split in shards.SPLITS))
 
 
 def as_dataset(docs: list[tuple[str, str | None]]):

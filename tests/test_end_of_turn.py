@@ -16,10 +16,18 @@ import pytest
 from conftest import TINY_MODEL, TINY_TRAIN, finetune_offline, flags, made_once
 from transformers import AutoTokenizer
 
-from hftextgen.config import DataConfig, GenerateConfig, ModelConfig
-from hftextgen.data import DEFAULT_CHAT_TEMPLATE, Corpus, end_of_turn_ids, prepare
-from hftextgen.generate import Generator
-from hftextgen.model import PROMPT_CONTEXT, build_model, bundled_gpt2, fingerprint, load, ready_for_lm, set_generation
+from hftextgen.data import DEFAULT_CHAT_TEMPLATE, Corpus, DataConfig, end_of_turn_ids, prepare
+from hftextgen.generate import GenerateConfig, Generator
+from hftextgen.model import (
+    PROMPT_CONTEXT,
+    ModelConfig,
+    build_model,
+    bundled_gpt2,
+    fingerprint,
+    load,
+    ready_for_lm,
+    set_generation,
+)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -17,10 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_chat import save_chat_model
+from conftest import save_chat_model
 
 import hftextgen.generate.chat as chat
-from hftextgen.config import GenerateConfig
+from hftextgen.generate import GenerateConfig
 from hftextgen.model import load, set_generation
 
 openai = pytest.importorskip("openai", reason="the serve extra: pip install -e '.[serve]'")

@@ -12,48 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ANSWERS, chat_records, pc_records, write_jsonl
 from oracle import score_conversations
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hftextgen.config import DataConfig, ModelConfig, TokenizerConfig
-from hftextgen.data import Corpus, prepare
+from hftextgen.data import Corpus, DataConfig, prepare
 from hftextgen.data.templates import DEFAULT_CHAT_TEMPLATE
 from hftextgen.evaluate.answers import Examples, score_answers
-from hftextgen.model import bundled_gpt2, fingerprint, ready_for_lm
+from hftextgen.model import ModelConfig, TokenizerConfig, fingerprint
 from hftextgen.model.tokenizer import build_tokenizer
-
-# Answers with spaces, punctuation, digits and a non-ASCII letter: BPE merges across a careless
-# boundary would show.
-ANSWERS = ["Paris.", " 42", "Hello there, friend!", "Café au lait", "No.", "It is 3:15 now.", "Yes, 7 of them."]
-
-
-def pc_records(n: int = 40) -> list[dict]:
-    return [{"prompt": f"Question {i}: what is it?\n", "completion": ANSWERS[i % len(ANSWERS)]} for i in range(n)]
-
-
-def chat_records(n: int = 40) -> list[dict]:
-    out = []
-    for i in range(n):
-        first, second = ANSWERS[i % len(ANSWERS)], ANSWERS[(i + 3) % len(ANSWERS)]
-        messages = [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"Tell me thing {i}."},
-            {"role": "assistant", "content": first},
-            {"role": "user", "content": "And another?"},
-            {"role": "assistant", "content": second},
-        ]
-        out.append({"messages": messages})
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return ready_for_lm(bundled_gpt2(), "gpt2")
 
 
 def prepared(tok, cfg: DataConfig):
@@ -161,7 +128,7 @@ def rows_nll(lm, packed, pad_id: int, see_each_other: bool = False) -> tuple[flo
     """Summed NLL (nats) and count of the labelled tokens of the Trainer's evaluation rows, batched
     by the Trainer's collator. `see_each_other`: position ids made contiguous, as a packing that
     failed to keep a row's examples apart would leave them (the control that this can tell)."""
-    rows, collate = packed.eval_blocks, packed.collate(pad_id)
+    rows, collate = packed.eval_items, packed.collate(pad_id)
     total, count = 0.0, 0
     for start in range(0, len(rows), 4):
         batch = collate([rows[i] for i in range(start, min(start + 4, len(rows)))])
@@ -209,7 +176,7 @@ def test_each_packing_trains_the_answers_alone_and_the_trainer_sees_what_the_sco
         nll, count = rows_nll(lm, packed, gpt2.eos_token_id)
         assert count == scored["answer_tokens"] and nll == pytest.approx(scored["nll"], rel=1e-6)
         if packing == "isolated":
-            assert len(packed.eval_blocks) < len(items)  # several examples a row: isolation is at stake
+            assert len(packed.eval_items) < len(items)  # several examples a row: isolation is at stake
             leaky, _ = rows_nll(lm, packed, gpt2.eos_token_id, see_each_other=True)
             assert leaky != pytest.approx(scored["nll"], rel=1e-4)
 

@@ -7,12 +7,14 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
+    "DataConfig": "config",
+    "MixtureSource": "config",
     "Corpus": "corpus",
-    "Packed": "corpus",
-    "prepare": "corpus",
-    "format_report": "corpus",
-    "packing_line": "corpus",
-    "report_table": "corpus",
+    "Prepared": "prepared",
+    "prepare": "prepared",
+    "describe_report": "report",
+    "packing_line": "report",
+    "report_table": "report",
     "Mixture": "mixture",
     "MixedCorpus": "mixture",
     "open_corpus": "mixture",

@@ -43,13 +43,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from .. import progress
 from ..errors import UserError
 from . import shards, sources
+from .config import DataConfig
 from .encoders import build_encoder
 from .sources import Segment
 from .split import held_out_indices, split_of
@@ -125,20 +125,11 @@ def last_cut(text: str) -> int | None:
 # ---------------------------------------------------------------- group
 
 
-# The data section's fields that reading and splitting use. A worker gets them as a plain
-# namespace: unpickling the DataConfig itself would import transformers (config.py) in each.
-DATA_FIELDS = ("encoding", "sample_by", "text_field", "add_eos", "validation_fraction", "split_seed")
-
-
-def data_fields(cfg) -> SimpleNamespace:
-    return SimpleNamespace(**{name: getattr(cfg, name) for name in DATA_FIELDS})
-
-
 @dataclass
 class Settings:
     """What every unit's work needs besides its segments; sent once to each worker."""
 
-    data: SimpleNamespace  # data_fields(DataConfig)
+    data: DataConfig  # data.format resolved (Corpus.resolved); unpickled without transformers
     split_mode: str  # none | fixed | seeded | hash
     work: str
     spec: dict

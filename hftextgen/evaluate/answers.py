@@ -40,7 +40,7 @@ from ..files import write_atomic, write_json
 from .run import eval_record, load_metric, nll_rows
 
 if TYPE_CHECKING:
-    from ..config import GenerateConfig
+    from ..generate import GenerateConfig
 
 
 @dataclass
@@ -540,7 +540,7 @@ def evaluate_answers(lm, tok, packed, split: str, *, cfg, generate_cfg, out_dir:
 
 
 def answer_examples(items, names: list[str], answer_bytes, split_examples: int, split_tokens: int) -> Examples:
-    """The evaluator's Examples from prepared ones (data.Packed.eval_examples), each read from
+    """The evaluator's Examples from prepared ones (data.Prepared.eval_examples), each read from
     the memory maps once."""
     read = [items[i] for i in range(len(items))]
     return Examples(

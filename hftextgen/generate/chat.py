@@ -22,10 +22,10 @@ from pathlib import Path
 import jinja2
 from transformers import PreTrainedModel, TextStreamer
 
-from ..config import GenerateConfig
 from ..errors import UserError
 from ..files import append_lines, write_atomic
 from . import generator as generate
+from .config import GenerateConfig
 
 ROLES = ("system", "user", "assistant")
 HELP = "Type a message and press Enter; /reset starts a new conversation, /exit or Ctrl-D ends."
@@ -121,7 +121,7 @@ class _Echo(TextStreamer):
         self.write(text + ("\n" if stream_end else ""))
 
 
-def chat(
+def converse(
     lm: PreTrainedModel,
     tok,
     cfg: GenerateConfig,

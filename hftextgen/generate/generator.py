@@ -29,10 +29,10 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from .. import model as model_stage
 from .. import progress
-from ..config import NEUTRAL, GenerateConfig
 from ..data import end_of_turn_ids
 from ..errors import UserError
 from ..files import append_lines, write_atomic
+from .config import NEUTRAL, GenerateConfig
 from .sampling import UNSAMPLED, SeededGumbel, warpers
 
 

@@ -9,12 +9,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import progress, runtime
-from ..config import ModelConfig
 from ..errors import UserError
 from ..hub import load_from_hub
 from ..runtime import ignore_padding_warning
 from . import architecture, lora
 from . import tokenizer as tokenizer_stage
+from .config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:

@@ -25,7 +25,7 @@ class Built:
 
     tok: PreTrainedTokenizerBase
     corpus: data.Corpus | data.MixedCorpus
-    packed: data.Packed | data.Mixture
+    prepared: data.Prepared | data.Mixture
     lm: PreTrainedModel
 
 
@@ -88,7 +88,7 @@ def build(recipe: Recipe) -> Built:
     corpus = data.open_corpus(recipe.data)  # one source, or a mixture: one tokenizer for all
     with recipe.train.main_process_first(desc="preprocessing"):
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
-        packed = data.prepare(corpus, tok, model.fingerprint(tok))
+        prepared = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
     # The template the conversations were rendered with is the tokenizer's (build_tokenizer set it).
     ends = data.end_of_turn_ids(tok, tok.chat_template) if corpus.uses_template else []
@@ -96,11 +96,11 @@ def build(recipe: Recipe) -> Built:
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     if recipe.peft.lora:
         lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
-    return Built(tok, corpus, packed, lm)
+    return Built(tok, corpus, prepared, lm)
 
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
-    """A stock Trainer over the packed blocks, with the training loss fused when asked."""
+    """A stock Trainer over the prepared data, with the training loss fused when asked."""
     setting = getattr(args, "fused_loss", False)
     if setting is not False:
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
@@ -111,18 +111,18 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
         if note:
             print(note, flush=True)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
-    packed = built.packed
-    if packed.packing == "padded":
+    prepared = built.prepared
+    if prepared.packing == "padded":
         # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
         args.train_sampling_strategy = "sequential"
     return Trainer(
         model=built.lm,
         args=args,
-        data_collator=packed.collate(
+        data_collator=prepared.collate(
             built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
         ),
-        train_dataset=packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
-        eval_dataset=packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
+        train_dataset=prepared.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
+        eval_dataset=prepared.eval_items,  # data.max_eval_tokens of the validation items
         processing_class=built.tok,
     )
 
