@@ -67,8 +67,8 @@ def prepare(folder: Path, model: Path, steps: int, batch: int) -> dict:
     packed = prepare_data(corpus, tok, model_stage.fingerprint(tok))
     packed.limit_train(steps * batch, cfg.split_seed)
     lm, _ = model_stage.load(str(model), device="cpu")
-    reference = evaluate.score_pairs(lm, packed.eval_blocks, PairCollator(tok.pad_token_id, cfg.block_size), 16)
-    rows = {"train": packed.train, "eval": packed.eval_blocks}
+    reference = evaluate.score_pairs(lm, packed.eval_items, PairCollator(tok.pad_token_id, cfg.block_size), 16)
+    rows = {"train": packed.train, "eval": packed.eval_items}
     for name, pairs in rows.items():
         with open(folder / f"{name}.jsonl", "w") as f:
             for i in range(len(pairs)):
@@ -85,7 +85,7 @@ def prepare(folder: Path, model: Path, steps: int, batch: int) -> dict:
     return {
         "pairs": len(train),
         "tokens": tokens,
-        "eval_pairs": len(packed.eval_blocks),
+        "eval_pairs": len(packed.eval_items),
         "lr": recipe["train"]["learning_rate"],
     }
 

@@ -5,6 +5,7 @@ from a pretrained model (resume, LoRA, bf16), and evaluated before and after."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -14,25 +15,56 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
-from conftest import TINY_TRAIN, WORDS, flags
+from conftest import TINY_TRAIN, WORDS, flags, make_text, write_jsonl
 from runs import losses, weight_difference
-from test_task_data import files_of, prepared, write_jsonl
-from test_tasks import LLAMA3_TEMPLATE, _llama_style, _trained_bpe
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hftextgen import evaluate
-from hftextgen.config import DataConfig
-from hftextgen.data import preference, tasks
+from hftextgen.data import Corpus, DataConfig, preference, prepare, tasks, templates
 from hftextgen.data.pairs import PairCollator, PairItem
 from hftextgen.errors import RunStopped, UserError
-from hftextgen.model.tokenizer import bundled_gpt2, ready_for_lm
+from hftextgen.model import bundled_gpt2, fingerprint, ready_for_lm
 from hftextgen.train import reference
 from hftextgen.train.preference_loss import PreferenceLoss
 
 ASK = [{"role": "user", "content": "Who goes there?"}]
 YES = [{"role": "assistant", "content": "Nay, answer me."}]
 NO = [{"role": "assistant", "content": "A friend to this ground."}]
+
+
+CHATML = (Path(__file__).parent / "data" / "templates" / "chatml.jinja").read_text()
+
+
+def trained_bpe(specials: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few hundred lines of the test corpus."""
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    lines = make_text(0, lines=120).splitlines()
+    bpe.train_from_iterator(lines, vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    if specials:
+        tokenizer.add_tokens(list(specials), special_tokens=True)
+    return tokenizer
+
+
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """A template without {% generation %} marks, ending turns with a special token of its own."""
+    tokenizer = trained_bpe(("<|im_start|>", "<|im_end|>"))
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def prepared(tok, cfg: DataConfig):
+    corpus = Corpus(cfg)
+    if corpus.uses_template:
+        tok.chat_template = templates.DEFAULT_CHAT_TEMPLATE
+    return corpus, prepare(corpus, tok, fingerprint(tok))
+
+
+def files_of(path: Path) -> dict[str, str]:
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def pair_records(n: int, seed: int = 0, conversational: bool = False) -> list[dict]:
@@ -99,11 +131,11 @@ def test_a_bad_pair_is_one_line_naming_the_record(record, message):
 # ---------------------------------------------------------------- encoding
 
 
-@pytest.mark.parametrize("template", ["default", "llama3"])
+@pytest.mark.parametrize("template", ["default", "chatml"])
 def test_each_side_is_exactly_the_task_encoders_prompt_completion_example(template):
-    tok = _llama_style() if template == "llama3" else _trained_bpe()
+    tok = chatml_tokenizer() if template == "chatml" else trained_bpe()
     if template == "default":
-        tok.chat_template = tasks.DEFAULT_CHAT_TEMPLATE
+        tok.chat_template = templates.DEFAULT_CHAT_TEMPLATE
     sides = tasks.ExampleEncoder(tok, "prompt_completion")
     record = {"prompt": ASK + YES + ASK, "chosen": YES, "rejected": NO}
     pair = preference.PairEncoder(tok).encode(record)
@@ -122,9 +154,8 @@ def test_each_side_is_exactly_the_task_encoders_prompt_completion_example(templa
             == (alone.trained[:end] & (np.arange(end) >= len(parts.prompt))).tolist()
         )
         assert trained[-1] and tok.decode(ids[trained]).endswith(
-            tok.eos_token if template == "default" else "<|eot_id|>"
+            tok.eos_token if template == "default" else "<|im_end|>"
         )
-    assert template != "llama3" or LLAMA3_TEMPLATE == tok.chat_template
 
 
 def test_a_long_prompt_is_cut_once_for_both_answers_and_a_long_answer_drops_the_pair():
@@ -232,9 +263,7 @@ def ours(lm, items, objective: str, beta: float, gamma: float = 0.0) -> tuple[fl
 def policy_and_reference(tmp_path_factory):
     """A tiny Llama-style model as TRL's trainers load one, a reference, and pairs every answer
     token of which is trained (TRL's completions are)."""
-    from test_tasks import _trained_bpe
-
-    tok = _trained_bpe()
+    tok = trained_bpe()
     tok.pad_token = tok.eos_token
     ref = tiny_lm("llama", len(tok))
     lm = copy.deepcopy(ref)

@@ -27,10 +27,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..config import DataConfig
 from ..errors import UserError
 from . import packing, preference, shards
-from .corpus import SPLITS, report
+from .config import DataConfig
+from .shards import SPLITS
 
 
 class PairItem(NamedTuple):
@@ -204,21 +204,22 @@ class PairCollator:
 # ---------------------------------------------------------------- the prepared data
 
 
-class PreferencePacked:
+class PreparedPairs:
     """Prepared pairs, memory-mapped, as a run uses them: `train` (the training pairs),
-    `eval_blocks` (the held-out pairs the Trainer's evaluations and the evaluator score:
+    `eval_items` (the held-out pairs the Trainer's evaluations and the evaluator score:
     data.max_eval_tokens of them, a seeded subset of whole pairs, the same every time), the
     data report, and where it lives. The counterpart of corpus.Packed for data.format preference."""
 
     pairs = True
 
-    def __init__(self, path: Path, cfg: DataConfig, cache_hit: bool, need_blocks: bool = True):
+    def __init__(self, path: Path, cfg: DataConfig, cache_hit: bool, counts, for_training: bool = True):
+        """`counts`: the data report's numbers from a manifest (prepared.py's, whose prepare() makes this)."""
         self.cache_path, self.cache_hit, self.cfg = path, cache_hit, cfg
         self.manifest = shards.read_manifest(path)
-        if self.manifest.get("format") != shards.FORMAT:
-            raise UserError(f"{path} holds prepared data of another format: delete it and run again")
+        if self.manifest.get("format") != shards.LAYOUT_VERSION:
+            raise UserError(f"{path} holds prepared data of another layout: delete it and run again")
         self.task = {"format": "preference", "loss_on": "answers"}
-        self.packing = "isolated"
+        self.packing = "pairs"
         self.split = {}
         for split in SPLITS:
             listed = self.manifest["splits"][split]["shards"]
@@ -229,21 +230,21 @@ class PreferencePacked:
                 raise UserError(f"the prepared data is damaged ({problem}): delete {path} and prepare it again")
             found = shards.examples(path, split, tokens, codes, cfg.block_size)
             self.split[split] = Pairs(tokens, codes, found.starts, found.lengths)
-        self.report = report(self.manifest, cfg.block_size, self.task)
+        self.report = counts(self.manifest, cfg.block_size, self.task)
         for split in SPLITS if self.manifest["hold_out"] else ("train",):
-            if not len(self.split[split]) and need_blocks:
+            if not len(self.split[split]) and for_training:
                 raise UserError(f"the {split} split holds no pairs: {_why_none(self.report[split], cfg)}")
         self.train = self.split["train"]
         held = self.split["validation"]
-        self.eval_blocks = held.select(shards.choose_documents(held.stored_tokens, cfg.max_eval_tokens, cfg.split_seed))
+        self.eval_items = held.select(shards.choose_documents(held.stored_tokens, cfg.max_eval_tokens, cfg.split_seed))
         for split in SPLITS:
             self.report[split].pop("blocks", None)
             self.report[split].pop("tokens_dropped", None)
-        self.report["packing"] = "isolated"
+        self.report["packing"] = "pairs"
         self.report["eval"] = {
             "max_tokens": cfg.max_eval_tokens,
-            "blocks": len(self.eval_blocks),
-            "tokens": int(self.eval_blocks.stored_tokens.sum()),
+            "blocks": len(self.eval_items),
+            "tokens": int(self.eval_items.stored_tokens.sum()),
         }
 
     def limit_train(self, most: int | None, seed: int) -> None:
@@ -254,7 +255,7 @@ class PreferencePacked:
             self.report["train"]["pairs_trained"] = most
 
     @property
-    def evaluated(self) -> PreferencePacked:
+    def evaluated(self) -> PreparedPairs:
         return self
 
     @property

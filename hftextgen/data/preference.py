@@ -29,6 +29,8 @@ from ..errors import UserError
 from . import tasks
 
 FIELDS = ("chosen", "rejected")
+# Bump when a change here alters the pair items the same records make (part of the data's cache key).
+ENCODING = 1
 PROMPT, CHOSEN, REJECTED, CHOSEN_CONTEXT, REJECTED_CONTEXT = range(5)
 CODES = {
     PROMPT: "the prompt (context)",
@@ -78,17 +80,9 @@ def plain_text(record: Mapping) -> str:
 # ---------------------------------------------------------------- records
 
 
-def _check_messages(value: list, name: str, index: int | None) -> None:
-    for i, message in enumerate(value):
-        where = f"{_at(index)}{name}[{i}]"
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise UserError(f"{where} is not a {{role, content}} message: give each message a role and a content")
-        if message["role"] not in tasks.ROLES:
-            raise UserError(
-                f"{where} has role {message['role']!r}: roles are system, user or assistant; map or drop the others"
-            )
-        if not isinstance(message["content"], str):
-            raise UserError(f"{where}.content is a {type(message['content']).__name__}, not a string")
+def _check_messages(value: list, name: str, index: int | None) -> list[dict]:
+    """The messages checked by the task encoder's own rules (tasks._messages), named as here."""
+    return tasks._messages(value, name, index)
 
 
 def _check_answer(value: str | list, name: str, index: int | None) -> None:
@@ -99,15 +93,12 @@ def _check_answer(value: str | list, name: str, index: int | None) -> None:
         return
     if not value:
         raise UserError(f"{_at(index)}the {name} answer holds no message: fill it in, or drop the record")
-    _check_messages(value, name, index)
-    answers = [m for m in value if m["role"] == "assistant"]
-    if not answers:
+    messages = _check_messages(value, name, index)
+    if not any(m["role"] == "assistant" for m in messages):
         raise UserError(
             f"{_at(index)}the {name} answer holds no assistant message (roles: "
-            f"{', '.join(m['role'] for m in value)}): the answer is the assistant's turn"
+            f"{', '.join(m['role'] for m in messages)}): the answer is the assistant's turn"
         )
-    if any(not m["content"].strip() for m in answers):
-        raise UserError(f"{_at(index)}the {name} answer is an empty assistant message: fill it in, or drop the record")
 
 
 def _shared_prefix(chosen: str | list, rejected: str | list) -> int:
@@ -179,6 +170,8 @@ class Pair:
     input_ids: np.ndarray
     codes: np.ndarray
     truncated: bool = False
+    answers: tuple[str, ...] = ()  # the chosen answers' texts, then the rejected ones' (tasks.Example's)
+    text_bytes: int = 0  # both sides' tasks.Example.text_bytes
 
     @property
     def trained(self) -> np.ndarray:
@@ -239,7 +232,8 @@ def combine(chosen: tasks.Example, rejected: tasks.Example, starts: tuple[int, i
     r_ids, r_codes = _tail(rejected, starts[1], REJECTED, REJECTED_CONTEXT)
     ids = np.concatenate([prompt, c_ids, r_ids]).astype(np.int64)
     codes = np.concatenate([np.full(len(prompt), PROMPT, np.uint8), c_codes, r_codes])
-    return Pair(ids, codes, chosen.truncated or rejected.truncated or len(prompt) < max(map(len, prompts)))
+    cut = chosen.truncated or rejected.truncated or len(prompt) < max(map(len, prompts))
+    return Pair(ids, codes, cut, chosen.answers + rejected.answers, chosen.text_bytes + rejected.text_bytes)
 
 
 class PairEncoder:
@@ -255,13 +249,16 @@ class PairEncoder:
     def encode(self, record: Mapping, index: int | None = None, counts: tasks.Counts | None = None) -> Pair | None:
         counts = counts if counts is not None else tasks.Counts()
         prompt, chosen, rejected = split_pair(record, index)
-        scratch = tasks.Counts()
+        scratch, tools = tasks.Counts(), {"tools": record["tools"]} if record.get("tools") is not None else {}
         sides = [
-            self.sides.encode({"prompt": prompt, "completion": answer}, index, scratch) for answer in (chosen, rejected)
+            self.sides.encode({"prompt": prompt, "completion": answer, **tools}, index, scratch)
+            for answer in (chosen, rejected)
         ]
         starts = [None if s is None else _answer_start(s, a) for s, a in zip(sides, (chosen, rejected), strict=True)]
         if None in starts:
-            counts.dropped_too_long += 1
+            # A template that cannot show an answer, or an answer that does not fit.
+            counts.skipped_unmaskable += scratch.skipped_unmaskable > 0
+            counts.dropped_too_long += scratch.skipped_unmaskable == 0
             return None
         pair = combine(sides[0], sides[1], tuple(starts), index)
         counts.examples += 1

@@ -500,7 +500,11 @@ TASK_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "preference": ("chosen", "rejected"),
 }
-# Fields a format reads when a record has them: a preference pair's prompt is implicit without one.
+# Read with a task format's fields where a record has them: the function schemas a conversation
+# may call (passed to the chat template).
+OPTIONAL_TASK_FIELDS = ("tools",)
+# Besides those, read by one format where a record has them: a preference pair's prompt is
+# implicit without one.
 OPTIONAL_FIELDS = {"preference": ("prompt",)}
 DETECT = "detect"
 
@@ -511,15 +515,17 @@ def task_fields(cfg) -> tuple[str, ...] | None:
 
 
 def optional_fields(fmt: str, present) -> list[str]:
-    """The optional fields of a format (OPTIONAL_FIELDS) among those `present`."""
-    return [name for name in OPTIONAL_FIELDS.get(fmt, ()) if name in present]
+    """The optional fields of a task format (OPTIONAL_TASK_FIELDS, OPTIONAL_FIELDS) among those `present`."""
+    return [name for name in (*OPTIONAL_FIELDS.get(fmt, ()), *OPTIONAL_TASK_FIELDS) if name in present]
 
 
 def columns(cfg, present: list[str]) -> list[str]:
     """The columns to read from a table: the format's, or (detecting) all of them."""
     if getattr(cfg, "format", "text") == DETECT:
         return list(present)
-    return list(task_fields(cfg) or (cfg.text_field,)) + optional_fields(getattr(cfg, "format", "text"), present)
+    if task_fields(cfg) is None:
+        return [cfg.text_field]
+    return [*task_fields(cfg), *optional_fields(cfg.format, present)]
 
 
 def _fix(cfg) -> str:
@@ -545,8 +551,8 @@ def _pick(record, where: str, cfg) -> str | None:
             f"{', '.join(map(str, record)) or 'none'}): data.format={cfg.format} needs {' and '.join(fields)}: "
             f"{_fix(cfg)}"
         )
-    fields = (*optional_fields(cfg.format, record), *fields)
-    return json.dumps({f: record[f] for f in fields}, ensure_ascii=False, default=str)
+    kept = [*fields, *(f for f in optional_fields(cfg.format, record) if record.get(f) is not None)]
+    return json.dumps({f: record[f] for f in kept}, ensure_ascii=False, default=str)
 
 
 def _field(record, where: str, text_field: str) -> str | None:

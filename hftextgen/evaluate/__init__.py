@@ -6,16 +6,17 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
-    "evaluate_model": "run:run",
+    "EvaluateConfig": "config",
+    "evaluate_prepared": "evaluator",
+    "evaluate_documents": "run",
     "evaluate_answers": "answers",
     "answer_examples": "answers",
     "score_answers": "answers",
-    "documents_of_split": "run:documents",
     "score": "run",
     "scoring_settings": "run",
     "windows": "run",
     "evaluate_pairs": "preference",
-    "pairs_markdown": "preference:markdown",
+    "pairs_markdown": "preference",
     "score_pairs": "preference",
     "sequence_logps": "preference",
 }

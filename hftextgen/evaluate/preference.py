@@ -197,7 +197,7 @@ ROWS = (
 )
 
 
-def markdown(result: dict) -> str:
+def pairs_markdown(result: dict) -> str:
     before, after = result.get("before") or {}, result["after"]
     show = lambda values, key, form: form.format(values[key]) if values.get(key) is not None else "-"  # noqa: E731
     lines = [
@@ -232,7 +232,7 @@ def evaluate_pairs(lm, tok, packed, *, cfg, generate_cfg, preference, out_dir, m
     answers to the first evaluate.max_answers prompts; eval.json, eval.md and the samples."""
     from ..data import PairCollator
 
-    pairs = packed.eval_blocks
+    pairs = packed.eval_items
     if not len(pairs):
         raise UserError("evaluation: no held-out pairs to score: hold some out in the data section")
     bf16 = cfg.bf16 if cfg.bf16 is not None else lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -271,7 +271,7 @@ def evaluate_pairs(lm, tok, packed, *, cfg, generate_cfg, preference, out_dir, m
     described = f"{len(pairs):,} held-out preference pairs ({int(pairs.stored_tokens.sum()):,} tokens)"
     record = eval_record(model_name, described, result, samples)
     write_json(out_dir / "eval.json", record)
-    write_atomic(out_dir / "eval.md", markdown(record))
+    write_atomic(out_dir / "eval.md", pairs_markdown(record))
     say(_summary(record, out_dir))
     return record
 

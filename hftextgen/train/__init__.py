@@ -6,13 +6,14 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
-    "finetune_recipe": "finetune:finetune",
-    "validate_recipe": "validate:validate",
-    "describe_estimate": "validate:describe",
+    "TrainArguments": "config",
+    "finetune_recipe": "finetune",
+    "validate_recipe": "validate",
+    "describe_estimate": "validate",
     "Schedule": "schedule",
     "schedule_of": "schedule",
-    "PreferenceConfig": "preference_config",
-    "saved_reference": "reference:saved",
+    "PreferenceConfig": "config",
+    "saved_reference": "reference",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

@@ -25,8 +25,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import generate, progress
-from ..config import GenerateConfig
 from ..files import append_lines
+from ..generate import GenerateConfig
 from ..runtime import eval_mode
 
 

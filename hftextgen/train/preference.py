@@ -21,7 +21,7 @@ from .. import data, evaluate, model
 from ..config import Recipe
 from ..errors import UserError
 from . import reference
-from .preference_config import PreferenceConfig
+from .config import PreferenceConfig
 from .preference_loss import PreferenceLoss, PreferenceMetrics
 
 
@@ -106,11 +106,11 @@ def prepare(recipe: Recipe, built) -> dict:
     """Before the first step: the training pairs (preference.max_train_pairs), dropout off, and
     the reference's log-probabilities of the pairs the run uses, computed or found in the cache,
     put beside the pairs. Returns what run_info.json records of it."""
-    pref, args, packed = recipe.preference, recipe.train, built.packed
+    pref, args, packed = recipe.preference, recipe.train, built.prepared
     packed.limit_train(pref.max_train_pairs, recipe.data.split_seed)
     disable_dropout(built.lm)
     source = pref.ref_model or recipe.model.name_or_path
-    splits = [("validation", packed.eval_blocks)]
+    splits = [("validation", packed.eval_items)]
     if pref.reference_based:
         splits.insert(0, ("train", packed.train))
     collator = data.PairCollator(built.tok.pad_token_id, recipe.data.block_size)
@@ -118,10 +118,10 @@ def prepare(recipe: Recipe, built) -> dict:
     bf16 = bool(args.bf16)
     if source is None:  # a model built from scratch (simpo, orpo): "before" is its initial weights
         built.lm.to(device)
-        scores = evaluate.score_pairs(built.lm, packed.eval_blocks, collator, args.per_device_eval_batch_size, bf16)
+        scores = evaluate.score_pairs(built.lm, packed.eval_items, collator, args.per_device_eval_batch_size, bf16)
         whole = np.full((len(packed.split["validation"]), 2), np.nan)
-        whole[packed.eval_blocks.indices] = scores[:, :2]
-        packed.eval_blocks = packed.eval_blocks.with_reference(whole)
+        whole[packed.eval_items.indices] = scores[:, :2]
+        packed.eval_items = packed.eval_items.with_reference(whole)
         return {"reference": None}
     identity = reference.model_identity(
         source, recipe.model.revision if source == recipe.model.name_or_path else None, recipe.data.cache_dir
@@ -143,7 +143,7 @@ def prepare(recipe: Recipe, built) -> dict:
             if split == "train":
                 packed.train = packed.train.with_reference(array)
             else:
-                packed.eval_blocks = packed.eval_blocks.with_reference(array)
+                packed.eval_items = packed.eval_items.with_reference(array)
     loaded.clear()
     return {"reference": {"model": source, "cache": str(folder)}}
 
@@ -154,7 +154,7 @@ def make_trainer(built, args) -> Trainer:
     flash = "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
     collator = data.PairCollator(
         built.tok.pad_token_id,
-        built.packed.cfg.block_size,
+        built.prepared.cfg.block_size,
         prompt_targets=pref.objective == "orpo",
         flash_attn_kwargs=flash,
     )
@@ -163,8 +163,8 @@ def make_trainer(built, args) -> Trainer:
         model=built.lm,
         args=args,
         data_collator=collator,
-        train_dataset=built.packed.train,
-        eval_dataset=built.packed.eval_blocks,
+        train_dataset=built.prepared.train,
+        eval_dataset=built.prepared.eval_items,
         processing_class=built.tok,
         compute_loss_func=loss,
     )
@@ -180,16 +180,20 @@ def tokens_per_pair(pairs, sample: int = 256) -> float:
     return float(np.mean([2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in items])) if items else 0.0
 
 
-def evaluate_at_end(recipe: Recipe, lm, tok, packed, output_dir: Path) -> dict:
-    """The preference evaluator on the held-out pairs (eval.json, eval.md, the samples)."""
-    cfg = recipe.evaluate
-    return evaluate.evaluate_pairs(
-        lm,
-        tok,
-        packed,
-        cfg=cfg,
-        generate_cfg=recipe.generate,
-        preference=recipe.preference,
-        out_dir=Path(cfg.output_dir or output_dir),
-        model_name=str(output_dir),
-    )
+def held_out(trainer, prepared, metrics: dict, say) -> dict:
+    """The Trainer's held-out preference loss and reward accuracy, saved and said."""
+    trainer.save_metrics("eval", metrics)
+    accuracy = metrics.get("eval_rewards/accuracies")
+    shown = f", reward accuracy {accuracy:.1%}" if accuracy is not None else ""
+    say(f"held-out preference loss {metrics['eval_loss']:.4f}{shown} ({len(prepared.eval_items):,} pairs)", flush=True)
+    return metrics
+
+
+def final_figures(scores: dict, step: int, tensorboard, output_dir: Path) -> dict:
+    """The evaluator's figures after training into TensorBoard; those all_results.json keeps."""
+    from .callbacks import samples_text
+
+    if tensorboard is not None:
+        final = {f"final/{k}": v for k, v in scores["after"].items() if v is not None}
+        tensorboard.log_final(step, final, {"final/samples": samples_text(output_dir)})
+    return {f"eval_preference_{k}": scores["after"][k] for k in ("accuracy", "chosen_bits_per_byte")}

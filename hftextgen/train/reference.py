@@ -139,7 +139,7 @@ def _compute(stored: np.memmap, missing, lm, collator, batch_size: int, bf16: bo
                 )
 
 
-def saved(run_dir: Path, packed) -> bool:
+def saved_reference(run_dir: Path, packed) -> bool:
     """Put a finished run's reference log-probabilities beside `packed`'s held-out pairs, for
     `hftextgen evaluate` to show the "before" (run_info.json names the cache entry). False when
     they are gone, or are of other data."""
@@ -149,8 +149,8 @@ def saved(run_dir: Path, packed) -> bool:
         stored = np.load(folder / "validation.logps.npy", mmap_mode="r")
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    pairs = packed.eval_blocks
+    pairs = packed.eval_items
     if about.get("data") != Path(packed.cache_path).name or np.isnan(stored[pairs.indices]).any():
         return False
-    packed.eval_blocks = pairs.with_reference(stored)
+    packed.eval_items = pairs.with_reference(stored)
     return True

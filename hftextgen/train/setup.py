@@ -18,7 +18,7 @@ from ..config import Recipe
 from ..errors import UserError
 from . import callbacks, fused_loss, rundir
 from . import preference as preference_stage
-from .preference_config import PreferenceConfig
+from .config import PreferenceConfig
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Built:
 
     tok: PreTrainedTokenizerBase
     corpus: data.Corpus | data.MixedCorpus
-    packed: data.Packed | data.Mixture | data.PreferencePacked
+    prepared: data.Prepared | data.Mixture | data.PreparedPairs
     lm: PreTrainedModel
     preference: PreferenceConfig | None = None
     """Set for a preference run (data.format preference): its section."""
@@ -49,6 +49,7 @@ def preflight(recipe: Recipe) -> str | None:
         model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
     if recipe.peft.lora:
         check_lora(recipe)
+    check_cache(recipe)
     generate.read_prompts(recipe.generate)  # a missing or empty prompts file, before hours of training
     if "tensorboard" in args.report_to and not callbacks.tensorboard_available():
         raise UserError(
@@ -57,6 +58,19 @@ def preflight(recipe: Recipe) -> str | None:
         )
     hub.check_push(args)
     return resume
+
+
+def check_cache(recipe: Recipe) -> None:
+    """train.use_cache with isolated packing: refused. The examples of a row are kept apart by
+    position ids that restart, which transformers turns into a block-diagonal mask only without
+    a KV cache; with one they silently see each other. Refused rather than turned off: a cache
+    does nothing for a training step, so the setting can only be a mistake, and a recipe that
+    says one thing while the run does another is worse than a one-line error."""
+    if getattr(recipe.train, "use_cache", False) and data.open_corpus(recipe.data).packing == "isolated":
+        raise UserError(
+            "train.use_cache true lets the examples packed into a row see each other (data.packing isolated keeps "
+            "them apart only without a KV cache): drop train.use_cache, or set data.packing padded"
+        )
 
 
 def check_lora(recipe: Recipe) -> None:
@@ -83,11 +97,14 @@ def build(recipe: Recipe) -> Built:
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
         if preference_stage.is_pairs(corpus):
             preference_stage.check_reference(recipe.preference, tok)
-        packed = data.prepare(corpus, tok, model.fingerprint(tok))
+        prepared = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
+    # The template the conversations were rendered with is the tokenizer's (build_tokenizer set it).
+    ends = data.end_of_turn_ids(tok, tok.chat_template) if corpus.uses_template else []
+    model.set_generation(lm, tok, ends, corpus.prompt_context, recipe.generate.settings())
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
-    built = Built(tok, corpus, packed, lm)
-    if getattr(packed, "pairs", False):
+    built = Built(tok, corpus, prepared, lm)
+    if getattr(prepared, "pairs", False):
         # Before LoRA's adapters: the reference is these weights.
         built.preference, built.reference = recipe.preference, preference_stage.prepare(recipe, built)
     if recipe.peft.lora:
@@ -96,7 +113,7 @@ def build(recipe: Recipe) -> Built:
 
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
-    """A stock Trainer over the packed blocks, with the training loss fused when asked."""
+    """A stock Trainer over the prepared data, with the training loss fused when asked."""
     setting = getattr(args, "fused_loss", False)
     if setting is not False and built.preference is None:  # the preference loss reads the logits
         # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
@@ -109,18 +126,18 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
     if built.preference is not None:
         return preference_stage.make_trainer(built, args)
-    packed = built.packed
-    if packed.packing == "padded":
+    prepared = built.prepared
+    if prepared.packing == "padded":
         # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
         args.train_sampling_strategy = "sequential"
     return Trainer(
         model=built.lm,
         args=args,
-        data_collator=packed.collate(
+        data_collator=prepared.collate(
             built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
         ),
-        train_dataset=packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
-        eval_dataset=packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
+        train_dataset=prepared.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
+        eval_dataset=prepared.eval_items,  # data.max_eval_tokens of the validation items
         processing_class=built.tok,
     )
 
@@ -129,7 +146,7 @@ def tokens_per_step(recipe: Recipe, built: Built) -> int:
     """Tokens a step holds: recipe.tokens_per_step, or for pairs their tokens on average."""
     if built.preference is None:
         return recipe.tokens_per_step
-    return round(recipe.effective_batch_size * preference_stage.tokens_per_pair(built.packed.train))
+    return round(recipe.effective_batch_size * preference_stage.tokens_per_pair(built.prepared.train))
 
 
 def run_info(recipe: Recipe, built: Built) -> dict:
@@ -150,7 +167,7 @@ def run_info(recipe: Recipe, built: Built) -> dict:
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "effective_batch_size": recipe.effective_batch_size,
         "tokens_per_step": tokens_per_step(recipe, built),
-        "data_cache": str(built.packed.cache_path),
+        "data_cache": str(built.prepared.cache_path),
         **pairs,
     }
 
