@@ -30,6 +30,7 @@ _EXPORTS = {
     "check_template": "templates",
     "end_of_turn_ids": "templates",
     "resolve_template": "templates",
+    "special_tokens": "templates",
     "PairCollator": "pairs",
     "PairTargets": "pairs",
     "PreparedPairs": "pairs",

@@ -128,15 +128,19 @@ def metrics(scores: np.ndarray, answer_bytes: np.ndarray, reward: tuple | None =
 
 
 def answer_bytes(tok, pairs) -> np.ndarray:
-    """UTF-8 bytes of each pair's (chosen, rejected) trained text, as the data report counts
-    an answer's bytes (its trained tokens decoded)."""
+    """UTF-8 bytes of each pair's (chosen, rejected) answer text: its trained tokens decoded, the
+    markers that end turns (the tokenizer's special tokens) left out, as task data counts an
+    answer's bytes."""
+    from ..data import special_tokens
+
+    markers = special_tokens(tok)
     out = np.zeros((len(pairs), 2), np.int64)
     for i in range(len(pairs)):
         item = pairs[i]
         for j, (ids, trained) in enumerate(
             ((item.chosen, item.chosen_trained), (item.rejected, item.rejected_trained))
         ):
-            out[i, j] = len(tok.decode(ids[trained]).encode("utf-8"))
+            out[i, j] = len(markers.sub("", tok.decode(ids[trained])).encode("utf-8"))
     return out
 
 
