@@ -12,7 +12,7 @@ skipped, so that neither trains on different tokens), and its stock collator, lo
 The same optimizer settings (the recipe's learning rate and schedule, AdamW with hftextgen's
 defaults), batch (pairs a step), steps, precision, seed, and dropout off on both (TRL's default).
 
-Three configurations, each in a child process of its own, interleaved, each repeated:
+Three configurations, each in a child process of its own on one thread, interleaved, each repeated:
   hftextgen       the recipe: chosen and rejected packed into rows, reference log-probabilities
                   computed before training (cached; not timed), one model in memory
   trl             DPOTrainer as TRL ships it: each batch padded to its longest sequence, a second
@@ -42,6 +42,7 @@ from bench import common
 
 RECIPE = common.ROOT / "recipes" / "shakespeare" / "preference.yaml"
 VARIANTS = ("hftextgen", "trl", "trl-precompute")
+THREADS = 1
 
 
 def _recipe() -> dict:
@@ -59,7 +60,7 @@ def prepare(folder: Path, model: Path, steps: int, batch: int) -> dict:
     from hftextgen.data import prepare as prepare_data
 
     recipe = _recipe()
-    argv = ["prepare", "--config", str(RECIPE), "--model.name_or_path", str(model), "--progress", "quiet"]
+    argv = ["--config", str(RECIPE), "--model.name_or_path", str(model), "--progress", "quiet"]
     _, sections = cli.parse(cli.prepare_parser(), argv)
     cfg = sections.data
     corpus = open_corpus(cfg)
@@ -197,7 +198,10 @@ def worker(variant: str, folder: Path) -> None:
 
 
 def run_child(variant: str, folder: Path) -> dict:
+    # One thread each: on a CPU other jobs share, OpenMP's spinning threads made two-thread timings
+    # of the same run swing from 16 s to 362 s (measured); one thread a run is steady and fair to both.
     env = {**os.environ, "PYTHONPATH": str(common.ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env |= {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "bench.preference", "--worker", variant, "--folder", str(folder)],

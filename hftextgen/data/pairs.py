@@ -84,11 +84,6 @@ class Pairs(torch.utils.data.Dataset):
         """Tokens each pair holds on disk (the prompt once)."""
         return np.asarray(self.lengths)[self.indices]
 
-    @property
-    def n_tokens(self) -> int:
-        """Tokens the model reads for these pairs: the prompt twice, each answer once."""
-        return sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in map(self.__getitem__, range(len(self))))
-
 
 # ---------------------------------------------------------------- batches
 
