@@ -98,13 +98,18 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     if packed.packing == "padded":
         # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
         args.train_sampling_strategy = "sequential"
+    collate = packed.collate(
+        built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
+    )
+    # The training batches' real tokens, for the logged tokens/s (callbacks.RunMetrics).
+    counted = callbacks.RealTokens(
+        packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed), collate
+    )
     return Trainer(
         model=built.lm,
         args=args,
-        data_collator=packed.collate(
-            built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
-        ),
-        train_dataset=packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
+        data_collator=counted.collate,
+        train_dataset=counted.dataset,
         eval_dataset=packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
         processing_class=built.tok,
     )
