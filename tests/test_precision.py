@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hftextgen.train import precision
+from hftextgen.train import fused_loss, precision
 
 
 def tiny_llama():
@@ -28,8 +28,11 @@ def args(**kw):
 BATCH = {"input_ids": torch.arange(32).reshape(2, 16) % 64, "labels": torch.arange(32).reshape(2, 16) % 64}
 
 
-def test_the_probe_leaves_weights_gradients_and_random_numbers_as_they_were():
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_probe_leaves_weights_gradients_and_random_numbers_as_they_were(fused):
     model = tiny_llama()
+    if fused:  # the training forward the probe times is then the fused loss's
+        assert fused_loss.install(model) is None
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     times = precision.time_both(model, BATCH)
