@@ -96,7 +96,8 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     )
     train = packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed)
     if getattr(args, "bf16_from_hardware", False):
-        batch = precision.first_batch(train, collate, args.per_device_train_batch_size)
+        # Half a micro-batch: the probe then never holds more than a training step does.
+        batch = precision.first_batch(train, collate, max(1, args.per_device_train_batch_size // 2))
         note = precision.choose(args, built.lm, batch, fused, built.corpus.cfg.cache_dir)
         if note:
             print(note, flush=True)
