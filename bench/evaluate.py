@@ -41,7 +41,7 @@ def guide_loop(lm, ids: torch.Tensor, context: int, stride: int) -> tuple[float,
 
 
 def main() -> None:
-    from hftextgen.config import DataConfig
+    from hftextgen.data import DataConfig
     from hftextgen.evaluate.run import score
     from tests.oracle import document_ids, split_texts
 

@@ -80,7 +80,7 @@ def hf_generate(lm, tok, prompts: list[str], new: int, **kwargs):
 
 def generator(lm, tok, new: int, batch: int, compiled: bool = False, **settings):
     """One Generator, kept across calls (its static decoder keeps its captured steps)."""
-    from hftextgen.config import GenerateConfig
+    from hftextgen.generate import GenerateConfig
     from hftextgen.generate.generator import Generator
     from hftextgen.generate.static import StaticDecoder
 

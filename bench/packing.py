@@ -34,11 +34,10 @@ BLOCK = 256
 def write_examples(folder: Path, limit: int) -> tuple[Path, Path]:
     """Train and validation files of prompt/completion records from the plays, split by play as
     the dialogue recipe splits them."""
-    from hftextgen.config import DataConfig
-    from hftextgen.data import Corpus, sources
+    from hftextgen.data import Corpus, DataConfig, sources
 
     segments, _, _ = Corpus(DataConfig(source="shakespeare", format="prompt_completion")).segments(False)
-    cfg = Corpus(DataConfig(source="shakespeare", format="prompt_completion")).reading
+    cfg = Corpus(DataConfig(source="shakespeare", format="prompt_completion")).resolved
     train, validation = [], []
     for seg, record in sources.read_all(segments, cfg):
         (validation if seg.split == "validation" else train).append(record.text)

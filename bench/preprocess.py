@@ -28,8 +28,8 @@ from bench import common
 def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
     import datasets
 
-    from hftextgen.config import DataConfig
-    from hftextgen.data import corpus as data
+    from hftextgen import data
+    from hftextgen.data import DataConfig, shards
     from hftextgen.model import tokenizer
     from tests.oracle import blocks_array, run_clm_blocks, split_texts  # the tests' reference too
 
@@ -48,7 +48,7 @@ def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
         return result
 
     def clm_splits(docs, tok):
-        return {s: run_clm_blocks(getattr(docs, s), tok, block_size) for s in data.SPLITS}
+        return {s: run_clm_blocks(getattr(docs, s), tok, block_size) for s in shards.SPLITS}
 
     def clm_from_disk(tok):
         return clm_splits(split_texts(cfg), tok)
@@ -63,7 +63,7 @@ def measure(repeats: int, block_size: int) -> tuple[list[common.Row], dict]:
             corpus = data.Corpus(DataConfig(**{**cfg.__dict__, "cache_dir": f"{tmp}/mem"}))
             clm = timed("clm_mem", clm_splits, split_texts(corpus.cfg), fresh_tokenizer())
             packed = timed("ours_mem", ours, corpus, fresh_tokenizer())
-            for split in data.SPLITS:
+            for split in shards.SPLITS:
                 a, b = blocks_array(clm[split]), blocks_array(getattr(packed, split))
                 checked[split] = {"blocks": int(len(b)), "identical": bool(a.shape == b.shape and (a == b).all())}
                 if not checked[split]["identical"]:

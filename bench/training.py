@@ -282,8 +282,8 @@ def _pretrained(shape: dict, folder: str) -> str:
 def _plain(config: dict) -> None:
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, set_seed
 
-    from hftextgen.config import DataConfig
-    from hftextgen.data import corpus as data
+    from hftextgen import data
+    from hftextgen.data import DataConfig
     from hftextgen.data.packing import collate_blocks
     from hftextgen.model import tokenizer
 

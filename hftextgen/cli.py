@@ -1,6 +1,7 @@
 """`hftextgen <command>`: the only module that knows about the command line.
 
-Each command's options come from the recipe dataclasses in config.py (jsonargparse), so a YAML
+Each command's options come from the recipe's dataclasses (config.Recipe's sections, each beside
+its stage) through jsonargparse, so a YAML
 section, a `--section.key` override and `--help` always agree. Mistakes end in one line on
 stderr naming the key and the fix, exit code 2; `--debug` shows the traceback instead.
 """
@@ -8,6 +9,7 @@ stderr naming the key and the fix, exit code 2; `--debug` shows the traceback in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 import json
@@ -46,8 +48,6 @@ def _parser(command: str, description: str, sections: tuple[str, ...]):
 def _build_parser(command: str, description: str, sections: tuple[str, ...]):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-    from . import config
-
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=f"hftextgen {command}", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe file, YAML or JSON.")
@@ -64,8 +64,8 @@ def _build_parser(command: str, description: str, sections: tuple[str, ...]):
     for name in sections:
         parser.add_class_arguments(classes[name], name)
     if "train" in sections:
-        parser.set_defaults({f"train.{key}": value for key, value in config.TRAIN_DEFAULTS.items()})
-        helps = config.training_field_help()
+        # TrainingArguments keeps its docs in field metadata; jsonargparse reads docstrings.
+        helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(classes["train"]) if f.init}
         for action in parser._actions:
             name = action.dest.removeprefix("train.")
             if action.dest.startswith("train.") and helps.get(name) and not action.help:
@@ -78,7 +78,6 @@ RECIPE_SECTIONS = ()  # all of them: the fields of config.Recipe (_section_class
 
 def _section_classes() -> dict:
     """The recipe's sections, in order, and each one's class: config.Recipe's fields."""
-    import dataclasses
     import typing
 
     from . import config
@@ -282,9 +281,9 @@ def run_prepare(argv: list[str]) -> int:
 
     corpus = data.open_corpus(recipe.data)
     tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
-    packed = data.prepare(corpus, tok, model.fingerprint(tok))
-    print(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}")
-    print(data.format_report(packed.report))
+    prepared = data.prepare(corpus, tok, model.fingerprint(tok))
+    print(f"data: {'cached' if prepared.cache_hit else 'prepared'} at {prepared.cache_path}")
+    print(data.describe_report(prepared.report))
     return 0
 
 
@@ -335,8 +334,15 @@ def _with_run_defaults(build, argv: list[str]) -> tuple:
         for key, value in values.items()
     }
     defaults.pop("evaluate.output_dir", None)  # results go next to the model being evaluated
-    if any(a.split("=")[0] in ("--data.source", "--data.paths", "--data.dataset") for a in argv):
-        defaults.pop("data.mixture", None)  # other data named: not the run's mixture
+    named = {a.split("=")[0] for a in argv}
+    if named & {"--data.source", "--data.paths", "--data.dataset"}:
+        # Other data named: not the run's mixture, nor its format (auto finds the new data's).
+        defaults.pop("data.mixture", None)
+        defaults.pop("data.format", None)
+    if named & {"--data.source", "--data.paths", "--data.dataset", "--data.format"}:
+        # How the run's data trained (its loss_on) says nothing of other data: the format's own
+        # default, unless given anew (the evaluator scores the answers, or every token of text).
+        defaults.pop("data.loss_on", None)
     return parse(build(), argv, defaults)
 
 
@@ -411,36 +417,22 @@ def _model_dir(model: str, otherwise: Path) -> Path:
 
 def run_evaluate(argv: list[str]) -> int:
     cfg, s = run_defaults(evaluate_parser, argv)
-    from . import data, evaluate, generate, model, runtime
+    from . import data, evaluate, model, runtime
 
     runtime.reuse_freed_memory()
     lm, tok = model.load(cfg.model, device=cfg.device)
     corpus = data.open_corpus(s.data)
     # The model's tokenizer finds the data its run prepared; split all holds nothing out. A
     # mixture: the source its run's evaluator scored (the first task source, else the first).
-    packed = data.prepare(corpus, tok, model.fingerprint(tok), s.evaluate.split != "all", need_blocks=False)
-    packed = packed.evaluated
+    prepared = data.prepare(corpus, tok, model.fingerprint(tok), s.evaluate.split != "all", for_training=False)
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
-    if packed.task:  # prompts and answers: the answers scored given their prompts
-        evaluate.evaluate_answers(
-            lm,
-            tok,
-            packed,
-            s.evaluate.split,
-            cfg=s.evaluate,
-            generate_cfg=s.generate,
-            out_dir=out_dir,
-            model_name=cfg.model,
-        )
-        return 0
-    evaluate.evaluate_model(
+    evaluate.evaluate_prepared(
         lm,
         tok,
-        evaluate.documents_of_split(packed, s.evaluate.split),
-        data=packed.cfg,
+        prepared.evaluated,
+        s.evaluate.split,
         cfg=s.evaluate,
         generate_cfg=s.generate,
-        prompts=generate.read_prompts(s.generate),
         out_dir=out_dir,
         model_name=cfg.model,
     )

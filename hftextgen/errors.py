@@ -24,6 +24,12 @@ class ConfigError(UserError, ValueError):
     dataclass's __post_init__ into its own parse errors."""
 
 
+def require(condition: bool, message: str) -> None:
+    """A recipe section's check: ConfigError(message) unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
 class RunStopped(Exception):
     """A run that stopped before its end on request (SIGTERM, Ctrl-C) and can be continued.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -89,6 +90,63 @@ def save_tiny_pretrained(folder: Path, model_type: str = "gpt2", **shape):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+# The default template of the fine-tuning stage: assistant turns marked for the loss, ended by EOS.
+TEMPLATE = (
+    "{%- for message in messages %}{%- if message['role'] == 'assistant' %}{{ '<|assistant|>\\n' }}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{%- endif %}"
+)
+
+
+def save_chat_model(folder: Path) -> Path:
+    """A tiny GPT-2 (64 positions) whose tokenizer carries TEMPLATE, saved with save_pretrained."""
+    save_tiny_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+# Answers with spaces, punctuation, digits and a non-ASCII letter: BPE merges across a careless
+# boundary would show.
+ANSWERS = ["Paris.", " 42", "Hello there, friend!", "Café au lait", "No.", "It is 3:15 now.", "Yes, 7 of them."]
+
+
+def pc_records(n: int = 40) -> list[dict]:
+    return [{"prompt": f"Question {i}: what is it?\n", "completion": ANSWERS[i % len(ANSWERS)]} for i in range(n)]
+
+
+def chat_records(n: int = 40) -> list[dict]:
+    out = []
+    for i in range(n):
+        first, second = ANSWERS[i % len(ANSWERS)], ANSWERS[(i + 3) % len(ANSWERS)]
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Tell me thing {i}."},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And another?"},
+            {"role": "assistant", "content": second},
+        ]
+        out.append({"messages": messages})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """GPT-2's bundled tokenizer, ready for a language model (a pad id), once per test module."""
+    from hftextgen.model import bundled_gpt2, ready_for_lm
+
+    return ready_for_lm(bundled_gpt2(), "gpt2")
 
 
 @pytest.fixture(autouse=True)

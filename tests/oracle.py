@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hftextgen.config import DataConfig, EvaluateConfig
-from hftextgen.data import corpus as data
-from hftextgen.data import sources
+from hftextgen import data
+from hftextgen.data import DataConfig, shards, sources
+from hftextgen.evaluate import EvaluateConfig
 
 # ---------------------------------------------------------------- documents in memory
 
@@ -31,7 +31,7 @@ class SplitTexts:
 def split_texts(cfg: DataConfig) -> SplitTexts:
     """Every document of the corpus `cfg` names, whole, in the split preparing puts it in."""
     corpus = data.Corpus(cfg)
-    return SplitTexts(*(as_dataset(list(corpus.texts(split))) for split in data.SPLITS))
+    return SplitTexts(*(as_dataset(list(corpus.texts(split))) for split in shards.SPLITS))
 
 
 def as_dataset(docs: list[tuple[str, str | None]]):
@@ -111,3 +111,38 @@ def evaluate_texts(lm, tok, texts: list[str], cfg: EvaluateConfig, add_eos: bool
         [len(t.split()) for t in texts],
         cfg,
     )
+
+
+# ---------------------------------------------------------------- scoring answers
+
+
+def score_conversations(run_dir: Path, conversations: list[list[dict]]) -> dict:
+    """Each assistant turn of each conversation scored by the run's model and stock
+    apply_chat_template alone: the tokens that turn adds to the rendering of the turns before it
+    (with the generation prompt), through the first end of turn the model stops at; bits per byte
+    over the UTF-8 bytes of the answers' own text. For prefix-preserving templates (hftextgen's
+    default is one)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    lm = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    ends = lm.generation_config.eos_token_id
+    ends = set(ends if isinstance(ends, list) else [ends])
+    nll, tokens, n_bytes = 0.0, 0, 0
+    for messages in conversations:
+        full = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(torch.tensor([full])).logits[0].double(), -1)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            stop = next(t for t in range(start, len(full)) if full[t] in ends) + 1
+            nll -= sum(logp[t - 1, full[t]].item() for t in range(start, stop))
+            tokens += stop - start
+            n_bytes += len(message["content"].encode("utf-8"))
+    return {"nll": nll, "answer_tokens": tokens, "answer_bytes": n_bytes, "bits_per_byte": nll / math.log(2) / n_bytes}

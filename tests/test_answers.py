@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from hftextgen.config import GenerateConfig
 from hftextgen.evaluate import answers
 from hftextgen.evaluate.answers import Examples, score_answers
+from hftextgen.generate import GenerateConfig
 from hftextgen.model.tokenizer import bundled_gpt2, ready_for_lm
 
 CONTEXT = 32

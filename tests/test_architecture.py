@@ -13,10 +13,10 @@ import torch
 from conftest import files_args, flags, save_tiny_pretrained
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, pipeline
 
-from hftextgen.config import GenerateConfig, ModelConfig
 from hftextgen.errors import ConfigError
+from hftextgen.generate import GenerateConfig
 from hftextgen.generate.generator import Generator
-from hftextgen.model import architecture
+from hftextgen.model import ModelConfig, architecture
 from hftextgen.model.build import load
 from hftextgen.train.validate import memory_formula
 

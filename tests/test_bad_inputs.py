@@ -301,9 +301,15 @@ CASES = {
         "peft.method=lora needs the peft package, which is not installed: pip install peft",
     ),
     # ---- task data
-    "a role other than system, user and assistant": (
-        lambda c: c.with_data(chat_file(c, [ASK, {"role": "tool", "content": "x"}, ANSWER])),
-        "{tmp}/chat.jsonl:1: messages[1] has role 'tool': roles are system, user or assistant; map or drop the others",
+    "a role other than system, user, assistant and tool": (
+        lambda c: c.with_data(chat_file(c, [ASK, {"role": "narrator", "content": "x"}, ANSWER])),
+        "{tmp}/chat.jsonl:1: messages[1] has role 'narrator': roles are system, user, assistant or tool; map or drop "
+        "the others",
+    ),
+    "a content part that is not text": (
+        lambda c: c.with_data(chat_file(c, [{"role": "user", "content": [{"type": "image", "url": "x"}]}, ANSWER])),
+        "{tmp}/chat.jsonl:1: messages[0].content holds parts of type image without text: only text parts "
+        "(type text, with a text field) can be trained on; drop the others",
     ),
     "no conversation with an answer": (
         lambda c: c.with_data(chat_file(c, [ASK])),
@@ -332,6 +338,11 @@ CASES = {
     "a template that does not render": (
         lambda c: tasks(c, "--tokenizer.chat_template", "{% for m in messages %}{{ m.content }}"),
         "the chat template does not render a conversation (TemplateSyntaxError: <ANY>): fix tokenizer.chat_template",
+    ),
+    "a KV cache with isolated packing": (
+        lambda c: tasks(c, "--train.use_cache", "true"),
+        "train.use_cache true lets the examples packed into a row see each other (data.packing isolated keeps them "
+        "apart only without a KV cache): drop train.use_cache, or set data.packing padded",
     ),
     "a template for text": (
         lambda c: c.finetune("--tokenizer.chat_template", "{{ messages }}"),

@@ -8,31 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_pretrained
+from conftest import save_chat_model, save_tiny_pretrained
 
 import hftextgen.generate.chat as chat
-from hftextgen.config import GenerateConfig
 from hftextgen.errors import UserError
+from hftextgen.generate import GenerateConfig
 from hftextgen.model import load
-
-# The default template of the fine-tuning stage: assistant turns marked for the loss, ended by EOS.
-TEMPLATE = (
-    "{%- for message in messages %}{%- if message['role'] == 'assistant' %}{{ '<|assistant|>\\n' }}"
-    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{%- endif %}"
-)
-
-
-def save_chat_model(folder: Path) -> Path:
-    """A tiny GPT-2 (64 positions) whose tokenizer carries TEMPLATE, saved with save_pretrained."""
-    save_tiny_pretrained(folder)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +33,7 @@ def talk(model, lines: list[str], system: str | None = None, output: Path | None
         return queue.pop(0)
 
     cfg = GenerateConfig(**{"max_new_tokens": 8, **settings})
-    messages = chat.chat(lm, tok, cfg, system, read, written.append, notes.append, output=output)
+    messages = chat.converse(lm, tok, cfg, system, read, written.append, notes.append, output=output)
     return messages, written, notes
 
 
@@ -195,7 +176,7 @@ def test_a_model_without_a_chat_template_is_one_line(tmp_path):
     lm, tok = load(str(save_tiny_pretrained(tmp_path / "plain") and tmp_path / "plain"), device="cpu")
     assert not tok.chat_template
     with pytest.raises(UserError, match="--chat: .* has no chat template.*set tokenizer.chat_template"):
-        chat.chat(lm, tok, GenerateConfig(), read=lambda _: "hi")
+        chat.converse(lm, tok, GenerateConfig(), read=lambda _: "hi")
     path = conversations_file(tmp_path / "m.jsonl")
     with pytest.raises(UserError, match="--messages: .* has no chat template"):
         chat.answer_file(lm, tok, GenerateConfig(), path, tmp_path / "o.jsonl")
@@ -213,11 +194,16 @@ def test_too_many_new_tokens_for_the_context_and_a_too_long_conversation_in_a_fi
 
 def test_end_of_turn_tokens_other_than_eos_end_the_answer(model):
     lm, tok = model
-    end = tok.convert_tokens_to_ids("Ġthe")  # stands for an <|eot_id|>: any id other than EOS
+    cfg = GenerateConfig(preset="greedy", max_new_tokens=8)
+    prompt = chat.render(tok, [{"role": "user", "content": "hi"}])
+    (free,) = chat.generator(lm, tok, cfg)([prompt])
+    ids = tok(free.completion, add_special_tokens=False)["input_ids"]
+    assert free.finish == "length" and len(ids) == 8
+    k = next(k for k in range(1, 8) if ids[k] not in ids[:k])  # a token new at k stands for an <|eot_id|>
     saved = lm.generation_config.eos_token_id
-    lm.generation_config.eos_token_id = [tok.eos_token_id, end]
+    lm.generation_config.eos_token_id = [tok.eos_token_id, ids[k]]
     try:
-        gen = chat.generator(lm, tok, GenerateConfig(stop=["x"], max_new_tokens=8))
+        (cut,) = chat.generator(lm, tok, cfg)([prompt])
     finally:
         lm.generation_config.eos_token_id = saved
-    assert gen.cfg.stop == ["x", " the"] and gen.cfg.num_return_sequences == 1
+    assert cut.finish == "eos" and cut.new_tokens == k and cut.completion == tok.decode(ids[:k])

@@ -179,3 +179,42 @@ def test_console_entry_point_exit_code():
         result.stderr.strip()
         == "hftextgen: error: unknown recipe key train.learnin_rate: did you mean train.learning_rate?"
     )
+
+
+def test_train_arguments_built_in_python_have_the_defaults_of_finetune():
+    """hftextgen's train defaults are TrainArguments' field defaults: built in Python, with no
+    argument, it equals the train section `hftextgen finetune` parses with no option, field by
+    field; and those defaults are hftextgen's, not TrainingArguments'."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from hftextgen import cli
+    from hftextgen.train import TrainArguments
+
+    _, sections = cli.parse(finetune_parser(), [])
+    in_python = TrainArguments()
+    names = [f.name for f in dataclasses.fields(TrainArguments) if f.init]
+    differ = {n: (getattr(in_python, n), getattr(sections.train, n)) for n in names}
+    assert not {n: pair for n, pair in differ.items() if pair[0] != pair[1]}
+    stock = TrainingArguments()
+    ours = {
+        "output_dir": "runs/default",
+        "learning_rate": 6e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,
+        "weight_decay": 0.1,
+        "adam_beta2": 0.95,
+        "eval_strategy": "steps",
+        "eval_steps": 500,
+        "save_total_limit": 3,
+        "logging_steps": 10,
+        "logging_first_step": True,
+        "prediction_loss_only": True,
+        "report_to": ["tensorboard"],
+        "ddp_find_unused_parameters": False,
+        "log_level_replica": "error",
+        "log_on_each_node": False,
+    }
+    for name, value in ours.items():
+        assert getattr(in_python, name) == value != getattr(stock, name), name

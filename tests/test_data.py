@@ -14,10 +14,8 @@ import pytest
 from conftest import make_text, write_corpus
 from oracle import read_file, split_texts
 
-from hftextgen import cache
-from hftextgen.config import DataConfig
-from hftextgen.data import corpus as data
-from hftextgen.data import sources
+from hftextgen import cache, data
+from hftextgen.data import DataConfig, sources
 from hftextgen.data.split import held_out_indices
 from hftextgen.errors import UserError
 from hftextgen.model.tokenizer import bundled_gpt2, fingerprint

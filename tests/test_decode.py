@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from hftextgen.config import GenerateConfig
+from hftextgen.generate import GenerateConfig
 from hftextgen.generate import static as decode
 from hftextgen.generate.generator import Generator
 from hftextgen.model import tokenizer

@@ -11,7 +11,7 @@ from conftest import files_args, flags
 from oracle import document_ids, evaluate_texts
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from hftextgen.config import EvaluateConfig
+from hftextgen.evaluate import EvaluateConfig
 from hftextgen.evaluate import run as evaluation
 from hftextgen.evaluate.run import load_metric, score, windows
 from hftextgen.model.tokenizer import bundled_gpt2, ready_for_lm

@@ -11,9 +11,8 @@ import pytest
 from conftest import files_args, flags, write_corpus
 from oracle import blocks_array, run_clm_blocks, split_texts
 
-from hftextgen.config import DataConfig
-from hftextgen.data import corpus as data
-from hftextgen.data import encoders
+from hftextgen import data
+from hftextgen.data import DataConfig, encoders, shards
 from hftextgen.model import tokenizer
 
 VOCAB = 50257
@@ -99,7 +98,7 @@ def test_prepare_matches_the_run_clm_reference(tmp_path, add_eos, num_proc):
     tok = gpt2()
     packed = data.prepare(data.Corpus(cfg), tok, tokenizer.fingerprint(tok))
     docs = split_texts(cfg)
-    for split in data.SPLITS:
+    for split in shards.SPLITS:
         reference = blocks_array(run_clm_blocks(getattr(docs, split), tok, 24, add_eos=add_eos))
         ours = blocks_array(getattr(packed, split))
         assert ours.shape == reference.shape and len(ours) > 0
@@ -117,7 +116,7 @@ def test_shakespeare_blocks_match_the_run_clm_reference(tmp_path):
 
 
 def test_gpt2_small_recipe_pads_the_vocabulary_and_never_generates_padding():
-    from hftextgen.config import ModelConfig
+    from hftextgen.model import ModelConfig
     from hftextgen.model.build import build_model
 
     tok = gpt2()

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from hftextgen.config import NEUTRAL, PRESETS, GenerateConfig
+from hftextgen.generate import GenerateConfig
+from hftextgen.generate.config import NEUTRAL, PRESETS
 from hftextgen.generate.generator import Generator
 from hftextgen.generate.sampling import SeededGumbel
 from hftextgen.model.build import load

@@ -11,7 +11,7 @@ import pytest
 from oracle import split_texts
 
 from hftextgen import hub
-from hftextgen.config import DataConfig
+from hftextgen.data import DataConfig
 from hftextgen.errors import UserError
 
 

@@ -1,7 +1,8 @@
 """The house's layout rules, read from the source (ast), so a change that breaks one fails here:
 every module opens with a docstring that says its job, no function is over 60 lines, code outside
-a stage reaches it only through the stage package's exported names, and no module-level import
-cycle."""
+a stage reaches it only through the stage package's exported names, no import cycle (at module
+level or inside functions), each recipe section's dataclass beside its stage in a config module
+that imports no other stage, and no test module importing from another."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def exports(stage: str) -> dict[str, str]:
 EXPORTS = {f"hftextgen.{stage}": exports(stage) for stage in STAGES}
 
 
+def import_source(name: str, node: ast.ImportFrom) -> str:
+    """The absolute name of the module a `from ... import` in module `name` imports from."""
+    if not node.level:
+        return node.module or ""
+    base = name if is_package(name) else name.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        base = base.rpartition(".")[0]
+    return f"{base}.{node.module}" if node.module else base
+
+
 def imports(name: str, tree: ast.Module, module_level: bool, exported: bool = False) -> list[tuple[int, str]]:
     """(line, module) of every hftextgen module that `name` imports: at module level only, or
     anywhere. `from package import x` is the module x when x is one, else the package itself, or
@@ -49,13 +60,7 @@ def imports(name: str, tree: ast.Module, module_level: bool, exported: bool = Fa
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.startswith("hftextgen")]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = name if is_package(name) else name.rpartition(".")[0]
-                for _ in range(node.level - 1):
-                    base = base.rpartition(".")[0]
-                source = f"{base}.{node.module}" if node.module else base
-            else:
-                source = node.module or ""
+            source = import_source(name, node)
             if not source.startswith("hftextgen"):
                 continue
             for alias in node.names:
@@ -63,10 +68,50 @@ def imports(name: str, tree: ast.Module, module_level: bool, exported: bool = Fa
                 if target in MODULES:
                     out.append((node.lineno, target))
                 elif exported and alias.name in EXPORTS.get(source, {}):
-                    out.append((node.lineno, f"{source}.{EXPORTS[source][alias.name].partition(':')[0]}"))
+                    out.append((node.lineno, f"{source}.{EXPORTS[source][alias.name]}"))
                 else:
                     out.append((node.lineno, source))
     return [(line, target) for line, target in out if target in MODULES]
+
+
+def exported_uses(name: str, tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, module) of every stage module that `name` reaches as an attribute of the stage's
+    package (`from .. import data` ... `data.prepare(...)`): the lazy exports import that module
+    when the attribute is first read, as an import would."""
+    packages = {}  # local name -> stage package
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            source = import_source(name, node)
+            for alias in node.names:
+                if f"{source}.{alias.name}" in EXPORTS:
+                    packages[alias.asname or alias.name] = f"{source}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            packages.update({a.asname: a.name for a in node.names if a.asname and a.name in EXPORTS})
+    return [
+        (node.lineno, f"{packages[node.value.id]}.{EXPORTS[packages[node.value.id]][node.attr]}")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in packages
+        and node.attr in EXPORTS[packages[node.value.id]]
+    ]
+
+
+def import_graph(module_level: bool) -> dict[str, set[str]]:
+    """Module -> the hftextgen modules running it imports: at module level only, or anywhere
+    (inside functions too, and through a stage package's exported names)."""
+    graph = {}
+    for name, tree in TREES.items():
+        found = imports(name, tree, module_level, exported=True)
+        if not module_level:
+            found += exported_uses(name, tree)
+        graph[name] = {t for _, t in found}
+    # A module's parent packages run first (their __init__.py): hftextgen.data.corpus needs hftextgen.data.
+    for name in graph:
+        parent = name.rpartition(".")[0]
+        if parent in graph:
+            graph[name].add(parent)
+    return graph
 
 
 def test_every_module_opens_with_a_docstring():
@@ -105,8 +150,7 @@ def test_outside_a_stage_only_its_package_is_imported():
 
 def test_every_exported_name_exists():
     for package, names in EXPORTS.items():
-        for public, where in names.items():
-            module, _, attribute = where.partition(":")
+        for public, module in names.items():
             tree = TREES[f"{package}.{module}"]
             defined = {
                 t.id
@@ -117,7 +161,7 @@ def test_every_exported_name_exists():
             }
             defined |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
             defined |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
-            assert (attribute or public) in defined, f"{package}: {public} -> {where} is not defined there"
+            assert public in defined, f"{package}: {public} -> {module} is not defined there under that name"
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -157,13 +201,61 @@ def test_cycles_finds_a_cycle():
 
 
 def test_no_module_level_import_cycle():
-    graph = {name: {t for _, t in imports(name, tree, True, exported=True)} for name, tree in TREES.items()}
-    # A module's parent packages run first (their __init__.py): hftextgen.data.corpus needs hftextgen.data.
-    for name in graph:
-        parent = name.rpartition(".")[0]
-        if parent in graph:
-            graph[name].add(parent)
-    assert not cycles(graph)
+    assert not cycles(import_graph(module_level=True))
+
+
+def test_no_import_cycle_anywhere():
+    """Function-level imports and exported names read from a stage package included: a lazy
+    import must not hide a two-way dependency."""
+    assert not cycles(import_graph(module_level=False))
+
+
+def test_import_graph_sees_function_level_and_exported_uses():
+    graph = import_graph(module_level=False)
+    assert "hftextgen.model.tokenizer" in graph["hftextgen.data.prepared"]  # model_stage.encoder_spec, in a function
+    assert "hftextgen.data.report" in graph["hftextgen.train.card"]  # `from .. import data` inside a function
+    assert "hftextgen.data.report" not in import_graph(module_level=True)["hftextgen.train.card"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_sections_config_module_imports_no_other_stage(stage):
+    """Each recipe section's dataclass lives beside its stage, in <stage>/config.py, which imports
+    nothing of another stage (so a stage can import any section, and the sections import no
+    stage back)."""
+    name = f"hftextgen.{stage}.config"
+    assert name in MODULES, f"hftextgen/{stage}/config.py is missing"
+    reached = {t for _, t in imports(name, TREES[name], False, exported=True) + exported_uses(name, TREES[name])}
+    other = sorted(t for t in reached if stage_of(t) not in (None, stage))
+    assert not other, f"{name} imports {other}"
+
+
+def test_every_recipe_section_is_a_config_modules_dataclass():
+    """config.Recipe's sections are each declared in a stage's config module: a new section is a
+    dataclass there and a field of Recipe."""
+    import dataclasses
+    import typing
+
+    from hftextgen.config import Recipe
+
+    hints = typing.get_type_hints(Recipe)
+    homes = {f.name: hints[f.name].__module__ for f in dataclasses.fields(Recipe)}
+    assert all(home in {f"hftextgen.{s}.config" for s in STAGES} for home in homes.values()), homes
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in conftest.py (fixtures, helpers) or a helper module (oracle.py,
+    runs.py), never in another test module: a test file imports no test_*.py."""
+    tests = Path(__file__).parent
+    wrong = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_"):
+                wrong.append(f"{path.name}:{node.lineno} imports {node.module}")
+            elif isinstance(node, ast.Import):
+                wrong += [
+                    f"{path.name}:{node.lineno} imports {a.name}" for a in node.names if a.name.startswith("test_")
+                ]
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -9,14 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, TINY_TRAIN, write_corpus
-from test_task_data import ANSWERS, chat_records, gpt2, pc_records, write_jsonl  # noqa: F401  (gpt2: a fixture)
+from conftest import ANSWERS, TINY_MODEL, TINY_TRAIN, chat_records, pc_records, write_corpus, write_jsonl
 
-from hftextgen.config import DataConfig, MixtureSource
-from hftextgen.data import Mixture, format_report, open_corpus, prepare, report_table
+from hftextgen.data import DataConfig, Mixture, MixtureSource, describe_report, open_corpus, prepare, report_table
 from hftextgen.data.mixture import draw, draw_counts
 from hftextgen.data.packing import IGNORE
-from hftextgen.data.tasks import DEFAULT_CHAT_TEMPLATE
+from hftextgen.data.templates import DEFAULT_CHAT_TEMPLATE
 from hftextgen.errors import ConfigError, UserError
 from hftextgen.model import fingerprint
 
@@ -53,7 +51,7 @@ def sources(tmp_path):
     return chat, text
 
 
-def test_a_text_and_chat_mixture_trains_the_answers_and_all_the_text(sources, gpt2):  # noqa: F811
+def test_a_text_and_chat_mixture_trains_the_answers_and_all_the_text(sources, gpt2):
     chat, text = sources
     cfg = mixture({"paths": [str(chat)], "weight": 3}, {"paths": [f"{text}/*.txt"], "weight": 1})
     packed = prepared(gpt2, cfg)
@@ -85,10 +83,10 @@ def test_a_text_and_chat_mixture_trains_the_answers_and_all_the_text(sources, gp
     # The evaluator scores the chat source; the Trainer's evaluations take both.
     assert packed.evaluated is packed.sources[0] and "[0]" in packed.report["evaluator"]
     assert all(r["eval_tokens"] > 0 for r in rows)
-    assert packed.eval_blocks.n_tokens == sum(r["eval_tokens"] for r in rows)
+    assert packed.eval_items.n_tokens == sum(r["eval_tokens"] for r in rows)
 
 
-def test_concat_mixes_blocks_with_labels_for_every_source(sources, gpt2):  # noqa: F811
+def test_concat_mixes_blocks_with_labels_for_every_source(sources, gpt2):
     chat, text = sources
     cfg = mixture({"paths": [str(chat)]}, {"paths": [f"{text}/*.txt"]}, packing="concat")
     packed = prepared(gpt2, cfg)
@@ -102,15 +100,15 @@ def test_concat_mixes_blocks_with_labels_for_every_source(sources, gpt2):  # noq
     assert batch["labels"].shape == (2, 64)
 
 
-def test_padded_mixture_orders_examples_by_length(sources, gpt2):  # noqa: F811
+def test_padded_mixture_orders_examples_by_length(sources, gpt2):
     chat, text = sources
     packed = prepared(gpt2, mixture({"paths": [str(chat)]}, {"paths": [f"{text}/*.txt"]}, packing="padded"))
     ordered = packed.ordered(4, seed=0)
     assert len(ordered) == len(packed.train) and sorted(ordered.lengths) == sorted(packed.train.lengths)
-    assert packed.eval_blocks.lengths[0] == packed.eval_blocks.lengths.max()
+    assert packed.eval_items.lengths[0] == packed.eval_items.lengths.max()
 
 
-def test_the_draw_is_seeded_and_the_report_says_it(sources, gpt2):  # noqa: F811
+def test_the_draw_is_seeded_and_the_report_says_it(sources, gpt2):
     chat, text = sources
     cfg = mixture({"paths": [str(chat)], "weight": 1}, {"paths": [f"{text}/*.txt"], "weight": 2.5})
     one, two = prepared(gpt2, cfg), prepared(gpt2, cfg)
@@ -121,16 +119,16 @@ def test_the_draw_is_seeded_and_the_report_says_it(sources, gpt2):  # noqa: F811
     head, rows = report_table(one.report)
     assert head[:6] == ("source", "format", "weight", "share", "examples", "drawn")
     assert rows[0][2:4] == ("1", "29%") and rows[1][2:4] == ("2.5", "71%")
-    text_out = format_report(one.report)
+    text_out = describe_report(one.report)
     assert "data.mixture[0]" in text_out and "x" in rows[0][6] and "evaluator at the end" in text_out
     json.dumps(one.report)  # data_report.json
 
 
-def test_padded_task_data_reports_its_examples(tmp_path, gpt2):  # noqa: F811
+def test_padded_task_data_reports_its_examples(tmp_path, gpt2):
     path = write_jsonl(tmp_path / "pc.jsonl", pc_records(20))
     corpus = open_corpus(DataConfig(paths=[str(path)], packing="padded", block_size=64))
     report = prepare(corpus, gpt2, fingerprint(gpt2)).report
-    assert report["train"]["examples"]["examples"] == 19 and "examples" in format_report(report)
+    assert report["train"]["examples"]["examples"] == 19 and "examples" in describe_report(report)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +148,32 @@ def test_bad_mixtures_are_one_line(data, message):
         DataConfig(mixture=entries, **data)
 
 
-def test_a_source_without_examples_is_named(tmp_path, gpt2):  # noqa: F811
+def test_a_mixture_entrys_keys_are_the_data_sections():
+    """An entry's keys besides its weight are the data section's own: the keys that name its source
+    of the same type and default (unset in the data section with a mixture), the others unset by
+    default so that the data section's value holds. The two lists are read off the fields."""
+    import dataclasses
+    import typing
+
+    from hftextgen.data import config
+
+    def default(cls, name: str):
+        f = cls.__dataclass_fields__[name]
+        return f.default_factory() if callable(f.default_factory) else f.default
+
+    entry, data = typing.get_type_hints(MixtureSource), typing.get_type_hints(DataConfig)
+    keys = [f.name for f in dataclasses.fields(MixtureSource) if f.name != "weight"]
+    assert sorted(keys) == sorted(config.SOURCE_KEYS + config.OVERRIDES) and "loss_on" in config.OVERRIDES
+    for key in config.SOURCE_KEYS:
+        assert entry[key] == data[key] and default(MixtureSource, key) == default(DataConfig, key), key
+    for key in config.OVERRIDES:
+        assert entry[key] in (data[key], data[key] | None) and default(MixtureSource, key) is None, key
+    given = MixtureSource(paths=["a.jsonl"], add_eos=False)
+    source = DataConfig(mixture=[given, MixtureSource()], validation_fraction=0.2).source_configs()[0]
+    assert (source.paths, source.add_eos, source.validation_fraction) == (["a.jsonl"], False, 0.2)
+
+
+def test_a_source_without_examples_is_named(tmp_path, gpt2):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     text = write_corpus(tmp_path / "text", n_docs=4, lines=10)

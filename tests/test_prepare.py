@@ -23,9 +23,8 @@ import pytest
 from conftest import make_text, write_corpus
 from oracle import split_texts
 
-from hftextgen.config import DataConfig
-from hftextgen.data import corpus as data
-from hftextgen.data import encoders, preparation, shards, sources
+from hftextgen import data
+from hftextgen.data import DataConfig, encoders, preparation, shards, sources
 from hftextgen.data.split import held_out_by_hash
 from hftextgen.errors import RunStopped
 from hftextgen.model import tokenizer
@@ -58,7 +57,7 @@ def trained(tmp_path_factory):
     return tok, tokenizer.fingerprint(tok)
 
 
-def prepare(cfg: DataConfig, tok_fp, **kw) -> data.Packed:
+def prepare(cfg: DataConfig, tok_fp, **kw) -> data.Prepared:
     tok, fp = tok_fp
     return data.prepare(data.Corpus(cfg), tok, fp, **kw)
 
@@ -90,7 +89,7 @@ def expected_documents(cfg: DataConfig, tok, split: str) -> tuple[list[str], lis
     return list(docs["id"]), list(docs["text"]), [tok(t)["input_ids"] + eos for t in docs["text"]]
 
 
-def check_documents(packed: data.Packed, cfg: DataConfig, tok) -> None:
+def check_documents(packed: data.Prepared, cfg: DataConfig, tok) -> None:
     """Every document's ids, bytes, words and id in the prepared data are those of
     tokenizer(text) + EOS, and the split is their concatenation."""
     for split in shards.SPLITS:
@@ -447,11 +446,11 @@ def test_max_eval_tokens_caps_both_evaluation_subsets(tmp_path, gpt2):
     packed = prepare(cfg, gpt2)
     val = packed.report["validation"]
     assert val["tokens"] > 2000
-    blocks = packed.eval_blocks
+    blocks = packed.eval_items
     assert len(blocks) == 700 // 16 and blocks.n_tokens <= 700 < val["tokens"]
     assert np.all(np.diff(blocks.indices) > 0)  # in the split's order
     again = prepare(cfg, gpt2)
-    assert np.array_equal(again.eval_blocks.indices, blocks.indices)  # the same every time
+    assert np.array_equal(again.eval_items.indices, blocks.indices)  # the same every time
     assert packed.report["eval"] == {"max_tokens": 700, "blocks": 43, "tokens": 688}
 
     docs = packed.eval_documents()
@@ -468,7 +467,7 @@ def test_max_eval_tokens_caps_both_evaluation_subsets(tmp_path, gpt2):
 
     # Under the cap: everything, in order (the default recipe scores all its held-out tokens).
     whole = prepare(DataConfig(source="files", paths=[str(folder)], block_size=16, validation_fraction=0.25), gpt2)
-    assert len(whole.eval_blocks) == len(whole.validation) and whole.eval_documents().names == held
+    assert len(whole.eval_items) == len(whole.validation) and whole.eval_documents().names == held
 
 
 def test_one_document_longer_than_the_cap_is_still_scored():
@@ -545,10 +544,33 @@ def test_the_report_keeps_its_columns_at_any_size():
         "train": {**big, "tokens_dropped": 56},
         "validation": {"documents": 2, "characters": 9, "tokens": 3, "blocks": 0, "tokens_dropped": 3},
     }
-    lines = data.format_report(report).splitlines()
+    lines = data.describe_report(report).splitlines()
     header, train, validation = lines[:3]
     assert len(header) == len(train) == len(validation)
     assert train.split() == ["train", "321,118", "8,952,508,741,123", "2,103,511,992", "16,433,687", "56"]
     for column in header.split()[1:]:  # each number ends under the end of its column's title
         end = header.index(column) + len(column)
         assert train[end - 1] != " " and (end == len(train) or train[end] == " ")
+
+
+def test_a_worker_receives_the_data_section_itself_without_transformers(tmp_path):
+    """What a preparation worker process unpickles, its initializer and its Settings (the
+    DataConfig itself among them), imports neither transformers nor torch: the data section's
+    module is a schema, and a text worker starts without them."""
+    import pickle
+
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")], format="text")
+    settings = preparation.Settings(
+        data=cfg, split_mode="seeded", work=str(tmp_path), spec={}, eos=0, dtype="uint16",
+        shard_tokens=1, piece_chars=1, batch_chars=1,
+    )  # fmt: skip
+    code = (
+        "import pickle, sys; init, settings = pickle.loads(sys.stdin.buffer.read()); "
+        "heavy = [m for m in ('transformers', 'torch') if m in sys.modules]; "
+        "print(type(settings.data).__name__, settings.data.paths, heavy)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps((preparation._init_worker, settings)), capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["DataConfig", f"['{tmp_path}/*.txt']", "[]"]

@@ -4,6 +4,7 @@ completion, offline, with the model named by its path in the request. Needs the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,11 +17,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_chat import save_chat_model
+from conftest import save_chat_model
 
 import hftextgen.generate.chat as chat
-from hftextgen.config import GenerateConfig
-from hftextgen.model import load
+from hftextgen.generate import GenerateConfig
+from hftextgen.model import load, set_generation
 
 openai = pytest.importorskip("openai", reason="the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
@@ -67,10 +68,9 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(5)
 
 
-@pytest.mark.slow
-@pytest.mark.extended  # starts a server: the extended suite (`make test-all`)
-def test_transformers_serve_answers_the_openai_client_from_a_run_directory(tmp_path):
-    folder = save_chat_model(tmp_path / "run")
+@contextlib.contextmanager
+def served(tmp_path: Path):
+    """`transformers serve` on a free port, offline, and an openai client of it; stopped after."""
     port, log = free_port(), tmp_path / "serve.log"
     # Offline: a local directory needs nothing from the Hub. One thread: the machine is shared.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -79,11 +79,20 @@ def test_transformers_serve_answers_the_openai_client_from_a_run_directory(tmp_p
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_healthy(process, port, log)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120, max_retries=0)
-        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-        reply = client.chat.completions.create(model=str(folder), messages=messages, max_tokens=MAX_TOKENS)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120, max_retries=0)
     finally:
         stop(process)
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # starts a server: the extended suite (`make test-all`)
+def test_transformers_serve_answers_the_openai_client_from_a_run_directory(tmp_path):
+    folder = save_chat_model(tmp_path / "run")
+    with served(tmp_path) as client:
+        reply = client.chat.completions.create(model=str(folder), messages=MESSAGES, max_tokens=MAX_TOKENS)
     answer = reply.choices[0]
     assert answer.message.role == "assistant" and isinstance(answer.message.content, str)
     assert 1 <= reply.usage.completion_tokens <= MAX_TOKENS
@@ -91,10 +100,29 @@ def test_transformers_serve_answers_the_openai_client_from_a_run_directory(tmp_p
     # Serve prompted with the directory's template, as hftextgen's chat does: same prompt, and
     # (both greedy: serve's default for a generation_config without do_sample) the same answer.
     lm, tok = load(str(folder), device="cpu")
-    assert reply.usage.prompt_tokens == len(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    assert reply.usage.prompt_tokens == len(tok.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"])
     path = tmp_path / "m.jsonl"
-    path.write_text(json.dumps({"messages": messages}) + "\n")
+    path.write_text(json.dumps({"messages": MESSAGES}) + "\n")
     cfg = GenerateConfig(preset="greedy", max_new_tokens=MAX_TOKENS)
     chat.answer_file(lm, tok, cfg, path, tmp_path / "answers.jsonl")
     ours = json.loads((tmp_path / "answers.jsonl").read_text())["messages"][-1]["content"]
     assert answer.message.content == ours
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # starts a server
+def test_serve_samples_as_the_recipe_says_and_takes_the_clients_temperature(tmp_path):
+    """A run's generation_config.json holds its recipe's preset (balanced: sampling), so serve
+    samples at the temperature a client asks for; without do_sample there it answered greedily,
+    the same answer each time."""
+    folder = save_chat_model(tmp_path / "run")
+    lm, tok = load(str(folder), device="cpu")
+    set_generation(lm, tok, [], "conversation", GenerateConfig(preset="balanced").settings())
+    lm.save_pretrained(folder)
+    assert json.loads((folder / "generation_config.json").read_text())["do_sample"] is True
+    with served(tmp_path) as client:
+        ask = dict(model=str(folder), messages=MESSAGES, max_tokens=MAX_TOKENS)
+        hot = [client.chat.completions.create(**ask, temperature=1.2).choices[0].message.content for _ in range(3)]
+        cold = [client.chat.completions.create(**ask, temperature=0).choices[0].message.content for _ in range(2)]
+    assert len(set(hot)) > 1, hot  # a random model's 50k-token softmax at 1.2: three draws never all agree
+    assert len(set(cold)) == 1  # temperature 0: greedy, as the protocol says

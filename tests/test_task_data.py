@@ -12,47 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ANSWERS, chat_records, pc_records, write_jsonl
+from oracle import score_conversations
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hftextgen.config import DataConfig, ModelConfig, TokenizerConfig
-from hftextgen.data import Corpus, prepare
-from hftextgen.data.tasks import DEFAULT_CHAT_TEMPLATE
+from hftextgen.data import Corpus, DataConfig, prepare
+from hftextgen.data.templates import DEFAULT_CHAT_TEMPLATE
 from hftextgen.evaluate.answers import Examples, score_answers
-from hftextgen.model import bundled_gpt2, fingerprint, ready_for_lm
+from hftextgen.model import ModelConfig, TokenizerConfig, fingerprint
 from hftextgen.model.tokenizer import build_tokenizer
-
-# Answers with spaces, punctuation, digits and a non-ASCII letter: BPE merges across a careless
-# boundary would show.
-ANSWERS = ["Paris.", " 42", "Hello there, friend!", "Café au lait", "No.", "It is 3:15 now.", "Yes, 7 of them."]
-
-
-def pc_records(n: int = 40) -> list[dict]:
-    return [{"prompt": f"Question {i}: what is it?\n", "completion": ANSWERS[i % len(ANSWERS)]} for i in range(n)]
-
-
-def chat_records(n: int = 40) -> list[dict]:
-    out = []
-    for i in range(n):
-        first, second = ANSWERS[i % len(ANSWERS)], ANSWERS[(i + 3) % len(ANSWERS)]
-        messages = [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"Tell me thing {i}."},
-            {"role": "assistant", "content": first},
-            {"role": "user", "content": "And another?"},
-            {"role": "assistant", "content": second},
-        ]
-        out.append({"messages": messages})
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return ready_for_lm(bundled_gpt2(), "gpt2")
 
 
 def prepared(tok, cfg: DataConfig):
@@ -91,15 +59,17 @@ def test_the_trained_tokens_are_the_answers_and_their_eos(tmp_path, gpt2, kind):
 
 
 def test_a_trained_bpe_and_a_template_file_without_generation_marks(tmp_path):
-    """A Llama-3-style template of the user's (no {% generation %}: the answers are found by
-    rendering prefixes) on a BPE trained on the examples' text."""
+    """A Llama-3-style template of the user's (no {% generation %}) on a BPE trained on the
+    examples' text, which knows none of the template's markers as special tokens: the marker
+    that closes a turn is then the template's text after each answer."""
     template = tmp_path / "llama3.jinja"
     template.write_text(
         "{% for m in messages %}<|start|>{{ m['role'] }}<|sep|>{{ m['content'] }}<|eot|>{% endfor %}"
         "{% if add_generation_prompt %}<|start|>assistant<|sep|>{% endif %}"
     )
     path = write_jsonl(tmp_path / "chat.jsonl", chat_records())
-    cfg = DataConfig(source="files", paths=[str(path)], block_size=96, max_eval_tokens=1 << 20)
+    # Long enough for whole conversations (the markers are several tokens each in this BPE).
+    cfg = DataConfig(source="files", paths=[str(path)], block_size=160, max_eval_tokens=1 << 20)
     corpus = Corpus(cfg)
     tok = build_tokenizer(
         TokenizerConfig(source="train", vocab_size=300, chat_template=str(template)), ModelConfig(), corpus
@@ -148,20 +118,51 @@ def test_the_same_shards_and_masks_whatever_the_number_of_processes(tmp_path, gp
     assert any(name.endswith(".mask") for name in entries[0])
 
 
-def tiny_model(vocab: int) -> torch.nn.Module:
+def tiny_model(vocab: int, positions: int = 64) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=16, vocab_size=vocab, n_positions=64)
+    config = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=16, vocab_size=vocab, n_positions=positions)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def test_each_packing_trains_the_answers_alone_and_scores_the_same(tmp_path, gpt2):
-    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(30))
-    lm = tiny_model(len(gpt2))
-    scores, losses = {}, {}
+def rows_nll(lm, packed, pad_id: int, see_each_other: bool = False) -> tuple[float, int]:
+    """Summed NLL (nats) and count of the labelled tokens of the Trainer's evaluation rows, batched
+    by the Trainer's collator. `see_each_other`: position ids made contiguous, as a packing that
+    failed to keep a row's examples apart would leave them (the control that this can tell)."""
+    rows, collate = packed.eval_items, packed.collate(pad_id)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), 4):
+        batch = collate([rows[i] for i in range(start, min(start + 4, len(rows)))])
+        labels = batch.pop("labels")[:, 1:]
+        if see_each_other and "position_ids" in batch:
+            batch["position_ids"] = torch.arange(labels.shape[1] + 1).expand_as(batch["position_ids"])
+        with torch.no_grad():
+            logits = lm(**batch, use_cache=False).logits[:, :-1].double()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        total, count = total + loss.item(), count + int((labels != -100).sum())
+    return total, count
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "messages"])
+def test_each_packing_trains_the_answers_alone_and_the_trainer_sees_what_the_scorer_scores(tmp_path, gpt2, kind):
+    """What the Trainer's evaluation computes on each packing's rows equals the answer scorer's
+    sum on the same held-out examples, each scored alone: rows that let examples see each other
+    (or lose or add a trained token) would not."""
+    path = write_jsonl(tmp_path / "tasks.jsonl", chat_records(40) if kind == "messages" else pc_records(40))
+    lm = tiny_model(len(gpt2), positions=128)
     for packing in ("concat", "isolated", "padded"):
-        cfg = DataConfig(source="files", paths=[str(path)], block_size=64, packing=packing, max_eval_tokens=1 << 20)
+        cfg = DataConfig(
+            source="files", paths=[str(path)], block_size=128, packing=packing, validation_fraction=0.25,
+            max_eval_tokens=1 << 20,
+        )  # fmt: skip
         _, packed = prepared(gpt2, cfg)
         assert packed.packing == packing and packed.report["packing"] == packing
+        batch = packed.collate(gpt2.eos_token_id)([packed.train[i] for i in range(2)])
+        labels = batch["labels"][batch["labels"] != -100]
+        pieces = set(gpt2.decode(labels).split(gpt2.eos_token)) - {""}
+        if packing == "concat":  # blocks cut anywhere, an answer too; each holds the examples before it
+            assert all(any(piece in a for a in ANSWERS) for piece in pieces)
+            continue
+        assert pieces <= set(ANSWERS)
         items, names, answer_bytes = packed.eval_examples("validation")
         examples = Examples(
             ids=[items[i].ids for i in range(len(items))],
@@ -171,16 +172,13 @@ def test_each_packing_trains_the_answers_alone_and_scores_the_same(tmp_path, gpt
             split_examples=len(items),
             split_tokens=items.n_tokens,
         )
-        scores[packing] = score_answers(lm, examples, batch_size=4)["nll"]
-        batch = packed.collate(gpt2.eos_token_id)([packed.train[i] for i in range(2)])
-        labels = batch["labels"][batch["labels"] != -100]
-        assert set(gpt2.decode(labels).split(gpt2.eos_token)) <= {a for a in ANSWERS} | {""}
-        if packing != "concat":
-            # Every trained token of the batch, and only those, as in the examples.
-            with torch.no_grad():
-                losses[packing] = lm(**batch, use_cache=False).loss.item()
-    assert scores["concat"] == scores["isolated"] == scores["padded"]
-    assert losses["isolated"] > 0 and losses["padded"] > 0
+        scored = score_answers(lm, examples, batch_size=4)
+        nll, count = rows_nll(lm, packed, gpt2.eos_token_id)
+        assert count == scored["answer_tokens"] and nll == pytest.approx(scored["nll"], rel=1e-6)
+        if packing == "isolated":
+            assert len(packed.eval_items) < len(items)  # several examples a row: isolation is at stake
+            leaky, _ = rows_nll(lm, packed, gpt2.eos_token_id, see_each_other=True)
+            assert leaky != pytest.approx(scored["nll"], rel=1e-4)
 
 
 def test_loss_on_all_trains_every_token_and_the_answers_are_still_scored(tmp_path, gpt2):
@@ -277,6 +275,13 @@ def test_a_custom_task_recipe_end_to_end(tmp_path, run_cli, recipe):
     assert again["answers"] == result["answers"] and again["nll"] == pytest.approx(result["nll"], rel=1e-5)
     if recipe != "chat":
         return
+    # The answers' bits per byte as an independent scorer counts them: the answers' text, not the
+    # EOS that ends each (the evaluator counted those bytes too, 8% low on the dialogue recipe).
+    held_out = set(json.loads((run / "validation_documents.json").read_text()))
+    by_id = {f"{data}:{n}": r["messages"] for n, r in enumerate(records, start=1)}
+    oracle = score_conversations(run, [by_id[i] for i in sorted(held_out)])
+    assert result["answer_bytes"] == oracle["answer_bytes"] and result["answer_tokens"] == oracle["answer_tokens"]
+    assert result["bits_per_byte"] == pytest.approx(oracle["bits_per_byte"], rel=1e-5)
     # Stock transformers: the saved template's assistant mask is the one trained with.
     tok = AutoTokenizer.from_pretrained(run)
     messages = records[0]["messages"]

@@ -11,7 +11,7 @@ import tokenizers
 from conftest import make_text
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from hftextgen.data import tasks
+from hftextgen.data import tasks, templates
 from hftextgen.errors import UserError
 from hftextgen.model.tokenizer import bundled_gpt2
 
@@ -51,7 +51,7 @@ LLAMA3_TEMPLATE = (
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 # The default template with its answer marks taken out: the same text, through the prefix path.
-UNMARKED_DEFAULT = tasks.DEFAULT_CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{% endgeneration %}", "")
+UNMARKED_DEFAULT = templates.DEFAULT_CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{% endgeneration %}", "")
 
 
 def _trained_bpe(specials: list[str] | None = None) -> PreTrainedTokenizerFast:
@@ -141,13 +141,13 @@ def test_default_template_mask_is_stock_assistant_mask(name, request):
         messages = record.get("messages") or record["prompt"] + record["completion"]
         stock = tokenizer.apply_chat_template(
             messages,
-            chat_template=tasks.DEFAULT_CHAT_TEMPLATE,
+            chat_template=templates.DEFAULT_CHAT_TEMPLATE,
             return_dict=True,
             return_assistant_tokens_mask=True,
             tokenize=True,
         )
         # Through stock masks (the marks), and through the prefix path on the same text.
-        for template in (tasks.DEFAULT_CHAT_TEMPLATE, UNMARKED_DEFAULT):
+        for template in (templates.DEFAULT_CHAT_TEMPLATE, UNMARKED_DEFAULT):
             example = _encode_one(tokenizer, record, chat_template=template)
             assert example.input_ids.tolist() == stock["input_ids"]
             assert example.trained.tolist() == [bool(m) for m in stock["assistant_masks"]]
@@ -175,11 +175,27 @@ def test_turns_after_the_last_answer_are_left_out(bpe):
     assert _encode_one(bpe, record).input_ids.tolist() == _encode_one(bpe, MIXED[3]).input_ids.tolist()
 
 
-def test_a_template_whose_earlier_turns_change_is_one_line(bpe):
-    template = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(UserError, match=r"record 0: .*earlier turns.*generation") as caught:
-        _encode_one(bpe, MIXED[3], chat_template=template)
-    assert "\n" not in str(caught.value)
+def test_a_template_whose_earlier_turns_change_still_trains_exactly_its_answers(bpe):
+    """Rendering prefixes cannot find these answers (the last turn is rendered differently once
+    it is no longer last); placeholders in the whole conversation can."""
+    template = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] + eos_token }}{% endfor %}"
+    example = _encode_one(bpe, MIXED[3], chat_template=template)
+    runs = [_decode(bpe, example.input_ids[run]) for run in _runs(example.trained)]
+    assert runs == [answer + bpe.eos_token for answer in _answers(MIXED[3])]
+    assert example.answers == tuple(_answers(MIXED[3]))  # the bytes counted: no EOS
+
+
+def test_a_record_the_template_cannot_show_is_skipped_and_counted_not_a_stop(bpe):
+    """A template that renders one record's answer out of place (here: upper-cased) skips that
+    record, counted; the others are encoded."""
+    template = (
+        "{% for m in messages %}{% if 'SHOUT' in m['content'] %}{{ m['content'] | upper }}"
+        "{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
+    )
+    shout = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "SHOUT it out"}]}
+    encoded = tasks.encode([shout, MIXED[3]], bpe, "messages", chat_template=template)
+    assert encoded.examples[0] is None and encoded.examples[1] is not None
+    assert encoded.counts.skipped_unmaskable == 1 and encoded.counts.examples == 1
 
 
 # ---------------------------------------------------------------- truncation
@@ -196,15 +212,32 @@ def test_a_long_prompt_is_cut_from_the_left(gpt2):
     assert _decode(gpt2, example.input_ids[example.trained]) == record["completion"] + gpt2.eos_token
 
 
-def test_multi_turn_keeps_the_last_answer_whole(bpe):
+def test_a_long_conversation_loses_whole_leading_exchanges_and_keeps_its_system_turn(bpe):
     record = _long_chat(turns=4)
     whole = _encode_one(bpe, record)
-    last = _runs(whole.trained)[-1]
-    max_length = len(whole.input_ids) - int(last[0]) + 3  # the last answer, and 3 tokens before it
-    example = _encode_one(bpe, record, max_length=max_length)
-    assert example.truncated and example.input_ids.tolist() == whole.input_ids[-max_length:].tolist()
-    assert _decode(bpe, example.input_ids[_runs(example.trained)[-1]]) == _answers(record)[-1] + bpe.eos_token
-    assert len(_runs(example.trained)) < len(_runs(whole.trained))  # earlier answers were cut
+    last_two = {"messages": [SYSTEM, *record["messages"][-4:]]}
+    expected = _encode_one(bpe, last_two)  # the system turn and the last two exchanges, rendered anew
+    encoded = tasks.encode([record], bpe, "messages", max_length=len(expected.input_ids))
+    example = encoded.examples[0]
+    assert len(example.input_ids) < len(whole.input_ids) and example.truncated
+    assert example.input_ids.tolist() == expected.input_ids.tolist()
+    assert example.trained.tolist() == expected.trained.tolist()
+    assert _decode(bpe, example.input_ids).startswith("<|system|>\n" + SYSTEM["content"])
+    assert encoded.counts == tasks.Counts(examples=1, truncated=1, exchanges_dropped=1)
+
+
+def test_a_single_over_long_prompt_turn_is_cut_from_the_left_its_header_kept(bpe):
+    question = "Question: " + make_text(3, lines=12).replace("\n", " ")
+    record = {"messages": [SYSTEM, {"role": "user", "content": question}, {"role": "assistant", "content": "No."}]}
+    whole = _encode_one(bpe, record)
+    encoded = tasks.encode([record], bpe, "messages", max_length=len(whole.input_ids) - 20)
+    example = encoded.examples[0]
+    text = _decode(bpe, example.input_ids)
+    assert len(example.input_ids) <= len(whole.input_ids) - 20
+    assert text.startswith("<|system|>\n" + SYSTEM["content"] + "\n<|user|>\n")  # both headers kept
+    assert "Question:" not in text and text.endswith(question[-30:] + "\n<|assistant|>\nNo.<|endoftext|>\n")
+    assert _decode(bpe, example.input_ids[example.trained]) == "No.<|endoftext|>"
+    assert encoded.counts == tasks.Counts(examples=1, truncated=1, turn_cut=1)
 
 
 def test_an_answer_that_does_not_fit_is_dropped_and_counted(bpe):
@@ -214,7 +247,7 @@ def test_an_answer_that_does_not_fit_is_dropped_and_counted(bpe):
     answer = int(_encode_one(bpe, fits).trained.sum())
     encoded = tasks.ExampleEncoder(bpe, "prompt_completion", max_length=answer + 1)([fits, too_long])
     assert encoded.examples[0] is not None and encoded.examples[1] is None
-    assert encoded.counts == tasks.Counts(examples=1, truncated=1, dropped_too_long=1)
+    assert encoded.counts == tasks.Counts(examples=1, truncated=1, turn_cut=1, dropped_too_long=1)
     assert _decode(bpe, encoded.examples[0].input_ids) == ". Good night.<|endoftext|>"  # "Speak" cut
     # An answer filling the whole window has no token to be predicted from: dropped too.
     assert tasks.ExampleEncoder(bpe, "prompt_completion", max_length=answer)([fits]).counts.dropped_too_long == 1
@@ -249,7 +282,10 @@ def test_check_format_names_the_fields_found():
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"messages": [{"role": "tool", "content": "x"}]}, r"record 5: messages\[0\] has role 'tool'"),
+        ({"messages": [{"role": "narrator", "content": "x"}]}, r"record 5: messages\[0\] has role 'narrator'"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]}, r"parts of type image"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, r"only an assistant message calls"),
+        ({"messages": MIXED[3]["messages"], "tools": "{"}, r"record 5: tools is a string that is not JSON"),
         ({"prompt": "Speak.", "completion": "  "}, r"record 5: the completion is empty"),
         ({"prompt": [{"role": "user", "content": "Hi"}], "completion": []}, r"record 5: the completion is empty"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, r"empty assistant"),
@@ -286,36 +322,38 @@ def test_a_conversation_without_answer_is_skipped_and_counted(bpe):
 
 
 def test_resolve_template(bpe, tmp_path):
-    assert tasks.resolve_template(bpe, None) == tasks.DEFAULT_CHAT_TEMPLATE  # no template of its own
-    assert tasks.resolve_template(_llama_style(), None) == LLAMA3_TEMPLATE  # the model's own
-    assert tasks.resolve_template(_llama_style(), tasks.DEFAULT_CHAT_TEMPLATE) == tasks.DEFAULT_CHAT_TEMPLATE
+    assert templates.resolve_template(bpe, None) == templates.DEFAULT_CHAT_TEMPLATE  # no template of its own
+    assert templates.resolve_template(_llama_style(), None) == LLAMA3_TEMPLATE  # the model's own
+    assert (
+        templates.resolve_template(_llama_style(), templates.DEFAULT_CHAT_TEMPLATE) == templates.DEFAULT_CHAT_TEMPLATE
+    )
     path = tmp_path / "chat.jinja"
     path.write_text(LLAMA3_TEMPLATE, encoding="utf-8")
-    assert tasks.resolve_template(bpe, str(path)) == LLAMA3_TEMPLATE
+    assert templates.resolve_template(bpe, str(path)) == LLAMA3_TEMPLATE
     with pytest.raises(UserError, match=f"tokenizer.chat_template: {tmp_path}/missing.jinja does not exist"):
-        tasks.resolve_template(bpe, str(tmp_path / "missing.jinja"))
+        templates.resolve_template(bpe, str(tmp_path / "missing.jinja"))
     with pytest.raises(UserError, match="neither a Jinja template nor a .jinja file"):
-        tasks.resolve_template(bpe, "chat.txt")
+        templates.resolve_template(bpe, "chat.txt")
 
 
 def test_a_template_that_does_not_render_is_one_line(bpe):
     with pytest.raises(UserError, match=r"does not render a conversation \(TemplateSyntaxError: ") as caught:
-        tasks.check_template(bpe, "{% for m in messages %}{{ m['content'] }}")
+        templates.check_template(bpe, "{% for m in messages %}{{ m['content'] }}")
     assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match="UndefinedError"):
-        tasks.check_template(bpe, "{{ messages[0]['content'] + nothing.here }}")
+        templates.check_template(bpe, "{{ messages[0]['content'] + nothing.here }}")
     with pytest.raises(UserError, match="leaves the assistant's answer out"):
-        tasks.check_template(bpe, "{% for m in messages %}{{ m['role'] }}{% endfor %}")
+        templates.check_template(bpe, "{% for m in messages %}{{ m['role'] }}{% endfor %}")
     with pytest.raises(UserError, match="does not render"):
         tasks.ExampleEncoder(bpe, "messages", chat_template="{{ raise_exception('no chat here') }}")
 
 
 def test_the_template_saved_with_the_tokenizer_round_trips(tmp_path):
     tokenizer = _trained_bpe()
-    tokenizer.chat_template = tasks.resolve_template(tokenizer, None)
+    tokenizer.chat_template = templates.resolve_template(tokenizer, None)
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert loaded.chat_template == tasks.DEFAULT_CHAT_TEMPLATE
+    assert loaded.chat_template == templates.DEFAULT_CHAT_TEMPLATE
     messages = MIXED[3]["messages"]
     out = loaded.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True, tokenize=True)
     example = _encode_one(tokenizer, MIXED[3])
@@ -325,10 +363,10 @@ def test_the_template_saved_with_the_tokenizer_round_trips(tmp_path):
     assert prompt.endswith("<|user|>\nWhat a noble mind is here.\n<|assistant|>\n")
 
 
-def test_a_template_that_marks_no_answer_is_one_line(bpe):
+def test_a_template_whose_marks_hold_no_answer_skips_the_record(bpe):
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% generation %}{% endgeneration %}"
-    with pytest.raises(UserError, match="record 0: the chat template marks no answer"):
-        _encode_one(bpe, MIXED[3], chat_template=template)
+    encoded = tasks.encode([MIXED[3]], bpe, "messages", chat_template=template)
+    assert encoded.examples == [None] and encoded.counts.skipped_unmaskable == 1
 
 
 def test_chatml_answers_end_at_their_marker():

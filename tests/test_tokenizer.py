@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from hftextgen.config import DataConfig, ModelConfig, Recipe, TokenizerConfig, TrainArguments
-from hftextgen.data import corpus as data
+from hftextgen import data
+from hftextgen.config import Recipe
+from hftextgen.data import DataConfig
 from hftextgen.data.packing import collate_blocks
-from hftextgen.model import tokenizer
+from hftextgen.model import ModelConfig, TokenizerConfig, tokenizer
+from hftextgen.train import TrainArguments
 
 
 def test_bundled_tokenizer_is_gpt2():

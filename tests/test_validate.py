@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import files_args
 
-from hftextgen.train.validate import describe, memory_formula
+from hftextgen.train.validate import describe_estimate, memory_formula
 
 
 def validate_args(argv: list[str]) -> list[str]:
@@ -38,7 +38,7 @@ def test_estimate_matches_the_run(corpus, tmp_path, run_cli):
     assert not run_dir.exists()
     estimate = json.loads(out[out.index("{") :])
 
-    text = describe(estimate)  # what validate prints without --json
+    text = describe_estimate(estimate)  # what validate prints without --json
     assert "steps: 14 = 0.318 epochs of 44 steps" in text and "tokens: 1,792 trained" in text
     assert "time: ~" in text and "memory: ~" in text and "disk: ~" in text
 
@@ -102,16 +102,15 @@ def test_memory_formula_counts_a_lora_models_training_state_as_torch_holds_it():
     them, and the formula says what full fine-tuning would add."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hftextgen.config import PeftConfig
-    from hftextgen.model import lora
+    from hftextgen.model import PeftConfig, lora
 
     shape = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 16, "intermediate_size": 32}
     base = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, vocab_size=300, **shape))
-    lm = lora.wrap(base, PeftConfig(method="lora"), "base")
+    lm = lora.wrap_lora(base, PeftConfig(method="lora"), "base")
     held = training_state_after_a_step(lm)
     formula = formula_of(lm)
     assert {k: v for k, v in formula.items() if k in held} == held
-    trainable, total = lora.parameters(lm)
+    trainable, total = lora.lora_parameters(lm)
     assert 0 < trainable < total and formula["lora_saves"] == 12 * (total - trainable)
 
 

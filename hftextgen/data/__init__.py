@@ -7,12 +7,14 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
+    "DataConfig": "config",
+    "MixtureSource": "config",
     "Corpus": "corpus",
-    "Packed": "corpus",
-    "prepare": "corpus",
-    "format_report": "corpus",
-    "packing_line": "corpus",
-    "report_table": "corpus",
+    "Prepared": "prepared",
+    "prepare": "prepared",
+    "describe_report": "report",
+    "packing_line": "report",
+    "report_table": "report",
     "Mixture": "mixture",
     "MixedCorpus": "mixture",
     "open_corpus": "mixture",
@@ -24,10 +26,11 @@ _EXPORTS = {
     "SAFE_CUT": "preparation",
     "build_encoder": "encoders",
     "count_words": "preparation",
-    "DEFAULT_CHAT_TEMPLATE": "tasks",
     "ExampleEncoder": "tasks",
-    "check_template": "tasks",
-    "resolve_template": "tasks",
+    "DEFAULT_CHAT_TEMPLATE": "templates",
+    "check_template": "templates",
+    "end_of_turn_ids": "templates",
+    "resolve_template": "templates",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

@@ -21,16 +21,19 @@ answers), else the first source (its held-out documents); the report says which.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from functools import cached_property
 
 import numpy as np
 
 from .. import cache
-from ..config import DataConfig
 from ..errors import UserError, warn
+from . import packing as packer
 from . import shards
-from .corpus import Corpus, Packed, prepare
+from .config import ITEMS, DataConfig
+from .corpus import Corpus
+from .prepared import Prepared, Served, prepare
 
 # A source drawn more than this many times an epoch is said to be (a warning).
 REPEAT_WARNING = 10
@@ -180,9 +183,15 @@ class MixedCorpus:
 
     @cached_property
     def packing(self) -> str:
-        """One packing for the run: data.packing, else isolated if any source is a task format
-        (its examples must not see each other), else concat."""
-        return self.cfg.packing or ("isolated" if self.is_task else "concat")
+        """One packing for the run: data.packing resolved as for one source, task data if any
+        source is a task format."""
+        return self.cfg.resolved_packing(self.is_task)
+
+    @property
+    def prompt_context(self) -> str:
+        """What a prompt follows in the source the evaluator scores (the first task source, else
+        the first): Corpus.prompt_context."""
+        return next((c for c in self.corpora if c.is_task), self.corpora[0]).prompt_context
 
     @cached_property
     def split_fingerprint(self) -> str:
@@ -192,46 +201,38 @@ class MixedCorpus:
         """(id, text) of every source's documents of `split`, source after source."""
         return itertools.chain.from_iterable(c.texts(split) for c in self.corpora)
 
-    def prepare(self, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True, need_blocks: bool = True):
+    def prepare(self, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True, for_training: bool = True):
         """Each source prepared (or found in the cache) on its own, then drawn into a Mixture."""
         # concat: each source's blocks; isolated and padded: each source's examples (a source
         # prepared padded keeps them as they are, to be packed across sources here).
         each = "concat" if self.packing == "concat" else "padded"
-        packed = []
+        prepared = []
         for i, corpus in enumerate(self.corpora):
             with entry(i, corpus.cfg):
-                corpus.cfg = _with_packing(corpus.cfg, each)
-                one = prepare(corpus, tokenizer, tokenizer_fingerprint, hold_out, need_blocks)
-                if need_blocks and not len(one.train):
+                corpus.cfg = dataclasses.replace(corpus.cfg, packing=each)
+                one = prepare(corpus, tokenizer, tokenizer_fingerprint, hold_out, for_training)
+                if for_training and not len(one.train):
                     raise UserError("its training split holds no examples: give it data, or drop the entry")
-            packed.append(one)
-        return mix(self, packed, warn_repeats=need_blocks)
-
-
-def _with_packing(cfg: DataConfig, packing: str) -> DataConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, packing=packing)
+            prepared.append(one)
+        return mix(self, prepared, warn_repeats=for_training)
 
 
 # ---------------------------------------------------------------- the mixture
 
 
-def _eval_items(packed: Packed, max_tokens: int, seed: int):
+def _eval_items(prepared: Prepared, max_tokens: int, seed: int):
     """A seeded subset of a source's held-out items holding at most max_tokens tokens."""
-    cfg = packed.cfg
-    if packed.packing == "concat":
-        return shards.sample_blocks(packed.validation, max_tokens, seed)
+    cfg = prepared.cfg
+    if prepared.packing == "concat":
+        return shards.sample_blocks(prepared.validation, max_tokens, seed)
     found = shards.examples(
-        packed.cache_path, "validation", packed.tokens["validation"], packed.trained["validation"], cfg.block_size
+        prepared.cache_path, "validation", prepared.tokens["validation"], prepared.trained["validation"], cfg.block_size
     )
     return shards.sample_examples(found, max_tokens, seed)
 
 
 def _combine(parts: list, counts_of: list[np.ndarray], packing: str, block_size: int):
     """The drawn items of every source, packed as the run packs them."""
-    from . import packing as packer
-
     source, index = _mix(counts_of)
     if packing == "concat":
         return MixedBlocks(parts, source, index)
@@ -241,21 +242,21 @@ def _combine(parts: list, counts_of: list[np.ndarray], packing: str, block_size:
     return items
 
 
-def mix(mixed: MixedCorpus, packed: list[Packed], warn_repeats: bool = True) -> Mixture:
+def mix(mixed: MixedCorpus, prepared: list[Prepared], warn_repeats: bool = True) -> Mixture:
     """The prepared sources drawn by weight (module docstring) into one training set, and each
     source's share of the held-out evaluation."""
     cfg, packing = mixed.cfg, mixed.packing
-    parts = [p.train for p in packed]  # blocks (concat) or examples (each source prepared padded)
+    parts = [p.train for p in prepared]  # blocks (concat) or examples (each source prepared padded)
     available = np.array([len(p) for p in parts], np.int64)
     counts = draw_counts(np.maximum(available, 1), mixed.weights) * (available > 0)
     rng = np.random.default_rng(cfg.split_seed)
     drawn = [draw(int(n), int(k), rng) if n else np.zeros(0, np.int64) for n, k in zip(available, counts, strict=True)]
     train = _combine(parts, drawn, packing, cfg.block_size)
     shares = np.maximum(1, np.rint(mixed.weights / mixed.weights.sum() * cfg.max_eval_tokens)).astype(int)
-    evaluated = [_eval_items(p, int(share), cfg.split_seed) for p, share in zip(packed, shares, strict=True)]
-    eval_blocks = _combine(evaluated, [np.arange(len(e)) for e in evaluated], packing, cfg.block_size)
+    evaluated = [_eval_items(p, int(share), cfg.split_seed) for p, share in zip(prepared, shares, strict=True)]
+    eval_items = _combine(evaluated, [np.arange(len(e)) for e in evaluated], packing, cfg.block_size)
     if packing == "padded":  # longest first, as one source's are
-        eval_blocks = eval_blocks.select(np.argsort(-eval_blocks.lengths, kind="stable"))
+        eval_items = eval_items.select(np.argsort(-eval_items.lengths, kind="stable"))
     for name, n, k in zip(mixed.names, available, counts, strict=True):
         if warn_repeats and n and k > REPEAT_WARNING * n:
             warn(
@@ -265,10 +266,10 @@ def mix(mixed: MixedCorpus, packed: list[Packed], warn_repeats: bool = True) -> 
     table = [
         _source_row(name, w, p, part, d, e, share)
         for name, w, p, part, d, e, share in zip(
-            mixed.names, mixed.weights, packed, parts, drawn, evaluated, shares, strict=True
+            mixed.names, mixed.weights, prepared, parts, drawn, evaluated, shares, strict=True
         )
     ]
-    return Mixture(cfg, packed, train, eval_blocks, packing, table)
+    return Mixture(cfg, prepared, train, eval_items, packing, table)
 
 
 def _tokens_of(part, chosen: np.ndarray) -> int:
@@ -277,41 +278,37 @@ def _tokens_of(part, chosen: np.ndarray) -> int:
     return int(part.lengths[chosen].sum())
 
 
-def _source_row(name, weight, packed: Packed, part, drawn, evaluated, share) -> dict:
+def _source_row(name, weight, prepared: Prepared, part, drawn, evaluated, share) -> dict:
     """What the report says of one source: its items, those drawn and how often, its evaluation."""
     n = int(len(part))
     return {
         "source": name,
-        "format": packed.task["format"] if packed.task else "text",
+        "format": prepared.task["format"] if prepared.task else "text",
         "weight": float(weight),
-        "unit": "blocks" if isinstance(part, shards.BlockDataset) else "examples",
+        "unit": ITEMS[prepared.packing],  # as prepared for the mixture: concat or padded
         "available": n,
         "drawn": int(len(drawn)),
         "tokens_drawn": _tokens_of(part, drawn),
         "repeat": round(len(drawn) / n, 3) if n else 0.0,
         "eval_max_tokens": int(share),
         "eval_tokens": evaluated.n_tokens,
-        "cache": str(packed.cache_path),
+        "cache": str(prepared.cache_path),
     }
 
 
-def _evaluated(packed: list[Packed]) -> int:
+def _evaluated(prepared: list[Prepared]) -> int:
     """The source the evaluator scores: the first task source, else the first."""
-    return next((i for i, p in enumerate(packed) if p.task), 0)
+    return next((i for i, p in enumerate(prepared) if p.task), 0)
 
 
-class Mixture:
-    """A mixture's prepared data, served as `Packed` serves one source's: `train` (the drawn
-    items, packed), `eval_blocks` (each source's share of the held-out items), `collate`,
-    `ordered`, the report; with `sources` (each source's Packed) and `evaluated` (the source the
-    end-of-training evaluator scores, with the whole data.max_eval_tokens)."""
+class Mixture(Served):
+    """A mixture's prepared data, served as `Prepared` serves one source's: `train` (the drawn
+    items, packed), `eval_items` (each source's share of the held-out items), `collate`,
+    `ordered`, the report; with `sources` (each source's Prepared) and `evaluated` (the source
+    the end-of-training evaluator scores, with the whole data.max_eval_tokens)."""
 
-    # Batching depends on the packing and the items alone, as for one source.
-    collate = Packed.collate
-    ordered = Packed.ordered
-
-    def __init__(self, cfg: DataConfig, sources: list[Packed], train, eval_blocks, packing: str, table: list[dict]):
-        self.cfg, self.sources, self.train, self.eval_blocks, self.packing = cfg, sources, train, eval_blocks, packing
+    def __init__(self, cfg: DataConfig, sources: list[Prepared], train, eval_items, packing: str, table: list[dict]):
+        self.cfg, self.sources, self.train, self.eval_items, self.packing = cfg, sources, train, eval_items, packing
         self.cache_path = cache.root(cfg.cache_dir, "data")
         self.cache_hit = all(p.cache_hit for p in sources)
         self.evaluated_index = _evaluated(sources)
@@ -339,8 +336,8 @@ class Mixture:
             },
             "eval": {
                 "max_tokens": cfg.max_eval_tokens,
-                "blocks": len(self.eval_blocks),
-                "tokens": self.eval_blocks.n_tokens,
+                "blocks": len(self.eval_items),  # the file's name for the items (blocks, rows or examples)
+                "tokens": self.eval_items.n_tokens,
             },
             "evaluated_source": self.evaluated_index,
             "evaluator": f"data.mixture{table[self.evaluated_index]['source']}: its {what}",
@@ -358,57 +355,8 @@ class Mixture:
             for row, p in zip(self.report["mixture"], self.sources, strict=True)
         }
 
-    def eval_documents(self, split: str = "validation") -> shards.Documents:
+    def eval_documents(self, split: str = "validation") -> shards.EvalDocuments:
         return self.evaluated.eval_documents(split)
 
     def eval_examples(self, split: str = "validation"):
         return self.evaluated.eval_examples(split)
-
-
-# ---------------------------------------------------------------- the report
-
-
-def mixture_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """A row per source: its weight and share, its training items, those drawn, how many times
-    it is repeated (below 1: the part of it drawn), the tokens drawn, and its held-out tokens in
-    the Trainer's evaluations."""
-    table = report["mixture"]
-    unit = table[0]["unit"]
-    total = sum(r["weight"] for r in table)
-    head = ("source", "format", "weight", "share", unit, "drawn", "repeat", "tokens drawn", "eval tokens")
-    rows = [
-        (
-            r["source"],
-            r["format"],
-            f"{r['weight']:g}",
-            f"{r['weight'] / total:.0%}",
-            f"{r['available']:,}",
-            f"{r['drawn']:,}",
-            f"{r['repeat']:.2f}x",
-            f"{r['tokens_drawn']:,}",
-            f"{r['eval_tokens']:,}",
-        )
-        for r in table
-    ]
-    return head, rows
-
-
-def format_mixture(report: dict) -> str:
-    """Each source's own table (as prepared), then the mixture: what was drawn from each, how
-    the items are packed, and what is evaluated."""
-    from .corpus import aligned, packing_line, report_table
-
-    lines = []
-    for row, own in zip(report["mixture"], report["sources"], strict=True):
-        lines += [f"data.mixture{row['source']} ({row['format']}, at {row['cache']}):"]
-        lines += ["  " + line for line in aligned(*report_table(own))]
-    lines += ["mixture (an epoch; the same draw every epoch, data.split_seed):"]
-    lines += ["  " + line for line in aligned(*mixture_table(report))]
-    lines.append(packing_line(report))
-    ev, unit = report["eval"], {"concat": "blocks", "isolated": "rows"}.get(report["packing"], "examples")
-    lines.append(
-        f"held-out evaluation: {ev['blocks']:,} {unit} ({ev['tokens']:,} tokens) from every source, "
-        f"data.max_eval_tokens={ev['max_tokens']:,} split by weight"
-    )
-    lines.append(f"evaluator at the end of training: {report['evaluator']}")
-    return "\n".join(lines)

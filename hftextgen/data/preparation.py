@@ -43,13 +43,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from .. import progress
 from ..errors import UserError
 from . import shards, sources
+from .config import DataConfig
 from .encoders import build_encoder
 from .sources import Segment
 from .split import held_out_indices, split_of
@@ -125,20 +125,11 @@ def last_cut(text: str) -> int | None:
 # ---------------------------------------------------------------- group
 
 
-# The data section's fields that reading and splitting use. A worker gets them as a plain
-# namespace: unpickling the DataConfig itself would import transformers (config.py) in each.
-DATA_FIELDS = ("encoding", "sample_by", "text_field", "add_eos", "validation_fraction", "split_seed")
-
-
-def data_fields(cfg) -> SimpleNamespace:
-    return SimpleNamespace(**{name: getattr(cfg, name) for name in DATA_FIELDS})
-
-
 @dataclass
 class Settings:
     """What every unit's work needs besides its segments; sent once to each worker."""
 
-    data: SimpleNamespace  # data_fields(DataConfig)
+    data: DataConfig  # data.format resolved (Corpus.resolved); unpickled without transformers
     split_mode: str  # none | fixed | seeded | hash
     work: str
     spec: dict
@@ -299,6 +290,7 @@ class _Part:
         # and what became of the records read into this part.
         self.masks: dict = {}
         self.trained: dict[str, int] = {}
+        self.text_bytes: dict[str, int] = {}
         self.examples: dict = {}  # split -> tasks.Counts
 
     def _open(self, split: str) -> None:
@@ -355,14 +347,17 @@ class _Part:
         digest.update(data)
         self.trained[split] = self.trained.get(split, 0) + int(trained.sum())
 
-    def count_answer(self, split: str, row: int, text: str) -> None:
-        """A task example's bytes and words: those of the text it is trained on (its answers),
-        which answer bits-per-byte divides by; its characters: the whole record's."""
-        utf8 = text.encode("utf-8", "surrogatepass")
+    def count_answer(self, split: str, row: int, answers: tuple[str, ...], text_bytes: int) -> None:
+        """A task example's bytes and words: those of its answers' text (markers left out), which
+        answer bits-per-byte divides by; its characters: the whole record's; `text_bytes`: its
+        whole text's (what loss on every token divides by)."""
         rows = self.rows[split]
-        rows["bytes"][row] += len(utf8)
-        rows["words"][row] += count_words(text, utf8)
-        self.bytes[split] += len(utf8)
+        for text in answers:
+            utf8 = text.encode("utf-8", "surrogatepass")
+            rows["bytes"][row] += len(utf8)
+            rows["words"][row] += count_words(text, utf8)
+            self.bytes[split] += len(utf8)
+        self.text_bytes[split] = self.text_bytes.get(split, 0) + text_bytes
 
     @property
     def total_tokens(self) -> int:
@@ -407,6 +402,7 @@ class _Part:
             if split in self.masks:
                 summary[split]["mask_sha256"] = self.masks[split][2].hexdigest()
                 summary[split]["trained_tokens"] = self.trained.get(split, 0)
+                summary[split]["text_bytes"] = self.text_bytes.get(split, 0)
         record = {"unit": self.unit, "part": self.number, "records": records, "last": last, "splits": summary}
         if self.s.task is not None:
             record["examples"] = {split: asdict(counts) for split, counts in self.examples.items()}
@@ -494,7 +490,7 @@ class _UnitWork:
                 self.part.chars[split] += len(record.text)
                 self.part.write(split, row, example.input_ids)
                 self.part.write_mask(split, example.trained)
-                self.part.count_answer(split, row, _examples.tokenizer.decode(example.input_ids[example.trained]))
+                self.part.count_answer(split, row, example.answers, example.text_bytes)
                 self.next_part(records)
             with _done.get_lock():
                 _done.value += seg.size
@@ -817,6 +813,7 @@ def finish(work: Path, units: list[Unit], settings: Settings) -> dict:
             splits[split] = {
                 "examples": asdict(sum(counts, Counts())),
                 "trained_tokens": sum(s.get("trained_tokens", 0) for s in stats),
+                "text_bytes": sum(s.get("text_bytes", 0) for s in stats),
             }
         splits[split] = splits.get(split, {}) | {
             "documents": sum(s["documents"] for s in stats),

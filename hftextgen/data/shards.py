@@ -1,10 +1,10 @@
-"""Token shards: the prepared data's format on disk, and what reads it: memory-mapped blocks for
+"""Token shards: the prepared data's layout on disk, and what reads it: memory-mapped blocks for
 the Trainer, whole documents for the evaluator, each with a seeded subset capped in tokens.
 
 An entry of the data cache holds
-  manifest.json          format, tokenizer fingerprint, dtype, EOS; per split: documents,
-                         characters, bytes, tokens, and its shards in order, each with its token
-                         count and SHA-256; the data report
+  manifest.json          format (LAYOUT_VERSION), tokenizer fingerprint, dtype, EOS; per split:
+                         documents, characters, bytes, tokens, and its shards in order, each with
+                         its token count and SHA-256; the data report
   train/*.bin            token ids of the split's documents one after another (EOS after each,
   validation/*.bin       with data.add_eos): raw little-endian integers of the smallest unsigned
                          type that holds the vocabulary (uint16 up to 65,536 tokens), no header
@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-FORMAT = 1
+# The version of this layout on disk (the manifest's "format"): bump when it changes.
+LAYOUT_VERSION = 1
 SPLITS = ("train", "validation")
 # Task data: beside each shard, one byte per token, 1 where the token is trained on.
 MASK_SUFFIX = ".mask"

@@ -455,6 +455,9 @@ def _lines(seg: Segment, cfg, number: int, file_size: int) -> Iterator[Record]:
 # Looked for in this order (data.format auto): a record with messages is chat data even if it
 # also carries a text field (some datasets keep a rendered copy).
 TASK_FIELDS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
+# Read with a task format's fields where a record has them: the function schemas a conversation
+# may call (passed to the chat template).
+OPTIONAL_TASK_FIELDS = ("tools",)
 DETECT = "detect"
 
 
@@ -467,7 +470,9 @@ def columns(cfg, present: list[str]) -> list[str]:
     """The columns to read from a table: the format's, or (detecting) all of them."""
     if getattr(cfg, "format", "text") == DETECT:
         return list(present)
-    return list(task_fields(cfg) or (cfg.text_field,))
+    if task_fields(cfg) is None:
+        return [cfg.text_field]
+    return [*task_fields(cfg), *(f for f in OPTIONAL_TASK_FIELDS if f in present)]
 
 
 def _fix(cfg) -> str:
@@ -493,7 +498,8 @@ def _pick(record, where: str, cfg) -> str | None:
             f"{', '.join(map(str, record)) or 'none'}): data.format={cfg.format} needs {' and '.join(fields)}: "
             f"{_fix(cfg)}"
         )
-    return json.dumps({f: record[f] for f in fields}, ensure_ascii=False, default=str)
+    kept = [*fields, *(f for f in OPTIONAL_TASK_FIELDS if record.get(f) is not None)]
+    return json.dumps({f: record[f] for f in kept}, ensure_ascii=False, default=str)
 
 
 def _field(record, where: str, text_field: str) -> str | None:

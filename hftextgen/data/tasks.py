@@ -4,65 +4,45 @@ Records follow TRL's dataset conventions, so users' files work as they are:
 
 - ``text``: {"text": str}; every token is trained on.
 - ``prompt_completion``: {"prompt": str, "completion": str}, tokenized without a template (prompt,
-  then completion, then EOS); or conversational, prompt and completion each a list of
-  {role, content} messages, joined and rendered through the chat template.
-- ``messages``: {"messages": [{role, content}, ...]}, roles system / user / assistant, rendered
-  through the chat template.
+  then completion, then EOS); or conversational, prompt and completion each a list of messages,
+  rendered through the chat template, the loss on the completion's assistant turns only.
+- ``messages``: {"messages": [{role, content}, ...]}, roles system / user / assistant / tool,
+  rendered through the chat template, every assistant turn trained.
 
-The tokens trained on ("answers") are the completion and its EOS, or every assistant turn of a
-conversation with the end-of-turn marker that closes it. With a template that marks the answers
-with ``{% generation %}`` (DEFAULT_CHAT_TEMPLATE does), the mask is stock transformers'
-``return_assistant_tokens_mask``; with one that does not (most models' own templates), the
-answers are found by rendering the conversation's prefixes.
-
-This module depends on nothing of hftextgen but its errors, so that it can move into the data stage.
+A message's content is a string or OpenAI-style text parts ([{"type": "text", "text": ...}],
+joined by newlines); an assistant turn may carry `tool_calls` and a record a `tools` list (the
+function schemas), both passed to the template as transformers' tool use does, the calls trained
+as part of the answer. The answers are found as templates.py says: each trained turn's text and
+the marker that ends it. A conversation too long for the block loses whole leading exchanges
+(the system turn kept) and is rendered again; only when its last exchange alone is too long is
+one turn cut, its prompt's text from the left, the turn's header kept. A record whose answers the
+template cannot show is skipped and counted, like one whose answer does not fit.
 """
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-import jinja2
 import numpy as np
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..errors import UserError
+from . import templates
 from .sources import TASK_FIELDS
 
 FORMATS = ("text", "prompt_completion", "messages")
 LOSS_ON = ("answers", "all")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# What of a message reaches the template besides role and content (tool use, as transformers'
+# chat templates take it).
+MESSAGE_KEYS = ("tool_calls", "name", "tool_call_id")
 # The fields each format needs, in the order detect_format tries them: a record with messages is
 # chat data even if it also carries a text field (some datasets keep a rendered copy).
 FORMAT_FIELDS = {**TASK_FIELDS, "text": ("text",)}
-
-# For models trained from scratch and base models without a template of their own. The markers
-# are plain text, so no token is added to the vocabulary (the embeddings keep their shape). Each
-# assistant turn, with the EOS that ends it, is inside {% generation %}: exactly what is trained,
-# and what stock `apply_chat_template(..., return_assistant_tokens_mask=True)` returns. The
-# newline after the EOS is outside: generation stops at the EOS, so it is never predicted.
-# Rendered: "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!<|endoftext|>\n", and with
-# add_generation_prompt a conversation ends in "<|assistant|>\n" for the model to answer.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|assistant|>\\n' }}"
-    "{%- generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
-)
-
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-# What check_template renders: the turns every template supports (some refuse a system turn).
-_PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello there."}]
+# Bumped when the same records would become other examples: part of the prepared data's key.
+ENCODING = 2
 
 
 def _at(index: int | None) -> str:
@@ -129,36 +109,91 @@ def _text(record: Mapping, name: str, index: int | None) -> str:
     return value
 
 
+def _content(value: object, where: str) -> str:
+    """A message's content as text: a string, or text parts joined by newlines (None: empty)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list) and all(isinstance(p, Mapping) for p in value):
+        kinds = {p.get("type", "text") for p in value}
+        if kinds - {"text"} or not all(isinstance(p.get("text"), str) for p in value):
+            raise UserError(
+                f"{where}.content holds parts of type {', '.join(sorted(map(str, kinds - {'text'}))) or 'text'} "
+                "without text: only text parts (type text, with a text field) can be trained on; drop the others"
+            )
+        return "\n".join(p["text"] for p in value)
+    raise UserError(f"{where}.content is a {type(value).__name__}, not a string: give the content as text")
+
+
+def _message(message: object, where: str) -> dict:
+    """A checked copy of one message: role, content as text, and the tool-use keys it has."""
+    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        if not (isinstance(message, Mapping) and "role" in message and message.get("tool_calls")):
+            raise UserError(f"{where} is not a {{role, content}} message: give each message a role and a content")
+    role = message["role"]
+    if role not in ROLES:
+        raise UserError(f"{where} has role {role!r}: roles are system, user, assistant or tool; map or drop the others")
+    out = {"role": role, "content": _content(message.get("content"), where)}
+    out |= {key: message[key] for key in MESSAGE_KEYS if message.get(key) is not None}
+    if "tool_calls" in out and (role != "assistant" or not isinstance(out["tool_calls"], list)):
+        raise UserError(f"{where}.tool_calls: only an assistant message calls tools, with a list of calls")
+    if role == "assistant" and not out["content"].strip() and not out.get("tool_calls"):
+        raise UserError(f"{where} is an empty assistant message: fill in the answer or drop the record")
+    return out
+
+
 def _messages(value: object, name: str, index: int | None) -> list[dict]:
-    """A checked list of {role, content} messages (copies holding only role and content)."""
+    """A checked list of messages (copies holding what the template reads)."""
     if not isinstance(value, list):
         raise UserError(
             f"{_at(index)}{name} is a {type(value).__name__}, not a list: give a list of {{role, content}} messages"
         )
-    out = []
-    for i, message in enumerate(value):
-        where = f"{_at(index)}{name}[{i}]"
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise UserError(f"{where} is not a {{role, content}} message: give each message a role and a content")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise UserError(f"{where} has role {role!r}: roles are system, user or assistant; map or drop the others")
-        if not isinstance(content, str):
-            raise UserError(f"{where}.content is a {type(content).__name__}, not a string: give the content as text")
-        if role == "assistant" and not content.strip():
-            raise UserError(f"{where} is an empty assistant message: fill in the answer or drop the record")
-        out.append({"role": role, "content": content})
-    return out
+    return [_message(message, f"{_at(index)}{name}[{i}]") for i, message in enumerate(value)]
 
 
-def _conversation(record: Mapping, fmt: str, index: int | None) -> list[dict]:
-    """The messages of a chat record: its messages, or its prompt messages then its completion messages."""
+def _tools(record: Mapping, index: int | None) -> list | None:
+    tools = record.get("tools")
+    if tools is None or tools == []:
+        return None
+    if isinstance(tools, str):  # datasets often keep the schemas as one JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise UserError(
+                f"{_at(index)}tools is a string that is not JSON: give a list of function schemas"
+            ) from None
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise UserError(f"{_at(index)}tools is not a list of function schemas: give one ({{type: function, ...}})")
+    return tools
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat record's messages (cut after the last trained turn), the tools it declares, and the
+    index of the first message every kept part must start at or before (truncation never drops
+    it: the first trained turn of a completion, the last answer of a conversation)."""
+
+    messages: list[dict]
+    tools: list | None
+    trained: list[int]
+    keep: int
+
+
+def conversation(record: Mapping, fmt: str, index: int | None = None) -> Conversation | None:
+    """A chat record as a Conversation; None when it holds no answer to train."""
     if fmt == "messages":
-        return _messages(record["messages"], "messages", index)
-    prompt, completion = record["prompt"], record["completion"]
-    if isinstance(completion, list) and not completion:
-        raise UserError(f"{_at(index)}the completion is empty: fill in the answer or drop the record")
-    return _messages(prompt, "prompt", index) + _messages(completion, "completion", index)
+        messages, first = _messages(record["messages"], "messages", index), 0
+    else:
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(completion, list) and not completion:
+            raise UserError(f"{_at(index)}the completion is empty: fill in the answer or drop the record")
+        messages = _messages(prompt, "prompt", index) + _messages(completion, "completion", index)
+        first = len(prompt)  # conversational prompt/completion: the loss is on the completion only
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
+    if not trained:
+        return None
+    # Turns after the last answer are never trained, and would make truncation cut the answer.
+    keep = trained[0] if fmt == "prompt_completion" else trained[-1]
+    return Conversation(messages[: trained[-1] + 1], _tools(record, index), trained, keep)
 
 
 def _is_conversational(record: Mapping, index: int | None) -> bool:
@@ -176,74 +211,21 @@ def _is_conversational(record: Mapping, index: int | None) -> bool:
     )
 
 
-# ---------------------------------------------------------------- templates
-
-
-def _own_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates (e.g. "default", "tool_use")
-        template = template.get("default")
-    return template or None
-
-
-def resolve_template(tokenizer: PreTrainedTokenizerBase, setting: str | None = None) -> str:
-    """The chat template to use: `setting` when given (a Jinja string, or the path of a .jinja
-    file), else the model's own template, else DEFAULT_CHAT_TEMPLATE."""
-    if not setting:
-        return _own_template(tokenizer) or DEFAULT_CHAT_TEMPLATE
-    if setting.endswith(".jinja"):
-        path = Path(setting).expanduser()
-        if not path.is_file():
-            raise UserError(f"tokenizer.chat_template: {path} does not exist: give an existing .jinja file")
-        return path.read_text(encoding="utf-8")
-    if "{{" not in setting and "{%" not in setting:
-        # A template without a single Jinja tag renders the same text for every conversation:
-        # most likely a path with another extension, or a typo.
-        raise UserError(
-            f"tokenizer.chat_template: {setting!r} is neither a Jinja template nor a .jinja file: give one of them"
-        )
-    return setting
-
-
-def has_generation_marks(template: str) -> bool:
-    """Whether the template marks the answers with {% generation %} (stock assistant masks work)."""
-    return bool(_GENERATION_TAG.search(template))
-
-
-def _render(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], prompt: bool = False) -> str:
-    """The template's text for `messages` (empty ones too), with the variables
-    apply_chat_template passes (the special tokens: bos_token, eos_token, ...)."""
-    rendered, _ = render_jinja_template(
-        conversations=[messages], chat_template=template, add_generation_prompt=prompt, **tokenizer.special_tokens_map
-    )
-    return rendered[0]
-
-
-def check_template(tokenizer: PreTrainedTokenizerBase, template: str) -> None:
-    """A one-line UserError when the template does not render a tiny conversation, or leaves the answer out."""
-    try:
-        text = _render(tokenizer, template, _PROBE)
-        _render(tokenizer, template, _PROBE[:1], prompt=True)
-    except (jinja2.TemplateError, TypeError, ValueError) as error:
-        raise UserError(
-            f"the chat template does not render a conversation ({_one_line(error)}): fix tokenizer.chat_template"
-        ) from None
-    if _PROBE[-1]["content"] not in text:
-        raise UserError(
-            "the chat template leaves the assistant's answer out of a conversation: fix tokenizer.chat_template"
-        )
-
-
 # ---------------------------------------------------------------- examples
 
 
 @dataclass(frozen=True)
 class Example:
-    """One encoded record: its token ids (int64) and which of them are trained on (bool)."""
+    """One encoded record: its token ids (int64), which of them are trained on (bool), the text
+    of each of its answers (what answer bits-per-byte divides by: the answers' words, without
+    the markers that end them) and the UTF-8 bytes of its whole text (special tokens left out:
+    what loss on every token divides by)."""
 
     input_ids: np.ndarray
     trained: np.ndarray
     truncated: bool = False
+    answers: tuple[str, ...] = ()
+    text_bytes: int = 0
 
     @property
     def labels(self) -> np.ndarray:
@@ -256,9 +238,12 @@ class Counts:
     """What became of the records, for the data report; counts of several batches add up."""
 
     examples: int = 0  # records encoded (truncated ones included)
-    truncated: int = 0  # prompts cut from the left to fit
+    truncated: int = 0  # examples cut to fit: the two below, and prompts of strings cut from the left
+    exchanges_dropped: int = 0  # conversations that lost whole leading exchanges (the system turn kept)
+    turn_cut: int = 0  # examples whose one over-long prompt (turn) lost text from the left
     dropped_too_long: int = 0  # answers that alone do not fit
     skipped_no_assistant: int = 0  # conversations without an assistant turn
+    skipped_unmaskable: int = 0  # conversations the template fails on, or whose answers it does not show
 
     def __add__(self, other: Counts) -> Counts:
         return Counts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -270,28 +255,6 @@ class Encoded:
 
     examples: list[Example | None]
     counts: Counts
-
-
-def _last_answer_start(answer: np.ndarray) -> int:
-    """Where the last run of answer tokens starts."""
-    last = int(np.flatnonzero(answer)[-1])
-    before = np.flatnonzero(~answer[:last])
-    return int(before[-1]) + 1 if len(before) else 0
-
-
-def _fit(ids: np.ndarray, answer: np.ndarray, max_length: int | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """The last `max_length` tokens when the last answer fits whole in them, after at least one
-    token of context (a token is trained by predicting it from the ones before it); None when it
-    does not fit. Earlier turns and the prompt are cut from the left."""
-    if max_length is None or len(ids) <= max_length:
-        return ids, answer
-    if len(ids) - _last_answer_start(answer) >= max_length:
-        return None
-    kept = answer[-max_length:].copy()
-    if answer[-max_length - 1] and kept[0]:
-        # An earlier answer cut in two: its tail alone is not an answer to anything kept.
-        kept[: int(np.argmin(kept))] = False
-    return ids[-max_length:], kept
 
 
 def _overlap_mask(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
@@ -323,10 +286,10 @@ class ExampleEncoder:
 
     loss_on "answers" trains the completions / assistant turns and the token ending each; "all"
     trains every token (text records always). max_length None keeps every example whole; else a
-    longer one keeps its (last) answer and loses tokens from the left, or is dropped when that
-    answer alone does not fit. Text records are never cut here: a long document is split into
-    blocks by the packer, like raw text. chat_template: a Jinja string or .jinja path, as
-    resolve_template takes it (None: the model's own template, else the default).
+    longer one is cut as the module says, or dropped when its last answer alone does not fit.
+    Text records are never cut here: a long document is split into blocks by the packer, like
+    raw text. chat_template: a Jinja string or .jinja path, as templates.resolve_template takes
+    it (None: the model's own template, else the default).
     """
 
     def __init__(
@@ -341,19 +304,16 @@ class ExampleEncoder:
         self.tokenizer, self.fmt, self.loss_on, self.max_length = tokenizer, fmt, loss_on, max_length
         self.template = None
         if fmt != "text":
-            self.template = resolve_template(tokenizer, chat_template)
-            check_template(tokenizer, self.template)
-        # The end-of-turn markers (EOS, <|im_end|>, <|eot_id|>, ...): whitespace a template writes
-        # after one is not part of the answer, since generation stops at the marker.
-        added = {token.content for token in tokenizer.added_tokens_decoder.values()}
-        self._markers = tuple(added | {tokenizer.eos_token})
+            self.template = templates.resolve_template(tokenizer, chat_template)
+            templates.check_template(tokenizer, self.template)
+        self.answers = templates.AnswerFinder(tokenizer, self.template) if self.template else None
+        self.specials = templates.special_tokens(tokenizer)
 
     def __call__(self, records: Iterable[Mapping], first_index: int = 0) -> Encoded:
         """`first_index`: the index of the first record, for error messages."""
         counts, examples = Counts(), []
         for index, record in enumerate(records, start=first_index):
-            example = self.encode(record, index, counts)
-            examples.append(example)
+            examples.append(self.encode(record, index, counts))
         return Encoded(examples, counts)
 
     def encode(self, record: Mapping, index: int | None = None, counts: Counts | None = None) -> Example | None:
@@ -361,89 +321,145 @@ class ExampleEncoder:
         counts = counts if counts is not None else Counts()
         check_format(record, self.fmt, index)
         if self.fmt == "text":
-            ids = self._tokens(_text(record, "text", index), True) + [self.tokenizer.eos_token_id]
+            text = _text(record, "text", index)
+            ids = self._tokens(text, True) + [self.tokenizer.eos_token_id]
             counts.examples += 1
-            return Example(np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool))
-        pair = self._answers(record, index)
-        if pair is None:
-            counts.skipped_no_assistant += 1
+            return Example(np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool), False, (text,), _bytes(text))
+        if self.fmt == "prompt_completion" and not _is_conversational(record, index):
+            example = self._strings(record, index)
+            counts.turn_cut += isinstance(example, Example) and example.truncated
+        else:
+            chat = conversation(record, self.fmt, index)
+            if chat is None:
+                counts.skipped_no_assistant += 1
+                return None
+            example = self._chat(chat, counts)
+        if example is None:
             return None
-        if not pair[1].any():  # a template that drops or hides this conversation's answers
-            raise UserError(f"{_at(index)}the chat template marks no answer in this conversation: fix the template")
-        fitted = _fit(*pair, self.max_length)
-        if fitted is None:
+        if example == "long":
             counts.dropped_too_long += 1
             return None
-        ids, answer = fitted
-        truncated = len(ids) < len(pair[0])
         counts.examples += 1
-        counts.truncated += truncated
-        trained = answer if self.loss_on == "answers" else np.ones(len(ids), dtype=bool)
-        return Example(ids, trained, truncated)
+        counts.truncated += example.truncated
+        if self.loss_on == "all":
+            return Example(example.input_ids, np.ones(len(example.input_ids), bool), *_tail(example))
+        return example
 
     def _tokens(self, text: str, specials: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=specials)["input_ids"]
 
-    def _answers(self, record: Mapping, index: int | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """The record's ids and its answer mask, untruncated; None for a conversation without an answer."""
-        if self.fmt == "prompt_completion" and not _is_conversational(record, index):
-            # No template: the prompt is tokenized alone (with the BOS the tokenizer adds, if any),
-            # so a prompt given alone at inference gets the very same tokens.
-            prompt = self._tokens(record["prompt"], True)
-            answer = self._tokens(record["completion"], False) + [self.tokenizer.eos_token_id]
-            mask = np.r_[np.zeros(len(prompt), dtype=bool), np.ones(len(answer), dtype=bool)]
-            return np.asarray(prompt + answer, dtype=np.int64), mask
-        messages = _conversation(record, self.fmt, index)
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            return None
-        # Turns after the last answer are never trained, and would make truncation cut the answer.
-        messages = messages[: last + 1]
+    def _strings(self, record: Mapping, index: int | None) -> Example | str:
+        """Prompt/completion strings, no template: the prompt tokenized alone (with the BOS the
+        tokenizer adds, if any), so a prompt given alone at inference gets the very same tokens;
+        too long, the prompt loses tokens from the left after its BOS."""
+        prompt = self._tokens(_text(record, "prompt", index), True)
+        answer = self._tokens(_text(record, "completion", index), False) + [self.tokenizer.eos_token_id]
+        lead = 1 if prompt and prompt[0] == self.tokenizer.bos_token_id and self.tokenizer.bos_token else 0
+        room = (self.max_length or len(prompt) + len(answer)) - len(answer) - lead
+        if room < 1:  # a token is trained by predicting it from the ones before it
+            return "long"
+        kept = prompt[:lead] + prompt[lead:][-room:] if len(prompt) - lead > room else prompt
+        ids = np.asarray(kept + answer, dtype=np.int64)
+        trained = np.r_[np.zeros(len(kept), dtype=bool), np.ones(len(answer), dtype=bool)]
+        text = record["prompt"] + record["completion"]
+        return Example(ids, trained, len(kept) < len(prompt), (record["completion"],), _bytes(text))
+
+    def _chat(self, chat: Conversation, counts: Counts) -> Example | str | None:
+        """A conversation's Example, cut by turns to fit; None when the template cannot show it."""
         try:
-            if has_generation_marks(self.template):
-                return self._marked(messages)
-            return self._by_prefixes(messages, index)
-        except (jinja2.TemplateError, TypeError) as error:
-            raise UserError(f"{_at(index)}the chat template fails on this conversation ({_one_line(error)})") from None
+            fitted = _Fitter(self, chat).fit()
+        except (templates.Unmaskable, *templates.TEMPLATE_ERRORS):
+            counts.skipped_unmaskable += 1
+            return None
+        if fitted is None:
+            return "long"
+        example, cut = fitted
+        counts.exchanges_dropped += cut == "exchanges"
+        counts.turn_cut += cut == "turn"
+        return example
 
-    def _marked(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        """Stock transformers' assistant mask, from the template's {% generation %} spans."""
-        out = self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
-        return np.asarray(out["input_ids"], dtype=np.int64), np.asarray(out["assistant_masks"], dtype=bool)
-
-    def _by_prefixes(self, messages: list[dict], index: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """The answers of a template without {% generation %}: assistant turn i is what rendering
-        messages[:i+1] adds to messages[:i] with the generation prompt (its end-of-turn marker
-        included), mapped to tokens by the fast tokenizer's character offsets."""
-        text = _render(self.tokenizer, self.template, messages)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = _render(self.tokenizer, self.template, messages[:i], prompt=True)
-            through = _render(self.tokenizer, self.template, messages[: i + 1])
-            if not (through.startswith(before) and text.startswith(through)):
-                raise UserError(
-                    f"{_at(index)}the chat template renders earlier turns differently as the conversation grows, "
-                    "so its answers cannot be found: set tokenizer.chat_template to one that marks them with "
-                    "{% generation %}"
-                )
-            spans.append(self._trim(text, len(before), len(through)))
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    def rendered(self, messages: list[dict], tools: list | None, trained: list[int]) -> Example:
+        """The tokens of a conversation as the template renders it, its trained answers marked."""
+        shown = self.answers.find(messages, trained, tools)
+        encoding = self.tokenizer(shown.text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = _overlap_mask(encoding["offset_mapping"], shown.spans)
+        if not mask.any():
+            raise templates.Unmaskable("no token of the answers")
+        text_bytes = _bytes(self.specials.sub("", shown.text))
         ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-        return ids, _overlap_mask(encoding["offset_mapping"], spans)
+        return Example(ids, mask, False, tuple(shown.answers), text_bytes)
 
-    def _trim(self, text: str, start: int, end: int) -> tuple[int, int]:
-        """The span without the whitespace after its end-of-turn marker (ChatML's newline after
-        <|im_end|>); kept where no marker ends the turn, as it is then the only end there is."""
-        kept = text[start:end].rstrip()
-        return (start, start + len(kept)) if kept and kept.endswith(self._markers) else (start, end)
+
+def _bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _tail(example: Example) -> tuple:
+    return example.truncated, example.answers, example.text_bytes
+
+
+def _truncated(example: Example) -> Example:
+    return Example(example.input_ids, example.trained, True, example.answers, example.text_bytes)
+
+
+class _Fitter:
+    """A conversation cut to the encoder's max_length by turns: whole leading exchanges dropped
+    (the system turn kept), fewest first; when the last exchange alone is too long, its first
+    prompt turn loses text from the left (its header kept). fit() -> (example, cut), cut None,
+    "exchanges" or "turn" (the example then marked truncated); None when the last answer alone
+    does not fit."""
+
+    def __init__(self, encoder: ExampleEncoder, chat: Conversation):
+        self.encoder, self.chat, self.limit = encoder, chat, encoder.max_length
+        self.head = 1 if chat.messages[0]["role"] == "system" else 0
+
+    def _kept_from(self, start: int) -> tuple[list[dict], list[int]]:
+        """The system turn (if any) and the messages from `start` on, and their trained indices."""
+        messages = self.chat.messages[: self.head] + self.chat.messages[start:]
+        shift = start - self.head
+        return messages, [i - shift for i in self.chat.trained if i >= start]
+
+    def _encoded(self, start: int) -> Example:
+        messages, trained = self._kept_from(start)
+        return self.encoder.rendered(messages, self.chat.tools, trained)
+
+    def fit(self):
+        whole = self._encoded(self.head)
+        if self.limit is None or len(whole.input_ids) <= self.limit:
+            return whole, None
+        starts = [i for i in range(self.head + 1, self.chat.keep + 1) if self.chat.messages[i]["role"] == "user"]
+        low, high, best = 0, len(starts) - 1, None
+        while low <= high:  # the fewest exchanges dropped that fit: lengths fall as more are dropped
+            middle = (low + high) // 2
+            example = self._encoded(starts[middle])
+            if len(example.input_ids) <= self.limit:
+                best, high = (example, starts[middle]), middle - 1
+            else:
+                low = middle + 1
+        if best is not None:
+            return _truncated(best[0]), "exchanges"
+        cut = self._cut_turn(starts[-1] if starts else self.head)
+        return None if cut is None else (_truncated(cut), "turn")
+
+    def _cut_turn(self, start: int) -> Example | None:
+        """The exchange from `start` with its first prompt turn cut from the left to fit."""
+        messages, trained = self._kept_from(start)
+        turn = next((i for i, m in enumerate(messages) if i >= self.head and m["role"] != "assistant"), None)
+        if turn is None or turn > trained[0]:
+            return None
+        tok = self.encoder.tokenizer
+        ids = tok(messages[turn]["content"], add_special_tokens=False)["input_ids"]
+        example, drop = self.encoder.rendered(messages, self.chat.tools, trained), 0
+        for _ in range(8):  # a cut changes how the text around it tokenizes: a few tries at most
+            over = len(example.input_ids) - self.limit
+            if over <= 0:
+                return example
+            if drop >= len(ids):
+                return None
+            drop = min(len(ids), drop + over)
+            messages[turn] = {**messages[turn], "content": tok.decode(ids[drop:])}
+            example = self.encoder.rendered(messages, self.chat.tools, trained)
+        return example if len(example.input_ids) <= self.limit else None
 
 
 def encode(

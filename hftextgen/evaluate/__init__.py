@@ -6,11 +6,12 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
-    "evaluate_model": "run:run",
+    "EvaluateConfig": "config",
+    "evaluate_prepared": "evaluator",
+    "evaluate_documents": "run",
     "evaluate_answers": "answers",
     "answer_examples": "answers",
     "score_answers": "answers",
-    "documents_of_split": "run:documents",
     "score": "run",
     "scoring_settings": "run",
     "windows": "run",

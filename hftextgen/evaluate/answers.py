@@ -40,7 +40,7 @@ from ..files import write_atomic, write_json
 from .run import eval_record, load_metric, nll_rows
 
 if TYPE_CHECKING:
-    from ..config import GenerateConfig
+    from ..generate import GenerateConfig
 
 
 @dataclass
@@ -282,7 +282,7 @@ def _generate(lm, tok, prompts: list[list[int]], seeds: list[int], new: int, cfg
     """One lm.generate call over left-padded prompts; the new tokens of each row."""
     from transformers import GenerationConfig
 
-    from ..generate import SeededGumbel, warpers
+    from ..generate import UNSAMPLED, SeededGumbel, warpers
 
     settings = cfg.settings()
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(ends)
@@ -295,8 +295,8 @@ def _generate(lm, tok, prompts: list[list[int]], seeds: list[int], new: int, cfg
         # depend on the other rows, so batches never change an answer.
         processors = [*warpers(settings), SeededGumbel(seeds, [0] * len(prompts), width)]
     config = GenerationConfig(
+        **UNSAMPLED,
         max_new_tokens=new,
-        do_sample=False,
         num_beams=settings["num_beams"],
         repetition_penalty=settings["repetition_penalty"],
         no_repeat_ngram_size=settings["no_repeat_ngram_size"],
@@ -469,12 +469,17 @@ def run_answers(
 ) -> dict:
     """Score the examples' answers, answer the first `n_samples` prompts, and write eval.json,
     eval.md, samples.jsonl and samples.md into out_dir (the samples files only with n_samples).
-    `end_tokens`: end-of-turn tokens besides the EOS. Returns eval.json's content."""
+    `end_tokens`: end-of-turn tokens besides the EOS and the model's own (generation_config's
+    eos_token_id, the chat template's end of turn). Returns eval.json's content."""
     if len(examples) == 0:
         raise UserError("evaluation: no held-out examples to score: hold some out in the data section")
     if bf16 is None:  # as the text evaluator: bf16 where the GPU has it
         bf16 = lm.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ends = end_ids(tok, end_tokens)
+    from ..generate import end_ids as model_ends
+
+    # What ends an answer in training ends it here: the EOS, the end of turn the run saved in
+    # generation_config.json, and the chat template's (a run saved before the config held it).
+    ends = end_ids(tok, [*end_tokens, *model_ends(lm, tok, chat=True)])
     say(f"evaluating {model_name} on {len(examples):,} held-out answers ({examples.tokens:,} tokens) ...")
     metrics = score_answers(lm, examples, batch_size, bf16=bf16)
     metrics.update(split_examples=examples.split_examples, split_tokens=examples.split_tokens)
@@ -535,7 +540,7 @@ def evaluate_answers(lm, tok, packed, split: str, *, cfg, generate_cfg, out_dir:
 
 
 def answer_examples(items, names: list[str], answer_bytes, split_examples: int, split_tokens: int) -> Examples:
-    """The evaluator's Examples from prepared ones (data.Packed.eval_examples), each read from
+    """The evaluator's Examples from prepared ones (data.Prepared.eval_examples), each read from
     the memory maps once."""
     read = [items[i] for i in range(len(items))]
     return Examples(

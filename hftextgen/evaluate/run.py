@@ -24,11 +24,11 @@ import torch
 
 from .. import __version__, progress, runtime
 from .. import model as model_stage
-from ..config import DataConfig, EvaluateConfig, GenerateConfig
-from ..data import EvalDocuments
+from ..data import DataConfig, EvalDocuments
 from ..errors import UserError
 from ..files import write_atomic, write_json
-from ..generate import Generator, samples_markdown, write_samples
+from ..generate import GenerateConfig, Generator, samples_markdown, write_samples
+from .config import EvaluateConfig
 
 METRICS = Path(__file__).parent / "metrics"
 
@@ -154,13 +154,6 @@ def diversity_metrics(texts: list[str]) -> dict:
     return load_metric("diversity").compute(predictions=texts)
 
 
-def documents(packed, split: str) -> EvalDocuments:
-    """The documents `evaluate.split` names, from the prepared data (data.prepare; prepared with
-    hold_out false for split all): a seeded subset of whole documents holding at most
-    data.max_eval_tokens tokens, as token ids, with their bytes and words."""
-    return packed.eval_documents("train" if split == "all" else split)
-
-
 def evaluate_ids(lm, ids: list[list[int]], n_bytes: list[int], words: list[int], cfg: EvaluateConfig) -> dict:
     """Perplexity, bits-per-byte and word perplexity of documents given as the ids they are scored
     as ([EOS] + the document's ids, with its EOS when trained so) and their UTF-8 bytes and words,
@@ -258,7 +251,7 @@ def describe(data: DataConfig, split: str, docs: EvalDocuments) -> str:
     return f"{source[data.source]}, {which} ({shown})"
 
 
-def run(
+def evaluate_documents(
     lm,
     tok,
     docs: EvalDocuments,

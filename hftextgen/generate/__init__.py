@@ -6,12 +6,15 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
+    "GenerateConfig": "config",
     "Generator": "generator",
+    "end_ids": "generator",
     "read_prompts": "generator",
     "samples_markdown": "generator",
     "write_samples": "generator",
-    "converse": "chat:chat",
+    "converse": "chat",
     "SeededGumbel": "sampling",
+    "UNSAMPLED": "sampling",
     "warpers": "sampling",
     "answer_file": "chat",
 }

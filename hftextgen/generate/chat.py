@@ -4,7 +4,8 @@ The prompt is the model's own template rendered with `add_generation_prompt=True
 `tokenizer.apply_chat_template` tokenizes it (no special tokens added, no EOS in front): the same
 tokens `transformers serve` and `pipeline(...)` feed the model, and the ones it was fine-tuned on.
 Decoding is hftextgen.generate's: the recipe's preset, one seeded draw per answer (answer i of a
-file uses generate.seed + i, whatever the batch), EOS or an end-of-turn token ends the answer.
+file uses generate.seed + i, whatever the batch), EOS or an end-of-turn token ends the answer:
+those generation_config.json lists, and the chat template's own (data.end_of_turn_ids).
 
 A conversation longer than the model's context less max_new_tokens loses its oldest exchanges
 (a system turn stays), rather than sliding the window mid-turn as plain generation does.
@@ -21,10 +22,10 @@ from pathlib import Path
 import jinja2
 from transformers import PreTrainedModel, TextStreamer
 
-from ..config import GenerateConfig
 from ..errors import UserError
 from ..files import append_lines, write_atomic
 from . import generator as generate
+from .config import GenerateConfig
 
 ROLES = ("system", "user", "assistant")
 HELP = "Type a message and press Enter; /reset starts a new conversation, /exit or Ctrl-D ends."
@@ -51,7 +52,10 @@ def require_template(tok, model_name: str, flag: str = "--chat") -> None:
 
 class ChatGenerator(generate.Generator):
     """A Generator whose prompts are rendered conversations: tokenized as apply_chat_template does,
-    without the EOS that plain generation puts in front (the template starts the document)."""
+    with nothing put in front (the template starts the conversation), and ended by the template's
+    end-of-turn token (Llama 3's <|eot_id|>, ChatML's <|im_end|>) as by the EOS."""
+
+    chat = True
 
     def _ids(self, prompt: str) -> list[int]:
         return self.tok(prompt, add_special_tokens=False)["input_ids"]
@@ -61,13 +65,8 @@ class ChatGenerator(generate.Generator):
 
 
 def generator(lm: PreTrainedModel, tok, cfg: GenerateConfig) -> ChatGenerator:
-    """A ChatGenerator on a copy of cfg: one answer per conversation, and the model's end-of-turn
-    tokens that are not EOS (Llama 3's <|eot_id|>, ChatML's <|im_end|>) ending an answer as stop strings."""
-    ends = lm.generation_config.eos_token_id if lm.generation_config is not None else None
-    ends = [ends] if isinstance(ends, int) else list(ends or [])
-    extra = [tok.decode([i]) for i in ends if i != tok.eos_token_id]
-    cfg = replace(cfg, num_return_sequences=1, stop=[*cfg.stop, *(s for s in extra if s not in cfg.stop)])
-    gen = ChatGenerator(lm, tok, cfg)
+    """A ChatGenerator on a copy of cfg: one answer per conversation."""
+    gen = ChatGenerator(lm, tok, replace(cfg, num_return_sequences=1))
     if cfg.max_new_tokens >= gen.context:
         raise UserError(
             f"generate.max_new_tokens ({cfg.max_new_tokens}) leaves no room for the conversation in the model's "
@@ -122,7 +121,7 @@ class _Echo(TextStreamer):
         self.write(text + ("\n" if stream_end else ""))
 
 
-def chat(
+def converse(
     lm: PreTrainedModel,
     tok,
     cfg: GenerateConfig,

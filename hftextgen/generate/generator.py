@@ -1,7 +1,10 @@
 """Generate stage: decoding presets, batched generation with a seed per sample, and streaming.
 
-Every sample starts a new document (the EOS token comes first, as in training), so an empty
-prompt is an unconditional sample.
+A prompt follows what it followed in training, as the run saved it in generation_config.json
+(model.set_generation): a text model's after an EOS (a new document, as in training: an empty
+prompt is an unconditional sample), a prompt/completion model's after the tokenizer's special
+tokens (its BOS, where it adds one), a conversation after nothing (the template starts it). A
+sample ends at any of generation_config.eos_token_id (the EOS, a chat template's end of turn).
 
 Sampling draws each sample from its own seed: argmax(logits + Gumbel noise) is an exact draw
 from softmax(logits), and the noise for sample i at step t is a hash of (seed + i, t, token).
@@ -26,10 +29,11 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from .. import model as model_stage
 from .. import progress
-from ..config import NEUTRAL, GenerateConfig
+from ..data import end_of_turn_ids
 from ..errors import UserError
 from ..files import append_lines, write_atomic
-from .sampling import SeededGumbel, warpers
+from .config import NEUTRAL, GenerateConfig
+from .sampling import UNSAMPLED, SeededGumbel, warpers
 
 
 @dataclass
@@ -77,8 +81,22 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
     return prompts if prompts else [""]
 
 
+def end_ids(lm: PreTrainedModel, tok, chat: bool = False) -> list[int]:
+    """The tokens that end a sample: the tokenizer's EOS and generation_config.eos_token_id (a
+    run's holds its chat template's end of turn too); with `chat`, the end of turn of the
+    tokenizer's chat template as well (a model saved before its config listed it, or given a
+    template of its own)."""
+    own = lm.generation_config.eos_token_id if lm.generation_config is not None else None
+    ends = [tok.eos_token_id, *([own] if isinstance(own, int) else own or [])]
+    if chat and getattr(tok, "chat_template", None):
+        ends += end_of_turn_ids(tok, tok.chat_template)
+    return list(dict.fromkeys(int(i) for i in ends if i is not None))
+
+
 class Generator:
     """Batched generation for one model and one set of decoding settings."""
+
+    chat = False  # whether the prompts are conversations (ChatGenerator): their end of turn ends them
 
     def __init__(self, lm: PreTrainedModel, tok, cfg: GenerateConfig):
         self.lm, self.tok, self.cfg = lm, tok, cfg
@@ -87,6 +105,9 @@ class Generator:
         self.eos = tok.eos_token_id
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token, which marks where documents start and end")
+        self.ends = end_ids(lm, tok, self.chat)
+        # Models that do not say (hub models, runs saved before): after an EOS, as before.
+        self.prompt_context = getattr(lm.generation_config, model_stage.PROMPT_CONTEXT, None) or "document"
         self.fast = None  # generate.cache static: hftextgen.generate.static's loop instead of generate's (see _run)
         if cfg.cache == "static":
             from .static import StaticDecoder
@@ -124,7 +145,10 @@ class Generator:
         return samples
 
     def _ids(self, prompt: str) -> list[int]:
-        return [self.eos, *self.tok(prompt, add_special_tokens=False)["input_ids"]]
+        """The prompt's tokens after what it followed in training; with nothing before or in it,
+        the EOS (a new document)."""
+        ids = self.tok(prompt, add_special_tokens=self.prompt_context == "prompt")["input_ids"]
+        return [self.eos, *ids] if self.prompt_context == "document" or not ids else ids
 
     @torch.inference_mode()
     def _run(self, windows: list[list[int]], new: int, processors: list, n_return: int = 1, streamer=None):
@@ -135,14 +159,14 @@ class Generator:
         mask = torch.tensor([[0] * (width - len(w)) + [1] * len(w) for w in windows])
         s = self.settings
         config = GenerationConfig(
+            **UNSAMPLED,
             max_new_tokens=new,
-            do_sample=False,
             num_beams=s["num_beams"],
             num_return_sequences=n_return,
             repetition_penalty=s["repetition_penalty"],
             no_repeat_ngram_size=s["no_repeat_ngram_size"],
             stop_strings=self.cfg.stop or None,
-            eos_token_id=self.eos,
+            eos_token_id=self.ends,
             pad_token_id=pad,
             bos_token_id=self.eos,
             cache_implementation=None if self.cfg.cache == "dynamic" else self.cfg.cache,
@@ -163,10 +187,11 @@ class Generator:
         return out[:, width:].tolist()
 
     def _finish(self, prompt: str, index: int, new_ids: list[int], ended: bool) -> tuple[Sample, bool]:
-        """Cut new_ids at EOS or the first stop string; returns the sample and whether it is done."""
+        """Cut new_ids at the first end token or stop string; returns the sample and whether it is done."""
         finish = "length"
-        if self.eos in new_ids:
-            new_ids, finish = new_ids[: new_ids.index(self.eos)], "eos"
+        cut = next((k for k, t in enumerate(new_ids) if t in self.ends), None)
+        if cut is not None:
+            new_ids, finish = new_ids[:cut], "eos"
         text = self.tok.decode(new_ids)
         cuts = [text.find(s) for s in self.cfg.stop if s in text]
         if cuts:

@@ -15,6 +15,13 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+# What both decoders give model.generate besides their own settings: they draw with their own
+# warpers and SeededGumbel under do_sample false, so the sampling of the model's
+# generation_config.json (the recipe's preset, for stock loaders) must not be merged in. These are
+# transformers' own unset values (top_k 50 included), which it neither applies without do_sample
+# nor warns about.
+UNSAMPLED = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0}
+
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (murmur3's finaliser) on int64 tensors; products stay below 2**63."""

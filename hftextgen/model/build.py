@@ -9,12 +9,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import progress, runtime
-from ..config import ModelConfig
 from ..errors import UserError
 from ..hub import load_from_hub
 from ..runtime import ignore_padding_warning
 from . import architecture, lora
 from . import tokenizer as tokenizer_stage
+from .config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:
@@ -35,13 +35,53 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, block_size
     model.config.pad_token_id = tokenizer.pad_token_id  # else the Trainer sets it, with a warning
     ignore_padding_warning()
     generation = model.generation_config
-    generation.eos_token_id = tokenizer.eos_token_id
+    generation.eos_token_id = _unique([tokenizer.eos_token_id, *_ids(generation.eos_token_id)])
     generation.pad_token_id = tokenizer.pad_token_id
     if rows > len(tokenizer):
         # Rows past the tokenizer (model.vocab_size padded for speed) are never targets, and an id
         # the tokenizer cannot decode must never be generated.
         generation.suppress_tokens = list(range(len(tokenizer), rows))
     return model
+
+
+# The sampling settings that only a sampling decoder reads: cleared for a recipe that does not
+# sample (transformers refuses to save them beside do_sample false), and set by one that does.
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "top_h", "epsilon_cutoff", "eta_cutoff")
+
+
+def _ids(value) -> list[int]:
+    return [value] if isinstance(value, int) else list(value or [])
+
+
+def _unique(ids) -> list[int]:
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+# generation_config.json's own entry of hftextgen: what a prompt follows in training
+# (data.Corpus.prompt_context), which hftextgen's decoders read; stock loaders ignore it.
+PROMPT_CONTEXT = "hftextgen_prompt_context"
+
+
+def set_generation(
+    lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, end_of_turn, prompt_context: str, decoding: dict
+) -> None:
+    """What generation_config.json tells every loader (stock `pipeline`, `transformers serve`,
+    hftextgen's decoders): eos_token_id, every token that ends an answer, as a list as Llama 3's
+    own config has it (the EOS, the chat template's end of turn `end_of_turn`, a pretrained model's
+    own); `decoding`, the recipe's preset (GenerateConfig.settings()), so that stock loaders
+    sample as the recipe says and serve takes a client's temperature; and what a prompt follows
+    in training (`prompt_context`, data.Corpus.prompt_context), under PROMPT_CONTEXT."""
+    generation = lm.generation_config
+    generation.eos_token_id = _unique([tokenizer.eos_token_id, *end_of_turn, *_ids(generation.eos_token_id)])
+    for key in SAMPLING_ONLY:  # a pretrained model's own sampling must not outlive the recipe's
+        setattr(generation, key, None)
+    sampling = bool(decoding.get("do_sample"))
+    for key, value in decoding.items():
+        if sampling or key not in SAMPLING_ONLY:
+            setattr(generation, key, value)
+    setattr(generation, PROMPT_CONTEXT, prompt_context)
+    # Made by hand now, not derived from config.json: loading keeps its own entry (PROMPT_CONTEXT).
+    generation._from_model_config = False
 
 
 def context_length(model: PreTrainedModel) -> int | None:

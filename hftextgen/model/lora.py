@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, PeftConfig
 from ..errors import UserError
+from .config import ModelConfig, PeftConfig
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,7 +59,7 @@ def linear_layers(model) -> list[str]:
     return sorted(found)
 
 
-def check(cfg: PeftConfig, model_cfg: ModelConfig) -> None:
+def check_lora_recipe(cfg: PeftConfig, model_cfg: ModelConfig) -> None:
     """Before any work: peft is installed, and every target module and module to save is in the
     pretrained model (built from its config on the meta device: no weights are read)."""
     require()
@@ -106,7 +106,7 @@ def check_modules(cfg: PeftConfig, model) -> None:
             )
 
 
-def wrap(lm, cfg: PeftConfig, base: str):
+def wrap_lora(lm, cfg: PeftConfig, base: str):
     """The model with adapters on its target layers and every other weight frozen; the adapter
     remembers `base` (a local folder as an absolute path, so it loads from any directory)."""
     require()
@@ -136,13 +136,13 @@ def _transposed(lm, targets: list[str]) -> bool:
     return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in lm.named_modules())
 
 
-def parameters(lm) -> tuple[int, int]:
+def lora_parameters(lm) -> tuple[int, int]:
     """(trainable, total) parameters; shared (tied) tensors counted once."""
     params = list(lm.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def merge(trainer):
+def merge_adapter(trainer):
     """Fold the adapter into the base weights in place (no second copy of the model) and make the
     merged model the Trainer's: its outputs are the adapted model's, and it is what gets saved."""
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()

@@ -21,11 +21,11 @@ import tokenizers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from .. import cache
-from ..config import ModelConfig, TokenizerConfig
 from ..data import build_encoder, check_template, resolve_template
 from ..errors import UserError
 from ..hub import load_from_hub
 from .architecture import DEFAULT_CONTEXT
+from .config import ModelConfig, TokenizerConfig
 
 EOS = "<|endoftext|>"
 

@@ -6,9 +6,10 @@ The rest of the house uses only the names below; the modules behind them are the
 from .. import stage_exports
 
 _EXPORTS = {
-    "finetune_recipe": "finetune:finetune",
-    "validate_recipe": "validate:validate",
-    "describe_estimate": "validate:describe",
+    "TrainArguments": "config",
+    "finetune_recipe": "finetune",
+    "validate_recipe": "validate",
+    "describe_estimate": "validate",
     "Schedule": "schedule",
     "schedule_of": "schedule",
 }

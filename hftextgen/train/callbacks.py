@@ -27,8 +27,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import data, generate, progress
-from ..config import GenerateConfig
 from ..files import append_lines
+from ..generate import GenerateConfig
 from ..runtime import eval_mode
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback, Trainer, set_seed
 
-from .. import data, evaluate, generate, hub, runtime
-from ..config import DataConfig, EvaluateConfig, GenerateConfig, Recipe
+from .. import data, evaluate, hub, runtime
+from ..config import Recipe
 from ..errors import warn
 from . import callbacks, card, guards, rundir, setup
 from .callbacks import perplexity
+from .schedule import schedule_of
 
 
-def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str] | None = None) -> dict:
+def finetune_recipe(recipe: Recipe, resolved_yaml: str | None = None, command: list[str] | None = None) -> dict:
     """Run a recipe end to end; returns the final train and eval metrics. `resolved_yaml`: the
     recipe as saved in the run directory; `command`: the arguments of `hftextgen finetune`, to
     say how to continue a run that is stopped."""
@@ -35,20 +36,20 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
     set_seed(args.seed)
 
     built = setup.build(recipe)
-    packed = built.packed
-    say(f"data: {'cached' if packed.cache_hit else 'prepared'} at {packed.cache_path}", flush=True)
-    say(data.format_report(packed.report), flush=True)
+    prepared = built.prepared
+    say(f"data: {'cached' if prepared.cache_hit else 'prepared'} at {prepared.cache_path}", flush=True)
+    say(data.describe_report(prepared.report), flush=True)
     if resume is not None:
         rundir.check_same_model(Path(resume), built.lm)
     trainer, tensorboard = setup_trainer(recipe, built)
-    info = setup.run_info(recipe, built.lm, packed.cache_path)
+    info = setup.run_info(recipe, built.lm, prepared.cache_path)
     say(describe_run(info), flush=True)
     if main:
         start_run_dir(recipe, built, info, resume, resolved_yaml)
 
     result = guards.fit(trainer, resume, output_dir, command)
     metrics = save_final(trainer, result, recipe)
-    metrics.update(held_out_loss(trainer, packed, say))
+    metrics.update(held_out_loss(trainer, prepared, say))
     instead = f"the model is saved in {output_dir}: run `hftextgen evaluate --model {output_dir}`"
     with guards.interruptible("the final evaluation", instead):
         if recipe.evaluate.at_end_of_training:
@@ -61,14 +62,16 @@ def finetune(recipe: Recipe, resolved_yaml: str | None = None, command: list[str
 def setup_trainer(recipe: Recipe, built: setup.Built) -> tuple[Trainer, callbacks.TensorBoard | None]:
     """The stock Trainer with the run's metrics, progress display, TensorBoard and samples."""
     trainer = setup.make_trainer(built, recipe.train)
-    validation = built.packed.report["validation"]
+    validation = built.prepared.report["validation"]
     output_dir = Path(recipe.train.output_dir)
     tensorboard = callbacks.install(
         trainer,
         tokens_per_step=recipe.tokens_per_step,
-        # Task data: the loss is over the answers, and the bytes are theirs.
-        tokens_per_byte=validation.get("trained_tokens", validation["tokens"]) / validation["bytes"]
-        if validation.get("bytes")
+        # Task data: the loss is over the trained tokens (the answers, or every token), and the
+        # bytes are those of the text they hold.
+        tokens_per_byte=validation.get("trained_tokens", validation["tokens"])
+        / validation.get("trained_bytes", validation["bytes"])
+        if validation.get("trained_bytes", validation.get("bytes"))
         else None,
         log_dir=output_dir / "tensorboard",
     )
@@ -96,15 +99,15 @@ def start_run_dir(recipe: Recipe, built: setup.Built, info: dict, resume: str | 
     """Warn when the disk looks too small, then make the run directory ready (main process)."""
     args = recipe.train
     output_dir = Path(args.output_dir)
-    schedule = recipe.schedule(len(built.packed.train))
+    schedule = schedule_of(args, len(built.prepared.train))
     low_disk = rundir.disk_warning(
         output_dir, info["parameters"], schedule.saves, args.save_total_limit, info["trainable_parameters"]
     )
     if low_disk:
         warn(low_disk)
     files = {
-        "data_report.json": built.packed.report,
-        "validation_documents.json": built.packed.validation_ids,
+        "data_report.json": built.prepared.report,
+        "validation_documents.json": built.prepared.validation_ids,
         "run_info.json": info,
     }
     rundir.start(output_dir, args.overwrite_output_dir, resume, resolved_yaml, files)
@@ -129,7 +132,7 @@ def save_final(trainer: Trainer, result, recipe: Recipe) -> dict:
     return metrics
 
 
-def held_out_loss(trainer: Trainer, packed: data.Packed, say) -> dict:
+def held_out_loss(trainer: Trainer, prepared: data.Prepared | data.Mixture, say) -> dict:
     """The Trainer's held-out loss of the final model over the validation blocks it evaluates
     (data.max_eval_tokens of them): the evaluation at the final step when one ran, else a new one."""
     metrics = last_evaluation(trainer) or trainer.evaluate()
@@ -137,7 +140,7 @@ def held_out_loss(trainer: Trainer, packed: data.Packed, say) -> dict:
     trainer.save_metrics("eval", metrics)
     say(
         f"held-out loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f} "
-        f"over packed blocks ({packed.eval_blocks.n_tokens:,} of {packed.report['validation']['tokens']:,} "
+        f"over packed blocks ({prepared.eval_items.n_tokens:,} of {prepared.report['validation']['tokens']:,} "
         f"validation tokens)",
         flush=True,
     )
@@ -159,8 +162,8 @@ def last_evaluation(trainer: Trainer) -> dict | None:
 
 
 def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: setup.Built, tensorboard, say) -> dict:
-    """The generation evaluator on the held-out documents (main process): eval.json, samples,
-    and the final figures in TensorBoard."""
+    """The generation evaluator on the held-out data (main process): eval.json, samples, and the
+    final figures in TensorBoard."""
     output_dir = Path(recipe.train.output_dir)
     if trainer.is_fsdp_enabled:
         # The sharded model needs every process for a forward pass; the saved one does not.
@@ -168,54 +171,26 @@ def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: setup.Built, tensor
         return {}
     if trainer.args.process_index != 0:
         return {}
-    scored = built.packed.evaluated  # a mixture: one of its sources, as its data report says
-    if scored.task:
-        scores = evaluate_task_run(trainer.model, built.tok, scored, recipe.evaluate, recipe.generate, output_dir)
-        names = ("perplexity", "bits_per_byte", "loss")
-    else:
-        docs = scored.eval_documents("validation")  # data.max_eval_tokens of the held-out documents
-        scores = evaluate_run(trainer.model, built.tok, docs, scored.cfg, recipe.evaluate, recipe.generate, output_dir)
-        names = ("perplexity", "bits_per_byte", "word_perplexity", "loss")
+    cfg = recipe.evaluate
+    # What `hftextgen evaluate` on the run directory computes; a mixture: the source its data
+    # report names.
+    with runtime.eval_mode(trainer.model):
+        scores = evaluate.evaluate_prepared(
+            trainer.model,
+            built.tok,
+            built.prepared.evaluated,
+            "validation",
+            cfg=cfg,
+            generate_cfg=recipe.generate,
+            out_dir=Path(cfg.output_dir or output_dir),
+            model_name=str(output_dir),
+        )
+    names = [k for k in ("perplexity", "bits_per_byte", "word_perplexity", "loss") if k in scores]
     if tensorboard is not None:
         final = {f"final/{k}": scores[k] for k in names}
         samples = {"final/samples": callbacks.samples_text(output_dir)}
         tensorboard.log_final(trainer.state.global_step, final, samples)
     return {f"eval_{k}": scores[k] for k in names if k in ("bits_per_byte", "word_perplexity")}
-
-
-def evaluate_run(
-    lm, tok, docs, data_cfg: DataConfig, cfg: EvaluateConfig, generate_cfg: GenerateConfig, output_dir: Path
-) -> dict:
-    """The evaluator on `docs` with the model in eval mode: what `hftextgen evaluate` on the run
-    directory computes."""
-    with runtime.eval_mode(lm):
-        return evaluate.evaluate_model(
-            lm,
-            tok,
-            docs,
-            data=data_cfg,
-            cfg=cfg,
-            generate_cfg=generate_cfg,
-            prompts=generate.read_prompts(generate_cfg),
-            out_dir=Path(cfg.output_dir or output_dir),
-            model_name=str(output_dir),
-        )
-
-
-def evaluate_task_run(lm, tok, packed, cfg: EvaluateConfig, generate_cfg: GenerateConfig, output_dir: Path) -> dict:
-    """The answers evaluator on the held-out examples, the model in eval mode: what `hftextgen
-    evaluate` on the run directory computes for task data."""
-    with runtime.eval_mode(lm):
-        return evaluate.evaluate_answers(
-            lm,
-            tok,
-            packed,
-            "validation",
-            cfg=cfg,
-            generate_cfg=generate_cfg,
-            out_dir=Path(cfg.output_dir or output_dir),
-            model_name=str(output_dir),
-        )
 
 
 def publish(trainer: Trainer, output_dir: Path, say) -> None:

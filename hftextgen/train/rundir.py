@@ -383,7 +383,7 @@ def save_final_model(trainer, output_dir: Path) -> None:
 def write_final(trainer, folder: Path) -> None:
     """The final model's files in `folder`, as the Trainer saves them (model, tokenizer, training
     arguments). A LoRA run saves its adapter into folder/adapter, then folds it into the base
-    weights (in place: lora.merge) and saves that merged model like any other."""
+    weights (in place: merge_adapter) and saves that merged model like any other."""
     if model.is_peft(trainer.accelerator.unwrap_model(trainer.model)):
         trainer.save_model(str(folder / model.ADAPTER_DIR), _internal_call=True)
         model.merge_adapter(trainer)

@@ -25,7 +25,7 @@ class Built:
 
     tok: PreTrainedTokenizerBase
     corpus: data.Corpus | data.MixedCorpus
-    packed: data.Packed | data.Mixture
+    prepared: data.Prepared | data.Mixture
     lm: PreTrainedModel
 
 
@@ -43,6 +43,7 @@ def preflight(recipe: Recipe) -> str | None:
         model.pretrained_overrides(recipe.model)  # a dropout the architecture lacks
     if recipe.peft.lora:
         check_lora(recipe)
+    check_cache(recipe)
     generate.read_prompts(recipe.generate)  # a missing or empty prompts file, before hours of training
     if "tensorboard" in args.report_to and not callbacks.tensorboard_available():
         raise UserError(
@@ -51,6 +52,19 @@ def preflight(recipe: Recipe) -> str | None:
         )
     hub.check_push(args)
     return resume
+
+
+def check_cache(recipe: Recipe) -> None:
+    """train.use_cache with isolated packing: refused. The examples of a row are kept apart by
+    position ids that restart, which transformers turns into a block-diagonal mask only without
+    a KV cache; with one they silently see each other. Refused rather than turned off: a cache
+    does nothing for a training step, so the setting can only be a mistake, and a recipe that
+    says one thing while the run does another is worse than a one-line error."""
+    if getattr(recipe.train, "use_cache", False) and data.open_corpus(recipe.data).packing == "isolated":
+        raise UserError(
+            "train.use_cache true lets the examples packed into a row see each other (data.packing isolated keeps "
+            "them apart only without a KV cache): drop train.use_cache, or set data.packing padded"
+        )
 
 
 def check_lora(recipe: Recipe) -> None:
@@ -74,27 +88,30 @@ def build(recipe: Recipe) -> Built:
     corpus = data.open_corpus(recipe.data)  # one source, or a mixture: one tokenizer for all
     with recipe.train.main_process_first(desc="preprocessing"):
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
-        packed = data.prepare(corpus, tok, model.fingerprint(tok))
+        prepared = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
+    # The template the conversations were rendered with is the tokenizer's (build_tokenizer set it).
+    ends = data.end_of_turn_ids(tok, tok.chat_template) if corpus.uses_template else []
+    model.set_generation(lm, tok, ends, corpus.prompt_context, recipe.generate.settings())
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
     if recipe.peft.lora:
         lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
-    return Built(tok, corpus, packed, lm)
+    return Built(tok, corpus, prepared, lm)
 
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
-    """A stock Trainer over the packed blocks, with the training loss fused when asked and, on a
+    """A stock Trainer over the prepared data, with the training loss fused when asked and, on a
     CPU, the precision the run's own step measured faster (precision.py)."""
     fused = fuse_loss(built, args)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
-    packed = built.packed
-    if packed.packing == "padded":
+    prepared = built.prepared
+    if prepared.packing == "padded":
         # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
         args.train_sampling_strategy = "sequential"
-    collate = packed.collate(
+    collate = prepared.collate(
         built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
     )
-    train = packed.ordered(args.per_device_train_batch_size * args.world_size, args.seed)
+    train = prepared.ordered(args.per_device_train_batch_size * args.world_size, args.seed)
     if getattr(args, "bf16_from_hardware", False):
         # Half a micro-batch: the probe then never holds more than a training step does.
         batch = precision.first_batch(train, collate, max(1, args.per_device_train_batch_size // 2))
@@ -108,7 +125,7 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
         args=args,
         data_collator=counted.collate,
         train_dataset=counted.dataset,
-        eval_dataset=packed.eval_blocks,  # data.max_eval_tokens of the validation blocks
+        eval_dataset=prepared.eval_items,  # data.max_eval_tokens of the validation items
         processing_class=built.tok,
     )
 

@@ -8,7 +8,7 @@ the same errors, before any work; the data is then cached for finetune), then:
              final save, Trainer evaluation, samples and the end-of-training evaluator; reads the
              peak memory (`measure`)
   schedule   steps, evaluations and checkpoints of the run: pure arithmetic that agrees with the
-             stock Trainer (schedule.py, through Recipe.schedule)
+             stock Trainer (schedule.py)
   estimate   time = measured seconds x how often the schedule does each thing; memory = weights +
              gradients + AdamW state + activations (a formula) beside the measured peak; disk = a
              real checkpoint's size x the checkpoints kept, plus the final model (`estimate`)
@@ -39,7 +39,7 @@ from .. import data, evaluate, generate, model, progress, runtime
 from ..config import Recipe
 from ..progress import size
 from . import fused_loss, rundir, setup
-from .schedule import Schedule
+from .schedule import Schedule, schedule_of
 
 # Timed steps: at least MIN_STEPS and MIN_SECONDS of them after the warm-up step, at most
 # MAX_STEPS: enough to average out noise on a fast model, few on a slow one.
@@ -47,7 +47,7 @@ MIN_STEPS, MIN_SECONDS, MAX_STEPS = 5, 5.0, 30
 SAMPLE_TOKENS = 16  # generation is timed for this many new tokens and scaled to max_new_tokens
 
 
-def validate(recipe: Recipe) -> dict:
+def validate_recipe(recipe: Recipe) -> dict:
     """Check and measure a recipe; returns the estimate (see the module docstring)."""
     output_dir = Path(recipe.train.output_dir)
     existed = output_dir.exists()
@@ -58,17 +58,17 @@ def validate(recipe: Recipe) -> dict:
     started = time.perf_counter()
     built = setup.build(recipe)
     prepared = {
-        "cache": str(built.packed.cache_path),
-        "cached": built.packed.cache_hit,
+        "cache": str(built.prepared.cache_path),
+        "cached": built.prepared.cache_hit,
         "seconds": round(time.perf_counter() - started, 2),
-        "report": built.packed.report,
+        "report": built.prepared.report,
     }
-    info = setup.run_info(recipe, built.lm, built.packed.cache_path)
+    info = setup.run_info(recipe, built.lm, built.prepared.cache_path)
     # Before the probe: a LoRA probe's final save folds the adapter into the model.
     described = describe_model(built.lm, info)
     formula = memory_formula(built.lm, recipe.train, recipe.data.block_size, info["precision"])
     measured = measure(recipe, built)
-    schedule = recipe.schedule(len(built.packed.train), _resumed_step(resume))
+    schedule = schedule_of(recipe.train, len(built.prepared.train), _resumed_step(resume))
     return {
         "output_dir": str(output_dir),
         "output_dir_exists": existed,
@@ -90,7 +90,7 @@ class Measured:
     final_save_seconds: float
     final_model_bytes: int
     eval_call_seconds: float
-    eval_block_seconds: float
+    eval_item_seconds: float
     sample_seconds: float
     scoring_seconds: float
     memory_peak: int
@@ -120,7 +120,7 @@ def measure(recipe: Recipe, built: setup.Built) -> Measured:
             trainer.train()
             memory_what, memory_peak = _peak_memory(device)
             checkpoint = get_last_checkpoint(tmp)
-            eval_call, eval_block = _time_evaluation(trainer, built.packed.eval_blocks, args.per_device_eval_batch_size)
+            eval_call, eval_item = _time_evaluation(trainer, built.prepared.eval_items, args.per_device_eval_batch_size)
             sample_seconds = _time_samples(built.lm, built.tok, recipe.generate)
             scoring_seconds = _time_final_scoring(built, recipe.evaluate, recipe.data.block_size)
             # Last: a LoRA run's final save merges the adapter into the model, in place.
@@ -136,7 +136,7 @@ def measure(recipe: Recipe, built: setup.Built) -> Measured:
                 final_save_seconds=final_save_seconds,
                 final_model_bytes=_folder_bytes(final_dir),
                 eval_call_seconds=eval_call,
-                eval_block_seconds=eval_block,
+                eval_item_seconds=eval_item,
                 sample_seconds=sample_seconds,
                 scoring_seconds=scoring_seconds,
                 memory_peak=memory_peak,
@@ -195,7 +195,7 @@ def estimate(
         "tokens": {
             "total": st.total * recipe.tokens_per_step,
             "to_run": st.to_run * recipe.tokens_per_step,
-            "train_split": built.packed.report["train"]["tokens"],
+            "train_split": built.prepared.report["train"]["tokens"],
         },
         "time": _time(recipe, built, st, m),
         "memory": {
@@ -230,7 +230,7 @@ def _sample_rounds(recipe: Recipe, st: Schedule) -> int:
 
 def _time(recipe: Recipe, built: setup.Built, st: Schedule, m: Measured) -> dict:
     evaluations = st.evaluations + _final_trainer_evaluation(recipe.train, st)
-    eval_seconds = m.eval_call_seconds + m.eval_block_seconds * len(built.packed.eval_blocks)
+    eval_seconds = m.eval_call_seconds + m.eval_item_seconds * len(built.prepared.eval_items)
     final_eval_seconds = 0.0
     if recipe.evaluate.at_end_of_training:
         final_eval_seconds = m.scoring_seconds + (m.sample_seconds if recipe.evaluate.samples else 0.0)
@@ -358,29 +358,29 @@ def _resumed_step(resume: str | None) -> int:
     return json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
 
 
-def _time_evaluation(trainer: Trainer, blocks, batch_size: int) -> tuple[float, float]:
-    """(seconds per call, seconds per block) of Trainer.evaluate: after a warm-up batch, one
-    batch and then four are timed, and the difference gives the cost of a block without the
-    fixed cost of a call (a dataloader, moving the model to eval mode), which a few batches
-    would otherwise spread over too few blocks."""
-    n = len(blocks)
+def _time_evaluation(trainer: Trainer, items, batch_size: int) -> tuple[float, float]:
+    """(seconds per call, seconds per item) of Trainer.evaluate, its items blocks, rows or
+    examples: after a warm-up batch, one batch and then four are timed, and the difference gives
+    the cost of an item without the fixed cost of a call (a dataloader, moving the model to eval
+    mode), which a few batches would otherwise spread over too few items."""
+    n = len(items)
     small, large = min(n, batch_size), min(n, 4 * batch_size)
-    trainer.evaluate(blocks.select(range(small)))
+    trainer.evaluate(items.select(range(small)))
     seconds = []
     for count in (small, large):
         started = time.perf_counter()
-        trainer.evaluate(blocks.select(range(count)))
+        trainer.evaluate(items.select(range(count)))
         seconds.append(time.perf_counter() - started)
     if large == small:
         return 0.0, seconds[1] / large
-    per_block = max(seconds[1] - seconds[0], 0.0) / (large - small) or seconds[1] / large
-    return max(seconds[0] - per_block * small, 0.0), per_block
+    per_item = max(seconds[1] - seconds[0], 0.0) / (large - small) or seconds[1] / large
+    return max(seconds[0] - per_item * small, 0.0), per_item
 
 
 def _time_answer_scoring(built: setup.Built, cfg) -> float:
     """Task data: seconds the evaluator will take to score the held-out answers, from two batches
     of them timed (the answers it then generates are not counted)."""
-    items, names, answer_bytes = built.packed.eval_examples("validation")
+    items, names, answer_bytes = built.prepared.eval_examples("validation")
     few = min(len(items), 2 * cfg.batch_size)
     sample = evaluate.answer_examples(items.select(range(few)), names[:few], answer_bytes[:few], few, items.n_tokens)
     with runtime.eval_mode(built.lm), progress.silenced():
@@ -395,14 +395,14 @@ def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
     """Seconds the end-of-training evaluator will take to score the validation documents: its
     own scoring (windows, stride, batch, precision) timed on two batches of windows cut from the
     validation blocks, scaled to the windows of the whole split."""
-    lm, tok, packed = built.lm, built.tok, built.packed
-    if packed.task:
+    lm, tok, prepared = built.lm, built.tok, built.prepared
+    if prepared.task:
         return _time_answer_scoring(built, cfg)
     s = evaluate.scoring_settings(lm, cfg)
     context, stride, bf16 = s.context, s.stride, s.bf16
     wanted = context + 1 + stride * (2 * cfg.batch_size - 1)  # two batches of windows
     blocks = math.ceil(wanted / block_size)
-    ids = packed.validation[: min(blocks, len(packed.validation))]["input_ids"]
+    ids = prepared.validation[: min(blocks, len(prepared.validation))]["input_ids"]
     doc = [tok.eos_token_id, *ids.reshape(-1)[:wanted].tolist()]
     with runtime.eval_mode(lm), progress.silenced():
         evaluate.score(lm, [doc[: context + 1]], context, stride, cfg.batch_size, bf16=bf16)  # warm-up
@@ -410,7 +410,7 @@ def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
         evaluate.score(lm, [doc], context, stride, cfg.batch_size, bf16=bf16)
         seconds = time.perf_counter() - started
     per_window = seconds / len(evaluate.windows(len(doc), context, stride))
-    docs = packed.eval_documents("validation")  # what the evaluator will score
+    docs = prepared.eval_documents("validation")  # what the evaluator will score
     return per_window * (docs.tokens / stride + len(docs))
 
 
@@ -437,7 +437,7 @@ def _lora_lines(m: dict, formula: dict) -> list[str]:
     ]
 
 
-def describe(est: dict) -> str:
+def describe_estimate(est: dict) -> str:
     """The estimate as lines a person reads before starting a run."""
     d, m, b, st, tk, t, mem, disk = (
         est[k] for k in ("data", "model", "batch", "steps", "tokens", "time", "memory", "disk")
@@ -452,7 +452,7 @@ def describe(est: dict) -> str:
     lines = [
         f"recipe: valid; {est['output_dir']}: {start}; nothing written",
         f"data: {'cached' if d['cached'] else 'prepared and cached'} at {d['cache']} ({d['seconds']:.1f} s)",
-        data.format_report(d["report"]),
+        data.describe_report(d["report"]),
         f"model: {m['parameters']:,} parameters ({m['architecture']}, {m['shape']}); "
         f"precision {est['precision']} on {est['device']}",
         *_lora_lines(m, f),
