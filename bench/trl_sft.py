@@ -70,7 +70,7 @@ def hftextgen_run(config: dict) -> dict:
 
 def conversations(limit: int | None = None) -> list[dict]:
     """The training plays' conversations, as the dialogue recipe reads them."""
-    from hftextgen.config import DataConfig
+    from hftextgen.data import DataConfig
     from hftextgen.data import Corpus, sources
 
     corpus = Corpus(DataConfig(source="shakespeare", format="messages"))

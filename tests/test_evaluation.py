@@ -150,6 +150,7 @@ def test_eval_mode_runs_the_models_own_forward_and_gives_the_training_wrapper_ba
 
     model = AutoModelForCausalLM.from_config(random_model.config, attn_implementation="sdpa")
     model.load_state_dict(random_model.state_dict())
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test's Trainer may have set it
     try:
         Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
     finally:
