@@ -122,8 +122,11 @@ def save_final(trainer: Trainer, result, recipe: Recipe) -> dict:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     rundir.save_final_model(trainer, Path(recipe.train.output_dir))
     metrics = dict(result.metrics)
-    metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * recipe.data.block_size, 1)
-    metrics["train_tokens"] = trainer.state.global_step * recipe.tokens_per_step
+    # Real tokens (no padding), as RunMetrics counts them: this session's over its runtime, and
+    # the run's so far.
+    counted = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.RunMetrics))
+    metrics["train_tokens_per_second"] = round(counted.session_tokens / max(metrics["train_runtime"], 1e-9), 1)
+    metrics["train_tokens"] = trainer.state.num_input_tokens_seen
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics
