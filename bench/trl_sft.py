@@ -75,7 +75,7 @@ def conversations(limit: int | None = None) -> list[dict]:
 
     corpus = Corpus(DataConfig(source="shakespeare", format="messages"))
     segments, _, _ = corpus.segments(False)
-    found = [json.loads(r.text) for seg, r in sources.read_all(segments, corpus.reading) if seg.split == "train"]
+    found = [json.loads(r.text) for seg, r in sources.read_all(segments, corpus.resolved) if seg.split == "train"]
     return found[:limit]
 
 
