@@ -123,6 +123,7 @@ bench: setup
 	$(BIN)/python -m bench.scale $(ARGS)
 	$(BIN)/python -m bench.packing $(ARGS)
 	$(BIN)/python -m bench.cpu_step $(ARGS)
+	$(BIN)/python -m bench.trl_sft $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(LATEST)

@@ -11,7 +11,7 @@ Baseline: transformers.Trainer(TrainingArguments(output_dir, per_device_train_ba
 recipe's>, report_to="none")) - fp32, AdamW (adamw_torch) - on the recipe's GPT-2 and its packed
 Shakespeare blocks. Ours: `hftextgen finetune --config <recipe>`, everything as the recipe and
 hftextgen's defaults set it (bf16 autocast where the CPU has native bf16, glibc allocator
-settings, the fused loss where a micro-batch's logits exceed one chunk, ...). Each run is a
+settings, the fused loss where a micro-batch's fp32 logits exceed 64 MiB, ...). Each run is a
 child process of its own, one after the other, never two at once; --repeats alternates
 baseline and ours, shape by shape, and reports medians.
 Four figures per run: tokens/s over the whole timed interval; tokens per step over the median
@@ -80,10 +80,8 @@ def baseline_config(recipe: Path) -> dict:
 
 def recipe_fuses(spec: dict) -> bool:
     """Whether the recipe trains with the fused loss on a CPU (`auto`: when a micro-batch's fp32
-    logits exceed one chunk; the vocabulary is GPT-2's unless the recipe trains or sets one)."""
-    import torch
-
-    from hftextgen.train.fused_loss import chunk_rows
+    logits exceed CPU_FUSE_BYTES; the vocabulary is GPT-2's unless the recipe trains or sets one)."""
+    from hftextgen.train.fused_loss import CPU_FUSE_BYTES
 
     setting = spec["train"].get("fused_loss", "auto")
     if setting != "auto":
@@ -91,7 +89,7 @@ def recipe_fuses(spec: dict) -> bool:
     tok = spec.get("tokenizer", {})
     vocab = spec["model"].get("vocab_size") or (tok.get("vocab_size") if tok.get("source") == "train" else 50257)
     rows = spec["train"]["per_device_train_batch_size"] * spec["data"]["block_size"]
-    return chunk_rows(rows, vocab, torch.device("cpu")) < rows
+    return rows * vocab * 4 > CPU_FUSE_BYTES
 
 
 def variants(recipe: Path, explore: bool, only: list[str] | None = None) -> dict[str, list[str]]:

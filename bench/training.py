@@ -320,6 +320,10 @@ def main(argv: list[str]) -> None:
     config = common.child_config(argv)
     if config is None:
         raise SystemExit("bench.training is run by bench/train_cpu.py and bench/gpu.py (--child CONFIG)")
+    if config["kind"] == "ours":
+        from hftextgen import runtime
+
+        runtime.wait_briefly()  # what the command does before torch loads; the plain Trainer keeps libgomp's
     common.write_child_result(config, run(config))
 
 

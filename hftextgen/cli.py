@@ -455,6 +455,9 @@ RUNNERS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import runtime
+
+    runtime.wait_briefly()  # before torch loads
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

@@ -94,7 +94,12 @@ def test_tensorboard_holds_losses_throughput_perplexity_and_samples(trained_run)
     ):
         assert tag in scalars, tag
     tokens = {e.step: e.value for e in events.Scalars("train/tokens")}
-    assert tokens[60] == 60 * 4 * 32  # steps x blocks per step x block size
+    # The tokens trained: an epoch's steps hold its blocks (the last step of it fewer than 4), the
+    # steps after it 4 blocks each, of 32 tokens.
+    blocks = json.loads((trained_run / "data_report.json").read_text())["train"]["blocks"]
+    per_epoch = -(-blocks // 4)
+    assert 60 > per_epoch and blocks % 4
+    assert tokens[60] == (blocks + (60 - per_epoch) * 4) * 32
     final = events.Scalars("final/bits_per_byte")[0]
     assert final.value == pytest.approx(json.loads((trained_run / "eval.json").read_text())["bits_per_byte"])
     assert "final/samples/text_summary" in events.Tags()["tensors"]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import files_args, flags
 from oracle import document_ids, evaluate_texts
 from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -16,6 +17,16 @@ from hftextgen.evaluate.run import load_metric, score, windows
 from hftextgen.model.tokenizer import bundled_gpt2, ready_for_lm
 
 CONTEXT = 16
+# A short run in bf16 on any CPU (autocast emulates it where the CPU lacks it), on a BPE of 300
+# tokens, with the evaluation at its end.
+BF16_RUN = {
+    "train.bf16": "true",
+    "train.max_steps": 6,
+    "train.eval_steps": 6,
+    "tokenizer.source": "train",
+    "tokenizer.vocab_size": 300,
+    "evaluate.stride": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +137,55 @@ def test_finetune_and_standalone_evaluate_agree(trained_run, tmp_path, run_cli):
     diversity = evaluation.diversity_metrics([s["completion"] for s in samples])
     for key in ("distinct_1", "distinct_2", "distinct_3", "repeated_4grams"):
         assert again["samples"][key] == diversity[key], key
+
+
+def test_eval_mode_runs_the_models_own_forward_and_gives_the_training_wrapper_back(random_model):
+    """accelerate's bf16 preparation wraps the instance's forward in autocast: eval_mode runs the
+    model's own forward inside the block, and training goes on in bf16 after it (samples taken
+    during training must not switch the rest of the run to fp32)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from hftextgen.runtime import eval_mode
+
+    model = AutoModelForCausalLM.from_config(random_model.config, attn_implementation="sdpa")
+    model.load_state_dict(random_model.state_dict())
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test's Trainer may have set it
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    ids = torch.arange(CONTEXT).unsqueeze(0) * 7 % 300
+    wrapped = model.forward
+    with torch.no_grad():
+        with eval_mode(model):
+            own = model(input_ids=ids).logits
+        assert model.forward is wrapped and model.training
+        with eval_mode(random_model):
+            reference = random_model(input_ids=ids).logits
+        in_bf16 = model(input_ids=ids).logits
+    assert torch.equal(own, reference)
+    assert not torch.equal(in_bf16, reference)
+
+
+@pytest.mark.slow
+def test_end_of_training_evaluation_scores_the_saved_model(corpus, tmp_path, run_cli):
+    """Trained with bf16 autocast, which accelerate puts around the model's forward and leaves
+    there after training: the evaluation at the end still scores (and samples) the model as
+    `hftextgen evaluate` loads it from the run directory, to the last digit."""
+    run = tmp_path / "run"
+    trained = files_args(corpus, run, *flags(BF16_RUN))
+    code, _, err = run_cli(*trained)
+    assert code == 0, err
+    code, _, err = run_cli("evaluate", "--model", run, "--evaluate.output_dir", tmp_path / "again")
+    assert code == 0, err
+    at_end, again = (json.loads((folder / "eval.json").read_text()) for folder in (run, tmp_path / "again"))
+    assert at_end["precision"] == "fp32" and at_end["tokens"] > 0
+    for key in ("seconds", "tokens_per_second", "evaluated"):
+        at_end.pop(key), again.pop(key)
+    assert at_end == again
+    samples = [(folder / "samples.jsonl").read_text() for folder in (run, tmp_path / "again")]
+    assert samples[0] == samples[1]
 
 
 def test_smaller_stride_never_scores_worse_on_a_trained_model(trained_run):

@@ -266,13 +266,13 @@ def test_models_that_change_their_logits_keep_their_own_loss(name):
 def test_setup_follows_the_setting():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     vocab = tiny("qwen2").get_output_embeddings().weight.shape[0]
-    one_chunk = fused_loss.CPU_CHUNK_BYTES // (4 * vocab)  # rows whose fp32 logits fill one chunk
+    one_chunk = fused_loss.CPU_FUSE_BYTES // (4 * vocab)  # rows whose fp32 logits fill the threshold
     for setting, device, rows, installed in (
         (False, cpu, None, None),
         ("auto", gpu, None, None),
         ("auto", cpu, None, "hftextgen"),
-        ("auto", cpu, one_chunk + 1, "hftextgen"),  # more logits than one chunk: fused
-        ("auto", cpu, one_chunk, None),  # one chunk would be the stock loss with overhead
+        ("auto", cpu, one_chunk + 1, "hftextgen"),  # large logits: fused
+        ("auto", cpu, one_chunk, None),  # small ones: the stock loss
         (True, cpu, 8, "hftextgen"),
         (True, gpu, None, "hftextgen"),
     ):

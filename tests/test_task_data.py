@@ -222,6 +222,30 @@ def test_isolated_text_cuts_long_documents_into_examples_of_block_size(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("packing", ["isolated", "padded"])
+def test_the_logged_tokens_are_the_real_ones(tmp_path, run_cli, packing):
+    """Rows and padded examples are not full: the tokens a run counts are its examples' (two
+    epochs: every training token twice), not its batches' widths."""
+    from conftest import TINY_MODEL, TINY_TRAIN
+
+    run = tmp_path / "run"
+    data = write_jsonl(tmp_path / "data.jsonl", pc_records(40))
+    argv = [
+        "finetune", *TINY_MODEL, *TINY_TRAIN, "--data.source", "files", "--data.paths", f"[{data}]",
+        "--data.format", "prompt_completion", "--data.packing", packing, "--data.validation_fraction", "0.2",
+        "--train.max_steps", "-1", "--train.num_train_epochs", "2", "--evaluate.at_end_of_training", "false",
+        "--train.output_dir", str(run),
+    ]  # fmt: skip
+    code, _, err = run_cli(*argv)
+    assert code == 0, err
+    real = json.loads((run / "data_report.json").read_text())["train"]["tokens"]
+    results = json.loads((run / "train_results.json").read_text())
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert results["train_tokens"] == state["num_input_tokens_seen"] == 2 * real
+    assert results["train_tokens"] < state["global_step"] * 4 * 32  # what the batches' widths hold
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["chat", "prompt-completion"])
 def test_a_custom_task_recipe_end_to_end(tmp_path, run_cli, recipe):
     """LoRA on a (tiny) pretrained model, the user's file, the recipe as shipped: the run directory

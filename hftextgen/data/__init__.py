@@ -22,6 +22,7 @@ _EXPORTS = {
     "play_to_text": "sources",
     "shakespeare_files": "sources",
     "EvalDocuments": "shards",
+    "real_tokens": "packing",
     "SAFE_CUT": "preparation",
     "build_encoder": "encoders",
     "count_words": "preparation",

@@ -46,6 +46,19 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+def real_tokens(item) -> int:
+    """The tokens of one training item as a collator takes it, never padding: a block's
+    (concat: all of it), an example's (padded), its examples' (isolated: a row), or a preference
+    pair's (pairs.PairItem: the prompt once with each answer)."""
+    if hasattr(item, "rejected"):
+        return 2 * len(item.prompt) + len(item.chosen) + len(item.rejected)
+    if isinstance(item, Example):
+        return len(item.ids)
+    if isinstance(item, dict):
+        return len(item["input_ids"])
+    return sum(len(example.ids) for example in item)
+
+
 def labels_of(example: Example) -> np.ndarray:
     """The ids where trained, -100 elsewhere."""
     return np.where(np.asarray(example.trained, dtype=bool), example.ids, IGNORE).astype(np.int64)

@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .. import generate, progress
+from .. import data, generate, progress
 from ..files import append_lines
 from ..generate import GenerateConfig
 from ..runtime import eval_mode
@@ -34,24 +36,84 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-class RunMetrics(TrainerCallback):
-    """Adds to each training log `tokens` (seen so far) and `tokens_per_second` (over the steps
-    since the last log, counting only the time inside steps, so evaluations, checkpoints and
-    samples do not drag it down), and to each evaluation log `eval_perplexity` and
-    `eval_bits_per_byte`.
+class RealTokens:
+    """Counts the real tokens of the training batches (padding never), in the order the Trainer
+    takes them. `dataset` is the training set, noting each item's tokens as the data loader
+    reads it; `collate` is the collator, closing each batch of them. The Trainer's evaluations
+    use the same collator on another dataset, so they add nothing. The loader reads a batch
+    ahead (accelerate's), so the counts wait in a queue until `take` hands out a step's.
+    Counted where the loader reads: with train.dataloader_num_workers > 0 that is the workers,
+    and nothing arrives here (`take` then returns None)."""
 
-    Blocks are packed, never padded, so every step trains exactly tokens_per_step tokens.
+    def __init__(self, dataset, collate):
+        self.inner_collate = collate
+        self.pending = 0  # tokens of the items read since the last batch
+        self.batches: deque[int] = deque()
+        self.dataset = _Counted(dataset, self)
+
+    def collate(self, items):
+        if self.pending:
+            self.batches.append(self.pending)
+            self.pending = 0
+        return self.inner_collate(items)
+
+    def take(self, micro_batches: int) -> int | None:
+        """The real tokens of the next step's micro-batches (fewer at an epoch's end), or None
+        when none were counted."""
+        if not self.batches:
+            return None
+        return sum(self.batches.popleft() for _ in range(min(micro_batches, len(self.batches))))
+
+
+class _Counted(torch.utils.data.Dataset):
+    def __init__(self, dataset, counter: RealTokens):
+        self.inner, self.counter = dataset, counter
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        item = self.inner[i]
+        self.counter.pending += data.real_tokens(item)
+        return item
+
+
+class RunMetrics(TrainerCallback):
+    """Adds to each training log `tokens` (real tokens trained so far) and `tokens_per_second`
+    (over the steps since the last log, counting only the time inside steps, so evaluations,
+    checkpoints and samples do not drag it down), and to each evaluation log `eval_perplexity`
+    and `eval_bits_per_byte`.
+
+    Real tokens leave out padding: blocks (concat) are never padded, but isolated rows and
+    padded examples are (task data: 2,015.6 real tokens in a step of 8 rows of 256). They come
+    from `real` (RealTokens), else (data loader workers) each step counts tokens_per_step, the
+    most a step holds. Under several processes this process's count is taken as each one's.
+    The running total is TrainerState.num_input_tokens_seen, saved with every checkpoint (left
+    to the Trainer when train.include_num_input_tokens_seen asks it to count).
+
     eval_bits_per_byte converts the loss over packed blocks with the validation split's tokens
     per UTF-8 byte; the end-of-training evaluator's bits-per-byte is the exact figure.
     """
 
-    def __init__(self, tokens_per_step: int, tokens_per_byte: float | None = None, perplexity: bool = True):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        tokens_per_byte: float | None = None,
+        real: RealTokens | None = None,
+        perplexity: bool = True,
+    ):
         self.tokens_per_step = tokens_per_step
         self.tokens_per_byte = tokens_per_byte
+        self.real = real
         self.perplexity = perplexity  # off for a loss that is not a language model's (preference pairs)
         self.busy = 0.0
-        self.steps = 0
+        self.tokens = 0  # real tokens of the steps since the last log, all processes
+        self.session_tokens = 0  # ... and of every step of this session (train_tokens_per_second)
         self.began: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step and not state.num_input_tokens_seen and args.include_num_input_tokens_seen == "no":
+            state.num_input_tokens_seen = state.global_step * self.tokens_per_step  # a checkpoint that kept none
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.began = time.perf_counter()
@@ -59,17 +121,22 @@ class RunMetrics(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.began is not None:
             self.busy += time.perf_counter() - self.began
-            self.steps += 1
             self.began = None
+        counted = self.real.take(args.gradient_accumulation_steps) if self.real is not None else None
+        tokens = self.tokens_per_step if counted is None else counted * args.world_size
+        self.tokens += tokens
+        self.session_tokens += tokens
+        if args.include_num_input_tokens_seen == "no":
+            state.num_input_tokens_seen += tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
         if "loss" in logs:
-            logs["tokens"] = state.global_step * self.tokens_per_step
+            logs["tokens"] = state.num_input_tokens_seen
             if self.busy > 0:
-                logs["tokens_per_second"] = round(self.steps * self.tokens_per_step / self.busy, 1)
-            self.busy, self.steps = 0.0, 0
+                logs["tokens_per_second"] = round(self.tokens / self.busy, 1)
+            self.busy, self.tokens = 0.0, 0
         if "eval_loss" in logs and self.perplexity:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
             if self.tokens_per_byte:
@@ -249,9 +316,11 @@ def install(
     """Put the progress display of the current mode, RunMetrics and our TensorBoard reporter on
     a stock Trainer. Returns the TensorBoard reporter when train.report_to includes it."""
     handler = trainer.callback_handler
+    counted = trainer.train_dataset  # setup.make_trainer's, counting real tokens
+    real = counted.counter if isinstance(counted, _Counted) else None
     # First in line: the logs it extends are the same dict every later callback receives, and
     # the reporters (stock ones included, e.g. wandb) are added before any callback we could add.
-    handler.callbacks.insert(0, RunMetrics(tokens_per_step, tokens_per_byte, perplexity))
+    handler.callbacks.insert(0, RunMetrics(tokens_per_step, tokens_per_byte, real, perplexity))
     for stock in (PrinterCallback, ProgressCallback):
         trainer.pop_callback(stock)
     shown = progress.mode()

@@ -48,7 +48,7 @@ def _count(n: float) -> str:
 
 
 def plot_losses(
-    log_history: list[dict], tokens_per_step: int, path: Path, title: str, language_model: bool = True
+    log_history: list[dict], tokens_per_step: float, path: Path, title: str, language_model: bool = True
 ) -> bool:
     """Training and held-out loss against steps (bottom axis) and tokens (top axis), with the
     held-out perplexity on the right axis (not for a preference loss: `language_model` false).
@@ -83,7 +83,7 @@ def plot_losses(
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right")
         ax.set_title(title, fontsize=11)
-        # Packed blocks, no padding: tokens are steps x tokens per step, exactly.
+        # Packed blocks, no padding: tokens are steps x tokens per step, exactly (task data: on average).
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens trained")
         top.xaxis.set_major_formatter(FuncFormatter(lambda t, _: _count(t)))
@@ -309,6 +309,9 @@ class RunFiles:
 
     @property
     def tokens(self) -> int | None:
+        """Real tokens trained (no padding), as the run counted them; older runs: steps x tokens a step."""
+        if self.train_results.get("train_tokens"):
+            return self.train_results["train_tokens"]
         per_step = self.info.get("tokens_per_step")
         return self.steps * per_step if self.steps and per_step else None
 
@@ -568,9 +571,13 @@ def write(run_dir: Path, model_id: str | None = None) -> list[Path]:
     written = []
     title = f"{run_dir.resolve().name}: {_count(info['parameters'])} parameters" if info.get("parameters") else ""
     language_model = info.get("batch_unit") != "pairs"
-    if plot_losses(
-        state.get("log_history", []), info.get("tokens_per_step", 1), run_dir / "loss.png", title, language_model
-    ):
+    # The top axis's tokens a step: the real ones on average (isolated rows, padded examples and
+    # pairs are not full), else the most a step holds.
+    trained = (_read_json(run_dir / "train_results.json") or {}).get("train_tokens")
+    per_step = (
+        trained / state["global_step"] if trained and state.get("global_step") else info.get("tokens_per_step", 1)
+    )
+    if plot_losses(state.get("log_history", []), per_step, run_dir / "loss.png", title, language_model):
         written.append(run_dir / "loss.png")
     write_atomic(run_dir / "README.md", model_card(run_dir, model_id))
     written.append(run_dir / "README.md")

@@ -71,8 +71,8 @@ class TrainArguments(TrainingArguments):
             "help": "Compute the training loss with the output layer and cross-entropy fused, a chunk of rows "
             "at a time, never holding the batch x block x vocabulary logits (hftextgen/train/fused_loss.py): "
             "the same loss in far less memory, for any model whose head is a plain linear layer (others keep "
-            "their own, said once). auto: on when training on a CPU with more than 256 MiB of fp32 logits a "
-            "micro-batch (there it measured faster and leaner; below that the stock loss was faster: "
+            "their own, said once). auto: on when training on a CPU with more than 64 MiB of fp32 logits a "
+            "micro-batch (there the stock loss's copies of them are most of a step's memory: "
             "bench/RESULTS.md); off on a GPU. liger: liger-kernel's Triton kernel, where that package and a "
             "CUDA GPU are there. Under train.torch_compile it runs outside the compiled graph."
         },

@@ -49,7 +49,7 @@ def finetune_recipe(recipe: Recipe, resolved_yaml: str | None = None, command: l
         start_run_dir(recipe, built, info, resume, resolved_yaml)
 
     result = guards.fit(trainer, resume, output_dir, command)
-    metrics = save_final(trainer, result, recipe, info["tokens_per_step"])
+    metrics = save_final(trainer, result, recipe)
     metrics.update(held_out_loss(trainer, prepared, say))
     instead = f"the model is saved in {output_dir}: run `hftextgen evaluate --model {output_dir}`"
     with guards.interruptible("the final evaluation", instead):
@@ -116,7 +116,7 @@ def start_run_dir(recipe: Recipe, built: setup.Built, info: dict, resume: str | 
     rundir.start(output_dir, args.overwrite_output_dir, resume, resolved_yaml, files)
 
 
-def save_final(trainer: Trainer, result, recipe: Recipe, tokens_per_step: int) -> dict:
+def save_final(trainer: Trainer, result, recipe: Recipe) -> dict:
     """The final model, atomically, and the training metrics."""
     if trainer.is_fsdp_enabled:
         # Checkpoints may stay sharded (launch/fsdp.yaml), but the run directory must load with
@@ -125,9 +125,11 @@ def save_final(trainer: Trainer, result, recipe: Recipe, tokens_per_step: int) -
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     rundir.save_final_model(trainer, Path(recipe.train.output_dir))
     metrics = dict(result.metrics)
-    per_item = tokens_per_step / recipe.effective_batch_size  # a block, or a pair's tokens on average
-    metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * per_item, 1)
-    metrics["train_tokens"] = trainer.state.global_step * tokens_per_step
+    # Real tokens (no padding), as RunMetrics counts them: this session's over its runtime, and
+    # the run's so far.
+    counted = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.RunMetrics))
+    metrics["train_tokens_per_second"] = round(counted.session_tokens / max(metrics["train_runtime"], 1e-9), 1)
+    metrics["train_tokens"] = trainer.state.num_input_tokens_seen
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics

@@ -75,10 +75,19 @@ def chunk_rows(n_rows: int, vocab: int, device: torch.device, compute_dtype: tor
     return max(1, -(-n_rows // chunks))
 
 
-def _chunked(model: nn.Module, rows: int | None) -> bool:
-    """Whether `rows` of the model's fp32 logits take more than one CPU chunk (unknown rows: yes)."""
+# `auto` fuses on a CPU when a micro-batch's fp32 logits exceed this. Above it the stock loss's
+# copies of them (bf16, fp32, log-softmax, their gradients) are most of a step's memory: at
+# bench/tiny-gpt2.yaml's 1,024 x 50,257 (206 MB) the fused loss took 0.43 GB where the stock one
+# took 2.6 GB, and 18% less CPU time on an AMD EPYC (Zen 5; 11% more on an Intel Xeon VM in
+# training). Below it (the default recipe: 1,024 x 4,096, 17 MB) they are small and the stock
+# loss runs with no overhead.
+CPU_FUSE_BYTES = 2**26
+
+
+def _large_logits(model: nn.Module, rows: int | None) -> bool:
+    """Whether `rows` of the model's fp32 logits exceed CPU_FUSE_BYTES (unknown rows: yes)."""
     head = model.get_output_embeddings()
-    return rows is None or head is None or chunk_rows(rows, head.weight.shape[0], torch.device("cpu")) < rows
+    return rows is None or head is None or rows * head.weight.shape[0] * 4 > CPU_FUSE_BYTES
 
 
 def installed(model: nn.Module) -> str | None:
@@ -375,13 +384,12 @@ def setup(
 ) -> str | None:
     """Apply train.fused_loss to a model that trains on `device`: True, hftextgen's fused loss;
     "auto", the same on a CPU when a micro-batch's `rows` (batch x block) hold more fp32 logits
-    than one chunk (CPU_CHUNK_BYTES), where it keeps memory flat and measured faster; below that
-    it would run as one chunk, the stock computation with its own overhead (11-14% slower a step
-    on an Intel Xeon VM: bench/RESULTS.md), so the stock loss; on a GPU the stock loss until
-    bench/gpu.py says otherwise. "liger", liger-kernel's where it can run, else hftextgen's;
+    than CPU_FUSE_BYTES, where it keeps memory flat (and measured faster on an AMD EPYC:
+    bench/RESULTS.md), else the stock loss; on a GPU the stock loss until bench/gpu.py says
+    otherwise. "liger", liger-kernel's where it can run, else hftextgen's;
     False, the stock loss. Returns a line for the log when the setting could not be followed as
     given, else None. `evaluation`: see `install`."""
-    if setting is False or (setting == "auto" and not (device.type == "cpu" and _chunked(model, rows))):
+    if setting is False or (setting == "auto" and not (device.type == "cpu" and _large_logits(model, rows))):
         return None
     if setting not in (True, "auto", "liger"):
         raise ValueError(f"train.fused_loss must be true, false, auto or liger, not {setting!r}")

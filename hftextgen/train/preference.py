@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, Trainer
 from .. import data, evaluate, model
 from ..config import Recipe
 from ..errors import UserError
-from . import reference
+from . import callbacks, reference
 from .config import PreferenceConfig
 from .preference_loss import PreferenceLoss, PreferenceMetrics
 
@@ -159,11 +159,12 @@ def make_trainer(built, args) -> Trainer:
         flash_attn_kwargs=flash,
     )
     loss = PreferenceLoss(pref.objective, pref.beta_value, pref.gamma_value)
+    counted = callbacks.RealTokens(built.prepared.train, collator)  # for the logged tokens/s
     trainer = Trainer(
         model=built.lm,
         args=args,
-        data_collator=collator,
-        train_dataset=built.prepared.train,
+        data_collator=counted.collate,
+        train_dataset=counted.dataset,
         eval_dataset=built.prepared.eval_items,
         processing_class=built.tok,
         compute_loss_func=loss,
@@ -191,9 +192,7 @@ def held_out(trainer, prepared, metrics: dict, say) -> dict:
 
 def final_figures(scores: dict, step: int, tensorboard, output_dir: Path) -> dict:
     """The evaluator's figures after training into TensorBoard; those all_results.json keeps."""
-    from .callbacks import samples_text
-
     if tensorboard is not None:
         final = {f"final/{k}": v for k, v in scores["after"].items() if v is not None}
-        tensorboard.log_final(step, final, {"final/samples": samples_text(output_dir)})
+        tensorboard.log_final(step, final, {"final/samples": callbacks.samples_text(output_dir)})
     return {f"eval_preference_{k}": scores["after"][k] for k in ("accuracy", "chosen_bits_per_byte")}

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from .. import __version__, data, generate, hub, model, progress
 from ..config import Recipe
 from ..errors import UserError
-from . import callbacks, fused_loss, rundir
+from . import callbacks, fused_loss, precision, rundir
 from . import preference as preference_stage
 from .config import PreferenceConfig
 
@@ -113,30 +113,33 @@ def build(recipe: Recipe) -> Built:
 
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
-    """A stock Trainer over the prepared data, with the training loss fused when asked."""
-    setting = getattr(args, "fused_loss", False)
-    if setting is not False and built.preference is None:  # the preference loss reads the logits
-        # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
-        target = built.lm.get_base_model() if model.is_peft(built.lm) else built.lm
-        # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
-        rows = args.per_device_train_batch_size * built.corpus.cfg.block_size
-        note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only, rows=rows)
-        if note:
-            print(note, flush=True)
+    """A stock Trainer over the prepared data, with the training loss fused when asked and, on a
+    CPU, the precision the run's own step measured faster (precision.py)."""
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
-    if built.preference is not None:
+    if built.preference is not None:  # its loss reads the logits (no fused loss), its batch is pairs (no probe)
         return preference_stage.make_trainer(built, args)
+    fused = fuse_loss(built, args)
     prepared = built.prepared
     if prepared.packing == "padded":
         # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
         args.train_sampling_strategy = "sequential"
+    collate = prepared.collate(
+        built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
+    )
+    train = prepared.ordered(args.per_device_train_batch_size * args.world_size, args.seed)
+    if getattr(args, "bf16_from_hardware", False):
+        # Half a micro-batch: the probe then never holds more than a training step does.
+        batch = precision.first_batch(train, collate, max(1, args.per_device_train_batch_size // 2))
+        note = precision.choose(args, built.lm, batch, fused, built.corpus.cfg.cache_dir)
+        if note:
+            print(note, flush=True)
+    # The training batches' real tokens, for the logged tokens/s (callbacks.RunMetrics).
+    counted = callbacks.RealTokens(train, collate)
     return Trainer(
         model=built.lm,
         args=args,
-        data_collator=prepared.collate(
-            built.tok.pad_token_id, "flash" in str(getattr(built.lm.config, "_attn_implementation", ""))
-        ),
-        train_dataset=prepared.ordered(args.per_device_train_batch_size * args.world_size, args.seed),
+        data_collator=counted.collate,
+        train_dataset=counted.dataset,
         eval_dataset=prepared.eval_items,  # data.max_eval_tokens of the validation items
         processing_class=built.tok,
     )
@@ -147,6 +150,20 @@ def tokens_per_step(recipe: Recipe, built: Built) -> int:
     if built.preference is None:
         return recipe.tokens_per_step
     return round(recipe.effective_batch_size * preference_stage.tokens_per_pair(built.prepared.train))
+
+
+def fuse_loss(built: Built, args: TrainingArguments) -> str | None:
+    """train.fused_loss applied to the model; the kernel its training loss runs through, or None."""
+    setting = getattr(args, "fused_loss", False)
+    # With LoRA the adapters sit inside the base model, whose forward the fused loss replaces.
+    target = built.lm.get_base_model() if model.is_peft(built.lm) else built.lm
+    if setting is not False:
+        # Evaluation keeps the loss alone (prediction_loss_only): no logits there either.
+        rows = args.per_device_train_batch_size * built.corpus.cfg.block_size
+        note = fused_loss.setup(target, setting, args.device, evaluation=args.prediction_loss_only, rows=rows)
+        if note:
+            print(note, flush=True)
+    return fused_loss.installed(target)
 
 
 def run_info(recipe: Recipe, built: Built) -> dict:
@@ -160,6 +177,7 @@ def run_info(recipe: Recipe, built: Built) -> dict:
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(args.device),
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        **({"precision_probe": args.precision_probe} if getattr(args, "precision_probe", None) else {}),
         "parameters": lm.num_parameters(),
         "trainable_parameters": model.lora_parameters(lm)[0],
         "per_device_batch_size": args.per_device_train_batch_size,
