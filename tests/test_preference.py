@@ -128,6 +128,24 @@ def test_a_bad_pair_is_one_line_naming_the_record(record, message):
     assert "\n" not in str(caught.value)
 
 
+def test_pairs_in_a_mixture_are_one_line(tmp_path):
+    """Preference pairs train on their own: a mixture holding them is refused before any work."""
+    from types import SimpleNamespace
+
+    from hftextgen.data import MixtureSource, open_corpus
+    from hftextgen.model import ModelConfig
+    from hftextgen.train import PreferenceConfig
+    from hftextgen.train import preference as preference_stage
+
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "chosen": " Yes.", "rejected": " No."}] * 4)
+    (tmp_path / "notes.txt").write_text(make_text(0, lines=20))
+    entries = [MixtureSource(paths=[str(tmp_path / "pairs.jsonl")]), MixtureSource(paths=[str(tmp_path / "notes.txt")])]
+    cfg = DataConfig(mixture=entries, block_size=64)
+    recipe = SimpleNamespace(preference=PreferenceConfig(), data=cfg, model=ModelConfig(name_or_path="gpt2"))
+    with pytest.raises(UserError, match=r"^data\.mixture: preference pairs train on their own"):
+        preference_stage.check_data(recipe, open_corpus(cfg))
+
+
 # ---------------------------------------------------------------- encoding
 
 

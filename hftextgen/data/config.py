@@ -41,8 +41,9 @@ class MixtureSource:
     validation_paths: list[str] = field(default_factory=list)
     """As data.validation_paths."""
 
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
-    """As data.format: what this source's records hold."""
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference"] = "auto"
+    """As data.format: what this source's records hold (preference pairs train on their own,
+    never in a mixture)."""
 
     text_field: str = "text"
     """As data.text_field."""

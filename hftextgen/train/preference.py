@@ -26,7 +26,8 @@ from .preference_loss import PreferenceLoss, PreferenceMetrics
 
 
 def is_pairs(corpus) -> bool:
-    return corpus.format == "preference"
+    """The data holds preference pairs (a mixture never does: check_data refuses one)."""
+    return getattr(corpus, "format", None) == "preference"
 
 
 def check_data(recipe: Recipe, corpus) -> None:
