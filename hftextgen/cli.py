@@ -174,8 +174,9 @@ def evaluate_parser():
     parser = _parser(
         "evaluate",
         "Perplexity, bits-per-byte and word perplexity of a model on documents (default: the run's "
-        "held-out documents), and samples; writes eval.json, eval.md, samples.jsonl and samples.md.",
-        ("data", "evaluate", "generate"),
+        "held-out documents), and samples; writes eval.json, eval.md, samples.jsonl and samples.md. Preference "
+        "pairs: preference accuracy, rewards and each answer's bits-per-byte, before and after training.",
+        ("data", "evaluate", "generate", "preference"),
     )
     _add_model(parser)
     return parser
@@ -426,6 +427,10 @@ def run_evaluate(argv: list[str]) -> int:
     # mixture: the source its run's evaluator scored (the first task source, else the first).
     prepared = data.prepare(corpus, tok, model.fingerprint(tok), s.evaluate.split != "all", for_training=False)
     out_dir = Path(s.evaluate.output_dir) if s.evaluate.output_dir else _model_dir(cfg.model, Path("eval") / cfg.model)
+    if getattr(prepared, "pairs", False) and Path(cfg.model).is_dir():
+        from .train import saved_reference
+
+        saved_reference(Path(cfg.model), prepared)  # the run's reference: the "before"
     evaluate.evaluate_prepared(
         lm,
         tok,
@@ -435,6 +440,7 @@ def run_evaluate(argv: list[str]) -> int:
         generate_cfg=s.generate,
         out_dir=out_dir,
         model_name=cfg.model,
+        preference=s.preference,
     )
     return 0
 

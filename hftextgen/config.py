@@ -18,7 +18,7 @@ from .errors import require
 from .evaluate import EvaluateConfig
 from .generate import GenerateConfig
 from .model import ModelConfig, PeftConfig, TokenizerConfig
-from .train import TrainArguments
+from .train import PreferenceConfig, TrainArguments
 
 
 @dataclass
@@ -32,8 +32,10 @@ class Recipe:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def __post_init__(self) -> None:
+        self._check_preference()
         if self.peft.lora:
             require(
                 not self.model.from_scratch,
@@ -57,6 +59,23 @@ class Recipe:
                 self.data.block_size <= self.model.n_positions,
                 f"data.block_size ({self.data.block_size}) is larger than model.n_positions "
                 f"({self.model.n_positions}): lower data.block_size or raise model.n_positions",
+            )
+
+    def _check_preference(self) -> None:
+        """What the preference section needs of the others, where the recipe says it (data.format
+        auto is checked once the records are read: train/preference.py)."""
+        pref, fmt = self.preference, self.data.format
+        require(
+            pref.loss_type is None or fmt in ("auto", "preference") or bool(self.data.mixture),
+            f"preference.loss_type={pref.loss_type} trains on pairs of answers, and data.format is {fmt}: use "
+            f"data.format preference (chosen and rejected answers), or drop preference.loss_type",
+        )
+        if fmt == "preference" or pref.loss_type is not None:
+            require(
+                not (pref.reference_based and self.model.from_scratch),
+                f"preference.loss_type={pref.objective}{'' if pref.loss_type else ' (the default)'} measures the "
+                f"model against a reference, the starting model: set model.name_or_path (e.g. a supervised run's "
+                f"directory), or use a reference-free objective (preference.loss_type simpo or orpo)",
             )
 
     @property

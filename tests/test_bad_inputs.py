@@ -76,6 +76,23 @@ def not_a_run(c: Ctx) -> list[str]:
     return c.finetune("--train.overwrite_output_dir", "true")
 
 
+def pairs(c: Ctx, *records: dict, extra: tuple[str, ...] = ()) -> list[str]:
+    """DPO from the small run on a file of preference records (each repeated to 6)."""
+    path = c.write("pairs.jsonl", "".join(json.dumps(records[i % len(records)]) + "\n" for i in range(6)))
+    return c.pretrained(str(c.small.run_dir), "--data.paths", f"[{path}]", *extra)
+
+
+GOOD_PAIR = {"prompt": "Who goes there?", "chosen": " Nay, answer me.", "rejected": " A friend."}
+
+
+def other_model(c: Ctx) -> Path:
+    """A tiny model with GPT-2's tokenizer (the small run has a BPE of its own)."""
+    from conftest import save_tiny_pretrained
+
+    save_tiny_pretrained(c.tmp / "other")
+    return c.tmp / "other"
+
+
 def lora_of_the_small_run(c: Ctx, *extra: str) -> list[str]:
     return c.pretrained(str(c.small.run_dir), "--peft.method", "lora", *extra)
 
@@ -142,12 +159,62 @@ CASES = {
         lambda c: c.with_data(c.write("rows.jsonl", '{"body": "one", "id": 1}\n')),
         "data.format auto: {tmp}/rows.jsonl:1: the record holds none of the formats (fields found: body, id): "
         "text needs text; prompt_completion needs prompt and completion; messages needs messages (data.text_field "
-        "names text's)",
+        "names text's); preference needs chosen and rejected (and a prompt, or two conversations that begin alike)",
     ),
     "every document shorter than one block, and all of them too": (
         short_documents,
         "the train split holds <N> tokens, fewer than one block of data.block_size=256: lower data.block_size, "
         "or give it more text",
+    ),
+    # ---- preference pairs
+    "chosen identical to rejected": (
+        lambda c: pairs(c, {"prompt": "Hi", "chosen": " Yes.", "rejected": " Yes."}),
+        "{tmp}/pairs.jsonl:1: chosen and rejected are the same answer, so neither can be preferred: drop the record, "
+        "or give a different rejected answer",
+    ),
+    "an empty answer": (
+        lambda c: pairs(c, GOOD_PAIR, {"prompt": "Hi", "chosen": " Yes.", "rejected": " "}),
+        "{tmp}/pairs.jsonl:2: the rejected answer is empty: fill it in, or drop the record",
+    ),
+    "a pair without its rejected answer": (
+        lambda c: pairs(c, {"prompt": "Hi", "chosen": " Yes."}, extra=("--data.format", "preference")),
+        "{tmp}/pairs.jsonl:1 has no 'rejected' field (fields: prompt, chosen): data.format=preference needs chosen "
+        "and rejected: set data.format to what the records hold (text, prompt_completion, messages or preference)",
+    ),
+    "an implicit pair sharing no prefix": (
+        lambda c: pairs(
+            c,
+            {
+                "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}],
+                "rejected": [{"role": "user", "content": "Ho"}, {"role": "assistant", "content": "No."}],
+            },
+        ),
+        "{tmp}/pairs.jsonl:1: the record has no prompt field and its chosen and rejected conversations begin with "
+        "different messages, so they share no prompt: give the prompt field, or chosen and rejected conversations "
+        "that begin with the same turns",
+    ),
+    "beta 0": (
+        lambda c: pairs(c, GOOD_PAIR, extra=("--preference.beta", "0")),
+        "preference.beta must be > 0 (got 0.0): it scales the reward, and at 0 or below the objective prefers "
+        "nothing or the rejected answer",
+    ),
+    "a reference with another tokenizer": (
+        lambda c: pairs(c, GOOD_PAIR, extra=("--preference.ref_model", str(other_model(c)))),
+        "preference.ref_model: {tmp}/other's tokenizer is not the model's (50,257 tokens against <N>, or other ids): "
+        "the reference must score the same token ids; use a reference trained with the model's tokenizer",
+    ),
+    "a preference objective on text": (
+        lambda c: c.pretrained(str(c.small.run_dir), "--preference.loss_type", "simpo"),
+        "preference.loss_type=simpo trains on pairs of answers, and the data holds text records: give records with "
+        "chosen and rejected answers (data.format preference), or drop preference.loss_type",
+    ),
+    "dpo without a starting model": (
+        lambda c: c.with_data(
+            c.write("pairs.jsonl", json.dumps(GOOD_PAIR) + "\n"), extra=("--data.format", "preference")
+        ),
+        "preference.loss_type=dpo (the default) measures the model against a reference, the starting model: set "
+        "model.name_or_path (e.g. a supervised run's directory), or use a reference-free objective "
+        "(preference.loss_type simpo or orpo)",
     ),
     # ---- the recipe
     "unknown recipe key": (
@@ -324,8 +391,8 @@ CASES = {
     "a format the records do not have": (
         lambda c: c.with_data(chat_file(c, [ASK, ANSWER]), extra=("--data.format", "prompt_completion")),
         "{tmp}/chat.jsonl:1 has no 'prompt' or 'completion' field (fields: messages): data.format=prompt_completion "
-        "needs prompt and completion: set data.format to what the records hold (text, prompt_completion or "
-        "messages)",
+        "needs prompt and completion: set data.format to what the records hold (text, prompt_completion, messages "
+        "or preference)",
     ),
     "an empty completion": (
         lambda c: c.with_data(c.write("pc.jsonl", '{"prompt": "Who?", "completion": ""}\n' * 4)),

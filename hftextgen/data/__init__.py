@@ -1,5 +1,5 @@
 """The data stage: read a corpus (plays, files, hub datasets), split it, tokenize it into cached token shards;
-a mixture of several, drawn by weight.
+a mixture of several, drawn by weight; preference pairs.
 
 The rest of the house uses only the names below; the modules behind them are the stage's own.
 """
@@ -31,6 +31,11 @@ _EXPORTS = {
     "check_template": "templates",
     "end_of_turn_ids": "templates",
     "resolve_template": "templates",
+    "special_tokens": "templates",
+    "PairCollator": "pairs",
+    "PairTargets": "pairs",
+    "PreparedPairs": "pairs",
+    "PairEncoder": "preference",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

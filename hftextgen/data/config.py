@@ -14,7 +14,7 @@ from typing import Literal
 from ..errors import ConfigError, require
 
 # What one item (a row the Trainer takes) is under each data.packing.
-ITEMS = {"concat": "blocks", "isolated": "rows", "padded": "examples"}
+ITEMS = {"concat": "blocks", "isolated": "rows", "padded": "examples", "pairs": "pairs"}
 
 
 def _from_data_section():
@@ -41,8 +41,9 @@ class MixtureSource:
     validation_paths: list[str] = field(default_factory=list)
     """As data.validation_paths."""
 
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
-    """As data.format: what this source's records hold."""
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference"] = "auto"
+    """As data.format: what this source's records hold (preference pairs train on their own,
+    never in a mixture)."""
 
     text_field: str = "text"
     """As data.text_field."""
@@ -129,12 +130,14 @@ class DataConfig:
     encoding: str = "utf-8"
     """Encoding of text, json, jsonl and csv files."""
 
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference"] = "auto"
     """What a record holds (TRL's dataset conventions). text: a document, in text_field.
     prompt_completion: `prompt` and `completion`, two strings (prompt, then completion, then EOS;
     no template) or two lists of messages. messages: a conversation, a list of {role, content}
-    with roles system, user and assistant (through the chat template). auto: what the first
-    record holds, said when preparing; plain-text files are text, and so are the plays (a
+    with roles system, user and assistant (through the chat template). preference: `chosen` and
+    `rejected`, two answers to one `prompt` (strings, or lists of messages), or without a prompt
+    two conversations whose shared beginning is the prompt (docs/preference.md). auto: what the
+    first record holds, said when preparing; plain-text files are text, and so are the plays (a
     task format on the plays makes dialogue examples of them: docs/tasks.md)."""
 
     loss_on: Literal["answers", "all"] | None = None

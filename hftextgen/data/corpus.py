@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from .. import cache, progress
 from ..errors import UserError
 from ..hub import load_from_hub
-from . import preparation, sources, tasks
+from . import preference, preparation, sources, tasks
 from .config import DataConfig
 from .sources import expand_paths, shakespeare_files
 from .split import held_out_indices, split_of
@@ -44,6 +44,10 @@ def _with_format(cfg: DataConfig, fmt: str) -> DataConfig:
     out = copy.copy(cfg)
     out.format = fmt
     return out
+
+
+# The field whose kind (a string, or a list of messages) says whether a task record is a conversation.
+_ANSWER_FIELD = {"prompt_completion": "prompt", "preference": "chosen"}
 
 
 class Corpus:
@@ -82,7 +86,7 @@ class Corpus:
             return cfg.format
         where, record = self._first_record()
         try:
-            fmt = tasks.detect_format(record, text_field=cfg.text_field)
+            fmt = preference.detect_format(record, text_field=cfg.text_field)
         except UserError as e:
             raise UserError(f"data.format auto: {where}: {e}") from None
         self.found = f"data.format auto: {where} holds {', '.join(map(str, record))}: reading {fmt} records"
@@ -131,11 +135,11 @@ class Corpus:
         prompt/completion strings are joined without a template, and get none."""
         if self.format == "messages":
             return True
-        if self.format != "prompt_completion":
+        if self.format not in ("prompt_completion", "preference"):
             return False
         if self.cfg.source == "shakespeare":
-            return False
-        return isinstance(json.loads(self._first_task_record()).get("prompt"), list)
+            return self.format == "preference"  # the plays' pairs are conversations
+        return isinstance(json.loads(self._first_task_record()).get(_ANSWER_FIELD[self.format]), list)
 
     @property
     def prompt_context(self) -> str:
@@ -360,4 +364,5 @@ class Corpus:
             held = held_out_indices(n, cfg.validation_fraction, cfg.split_seed)
         for index, (fixed, doc_id, text) in enumerate(self._whole_documents()):
             if split_of(mode, fixed, index, text, held, cfg.validation_fraction) == split:
-                yield doc_id, tasks.plain_text(json.loads(text)) if self.is_task else text
+                plain = preference.plain_text if self.format == "preference" else tasks.plain_text
+                yield doc_id, plain(json.loads(text)) if self.is_task else text

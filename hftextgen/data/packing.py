@@ -48,7 +48,10 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 def real_tokens(item) -> int:
     """The tokens of one training item as a collator takes it, never padding: a block's
-    (concat: all of it), an example's (padded), or its examples' (isolated: a row)."""
+    (concat: all of it), an example's (padded), its examples' (isolated: a row), or a preference
+    pair's (pairs.PairItem: the prompt once with each answer)."""
+    if hasattr(item, "rejected"):
+        return 2 * len(item.prompt) + len(item.chosen) + len(item.rejected)
     if isinstance(item, Example):
         return len(item.ids)
     if isinstance(item, dict):

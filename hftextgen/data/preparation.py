@@ -340,9 +340,10 @@ class _Part:
         self.tokens[split] += len(ids)
         self.rows[split]["tokens"][row] += len(ids)
 
-    def write_mask(self, split: str, trained: np.ndarray) -> None:
+    def write_mask(self, split: str, trained: np.ndarray, codes: np.ndarray | None = None) -> None:
+        """One byte a token: 1 where trained, or `codes` (a preference pair's, preference.CODES)."""
         handle, _, digest = self.masks[split]
-        data = trained.astype(np.uint8).tobytes()
+        data = (trained if codes is None else codes).astype(np.uint8).tobytes()
         handle.write(data)
         digest.update(data)
         self.trained[split] = self.trained.get(split, 0) + int(trained.sum())
@@ -489,7 +490,7 @@ class _UnitWork:
                 row = self.part.open_document(split, record.id)
                 self.part.chars[split] += len(record.text)
                 self.part.write(split, row, example.input_ids)
-                self.part.write_mask(split, example.trained)
+                self.part.write_mask(split, example.trained, getattr(example, "codes", None))
                 self.part.count_answer(split, row, example.answers, example.text_bytes)
                 self.next_part(records)
             with _done.get_lock():
@@ -575,7 +576,12 @@ def _init_examples(settings: Settings) -> None:
         # Examples are cut to block_size by the encoder itself: the tokenizer's own limit (the
         # model's context, saved with it) would only warn about the whole rendered record.
         task["tokenizer"].model_max_length = int(1e30)
-        _examples = tasks.ExampleEncoder(task["tokenizer"], task["format"], task["loss_on"], task["max_length"])
+        if task["format"] == "preference":
+            from .preference import PairEncoder
+
+            _examples = PairEncoder(task["tokenizer"], task["max_length"])
+        else:
+            _examples = tasks.ExampleEncoder(task["tokenizer"], task["format"], task["loss_on"], task["max_length"])
 
 
 # ---------------------------------------------------------------- the main process

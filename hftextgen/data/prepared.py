@@ -278,7 +278,11 @@ def prepare(corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True
         hold_out=hold_out,
         shard_tokens=preparation.SHARD_TOKENS,
         # Task data: how records become examples (the template is in the tokenizer's files).
-        **({"task": [corpus.format, cfg.block_size, tasks.ENCODING]} if corpus.is_task else {}),
+        **(
+            {"task": [corpus.format, cfg.block_size, tasks.ENCODING, *_pairs_encoding(corpus)]}
+            if corpus.is_task
+            else {}
+        ),
     )
     root = cache.root(cfg.cache_dir, "data")
     path = cache.lookup(root, key)
@@ -295,7 +299,20 @@ def prepare(corpus, tokenizer, tokenizer_fingerprint: str, hold_out: bool = True
                     shutil.rmtree(work, ignore_errors=True)
                     raise
         path = root / key
+    if corpus.format == "preference":
+        from .pairs import PreparedPairs
+
+        return PreparedPairs(path, cfg, cache_hit, _counts, for_training)
     return Prepared(path, cfg, cache_hit, for_training)
+
+
+def _pairs_encoding(corpus) -> list:
+    """Preference pairs: how two sides become one item (preference.ENCODING), in the key too."""
+    if corpus.format != "preference":
+        return []
+    from .preference import ENCODING
+
+    return [ENCODING]
 
 
 def _version(package: str) -> str | None:

@@ -18,7 +18,15 @@ def _columns(report: dict) -> list[tuple[str, object]]:
     """(heading, value of a split's report) for each column of the data report's table."""
     task, unit = report.get("task"), _unit(report)
     columns: list[tuple[str, object]] = []
-    if task:
+    if task and task["format"] == "preference":
+        columns += [
+            ("pairs", lambda r: r["examples"]["examples"]),
+            ("prompt cut", lambda r: r["examples"]["truncated"]),
+            ("too long", lambda r: r["examples"]["dropped_too_long"]),
+            ("unmaskable", lambda r: r["examples"].get("skipped_unmaskable", 0)),
+            ("trained", "trained_tokens"),
+        ]
+    elif task:
         columns += [
             ("examples", lambda r: r["examples"]["examples"]),
             ("turns dropped", lambda r: r["examples"].get("exchanges_dropped", 0)),
@@ -30,7 +38,7 @@ def _columns(report: dict) -> list[tuple[str, object]]:
         ]
     else:
         columns += [("documents", "documents"), ("characters", "characters")]
-    columns += [("tokens", "tokens")] + ([] if task and unit == "examples" else [(unit, unit)])
+    columns += [("tokens", "tokens")] + ([] if task and unit in ("examples", "pairs") else [(unit, unit)])
     if unit == "blocks":
         columns.append(("dropped", "tokens_dropped"))
     return columns
@@ -84,6 +92,11 @@ def packing_line(report: dict) -> str:
     what = f"data.format {task['format']}, loss on {task['loss_on']}; " if task else ""
     if packing == "concat":
         return f"{what}blocks of {size} tokens; EOS after each document: {report['add_eos']}"
+    if packing == "pairs":
+        return (
+            f"{what}pairs: the prompt with each answer, packed into rows of at most {size} tokens, each sequence "
+            "attending only to itself"
+        )
     if packing == "isolated":
         return f"{what}packing isolated: rows of at most {size} tokens, each example attending only to itself"
     return f"{what}packing padded: one example a row (at most {size} tokens), batches grouped by length"

@@ -144,6 +144,47 @@ def play_dialogue(text: str, fmt: str) -> Iterator[dict]:
             yield {"prompt": prompt + "\n\n", "completion": answer}
 
 
+def _scenes(text: str) -> list[tuple[int, str, str]]:
+    """(scene number, speaker, speech) of a play's speeches; a "SCENE ..." heading starts a scene."""
+    out, scene = [], 0
+    for block in text.split("\n\n"):
+        if block.lstrip().startswith("SCENE"):
+            scene += 1
+        out += [(scene, who, speech) for who, speech in speeches(block)]
+    return out
+
+
+def _plausible(said: list[tuple[int, str, str]], at: int) -> str | None:
+    """A wrong answer in place of speech `at`: a speech from another scene, by the same speaker
+    when they speak elsewhere, the nearest in length (so that length tells nothing), never the
+    same words; the first such after `at`, going round, on a tie."""
+    scene, who, speech = said[at]
+    others = [(i, s) for i, (sc, w, s) in enumerate(said) if sc != scene and s != speech]
+    same = [(i, s) for i, s in others if said[i][1] == who]
+    pool = same or others
+    if not pool:
+        return None
+    n = len(said)
+    return min(pool, key=lambda item: (abs(len(item[1]) - len(speech)), (item[0] - at) % n))[1]
+
+
+def play_preferences(text: str) -> Iterator[dict]:
+    """Preference pairs of a play: each speech (with its speaker) the prompt, the speech that
+    answers it chosen, and a plausible wrong answer rejected: the same speaker's words of
+    another scene (`_plausible`), as the same speaker's turn."""
+    said = _scenes(text)
+    for at in range(1, len(said)):
+        wrong = _plausible(said, at)
+        if wrong is None:
+            continue
+        (_, who_before, before), (_, who, speech) = said[at - 1], said[at]
+        yield {
+            "prompt": [{"role": "user", "content": f"{who_before}:\n{before}"}],
+            "chosen": [{"role": "assistant", "content": f"{who}:\n{speech}"}],
+            "rejected": [{"role": "assistant", "content": f"{who}:\n{wrong}"}],
+        }
+
+
 def play_segments() -> list[Segment]:
     return [Segment("play", str(path), size=path.stat().st_size, source=name) for name, path in shakespeare_files()]
 
@@ -454,10 +495,17 @@ def _lines(seg: Segment, cfg, number: int, file_size: int) -> Iterator[Record]:
 # field, for data.format auto to look at.
 # Looked for in this order (data.format auto): a record with messages is chat data even if it
 # also carries a text field (some datasets keep a rendered copy).
-TASK_FIELDS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
+TASK_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("chosen", "rejected"),
+}
 # Read with a task format's fields where a record has them: the function schemas a conversation
 # may call (passed to the chat template).
 OPTIONAL_TASK_FIELDS = ("tools",)
+# Besides those, read by one format where a record has them: a preference pair's prompt is
+# implicit without one.
+OPTIONAL_FIELDS = {"preference": ("prompt",)}
 DETECT = "detect"
 
 
@@ -466,19 +514,24 @@ def task_fields(cfg) -> tuple[str, ...] | None:
     return TASK_FIELDS.get(getattr(cfg, "format", "text"))
 
 
+def optional_fields(fmt: str, present) -> list[str]:
+    """The optional fields of a task format (OPTIONAL_TASK_FIELDS, OPTIONAL_FIELDS) among those `present`."""
+    return [name for name in (*OPTIONAL_FIELDS.get(fmt, ()), *OPTIONAL_TASK_FIELDS) if name in present]
+
+
 def columns(cfg, present: list[str]) -> list[str]:
     """The columns to read from a table: the format's, or (detecting) all of them."""
     if getattr(cfg, "format", "text") == DETECT:
         return list(present)
     if task_fields(cfg) is None:
         return [cfg.text_field]
-    return [*task_fields(cfg), *(f for f in OPTIONAL_TASK_FIELDS if f in present)]
+    return [*task_fields(cfg), *optional_fields(cfg.format, present)]
 
 
 def _fix(cfg) -> str:
     if task_fields(cfg) is None:
         return "set data.text_field"
-    return "set data.format to what the records hold (text, prompt_completion or messages)"
+    return "set data.format to what the records hold (text, prompt_completion, messages or preference)"
 
 
 def _pick(record, where: str, cfg) -> str | None:
@@ -498,7 +551,7 @@ def _pick(record, where: str, cfg) -> str | None:
             f"{', '.join(map(str, record)) or 'none'}): data.format={cfg.format} needs {' and '.join(fields)}: "
             f"{_fix(cfg)}"
         )
-    kept = [*fields, *(f for f in OPTIONAL_TASK_FIELDS if record.get(f) is not None)]
+    kept = [*fields, *(f for f in optional_fields(cfg.format, record) if record.get(f) is not None)]
     return json.dumps({f: record[f] for f in kept}, ensure_ascii=False, default=str)
 
 
@@ -657,9 +710,9 @@ def records(seg: Segment, cfg, number: int = 0) -> Iterator[Record]:
         text = play_to_text(Path(seg.path).read_text("utf-8"))
         if task_fields(cfg) is None:
             return iter([Record(seg.source, text)])
+        made = play_preferences(text) if cfg.format == "preference" else play_dialogue(text, cfg.format)
         return iter(
-            Record(f"{seg.source}:{i}", json.dumps(example, ensure_ascii=False))
-            for i, example in enumerate(play_dialogue(text, cfg.format))
+            Record(f"{seg.source}:{i}", json.dumps(example, ensure_ascii=False)) for i, example in enumerate(made)
         )
     if seg.kind == "rows":
         return _hub_rows(seg, cfg)

@@ -15,6 +15,10 @@ _EXPORTS = {
     "score": "run",
     "scoring_settings": "run",
     "windows": "run",
+    "evaluate_pairs": "preference",
+    "pairs_markdown": "preference",
+    "score_pairs": "preference",
+    "sequence_logps": "preference",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

@@ -12,6 +12,8 @@ _EXPORTS = {
     "describe_estimate": "validate",
     "Schedule": "schedule",
     "schedule_of": "schedule",
+    "PreferenceConfig": "config",
+    "saved_reference": "reference",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = stage_exports(__name__, _EXPORTS)

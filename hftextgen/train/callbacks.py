@@ -95,10 +95,17 @@ class RunMetrics(TrainerCallback):
     per UTF-8 byte; the end-of-training evaluator's bits-per-byte is the exact figure.
     """
 
-    def __init__(self, tokens_per_step: int, tokens_per_byte: float | None = None, real: RealTokens | None = None):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        tokens_per_byte: float | None = None,
+        real: RealTokens | None = None,
+        perplexity: bool = True,
+    ):
         self.tokens_per_step = tokens_per_step
         self.tokens_per_byte = tokens_per_byte
         self.real = real
+        self.perplexity = perplexity  # off for a loss that is not a language model's (preference pairs)
         self.busy = 0.0
         self.tokens = 0  # real tokens of the steps since the last log, all processes
         self.session_tokens = 0  # ... and of every step of this session (train_tokens_per_second)
@@ -130,17 +137,19 @@ class RunMetrics(TrainerCallback):
             if self.busy > 0:
                 logs["tokens_per_second"] = round(self.tokens / self.busy, 1)
             self.busy, self.tokens = 0.0, 0
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.perplexity:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
             if self.tokens_per_byte:
                 logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) * self.tokens_per_byte
 
 
 def eval_line(state, logs: dict) -> str:
-    line = (
-        f"eval at step {state.global_step:,}/{state.max_steps:,}: loss {logs['eval_loss']:.4f}, "
-        f"perplexity {logs.get('eval_perplexity', perplexity(logs['eval_loss'])):.2f}"
-    )
+    line = f"eval at step {state.global_step:,}/{state.max_steps:,}: loss {logs['eval_loss']:.4f}"
+    if "eval_rewards/accuracies" in logs:  # preference pairs
+        return (
+            line + f", reward accuracy {logs['eval_rewards/accuracies']:.1%}, margin {logs['eval_rewards/margins']:.3f}"
+        )
+    line += f", perplexity {logs.get('eval_perplexity', perplexity(logs['eval_loss'])):.2f}"
     if "eval_bits_per_byte" in logs:
         line += f", ~{logs['eval_bits_per_byte']:.3f} bits per byte"
     return line
@@ -301,7 +310,9 @@ def samples_text(output_dir: Path) -> str:
     return tensorboard_text(r["prompt"] + r.get("completion", r.get("answer", "")) for r in records)
 
 
-def install(trainer, *, tokens_per_step: int, tokens_per_byte: float | None, log_dir: Path) -> TensorBoard | None:
+def install(
+    trainer, *, tokens_per_step: int, tokens_per_byte: float | None, log_dir: Path, perplexity: bool = True
+) -> TensorBoard | None:
     """Put the progress display of the current mode, RunMetrics and our TensorBoard reporter on
     a stock Trainer. Returns the TensorBoard reporter when train.report_to includes it."""
     handler = trainer.callback_handler
@@ -309,7 +320,7 @@ def install(trainer, *, tokens_per_step: int, tokens_per_byte: float | None, log
     real = counted.counter if isinstance(counted, _Counted) else None
     # First in line: the logs it extends are the same dict every later callback receives, and
     # the reporters (stock ones included, e.g. wandb) are added before any callback we could add.
-    handler.callbacks.insert(0, RunMetrics(tokens_per_step, tokens_per_byte, real))
+    handler.callbacks.insert(0, RunMetrics(tokens_per_step, tokens_per_byte, real, perplexity))
     for stock in (PrinterCallback, ProgressCallback):
         trainer.pop_callback(stock)
     shown = progress.mode()

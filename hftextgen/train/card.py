@@ -47,9 +47,12 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def plot_losses(log_history: list[dict], tokens_per_step: float, path: Path, title: str) -> bool:
+def plot_losses(
+    log_history: list[dict], tokens_per_step: float, path: Path, title: str, language_model: bool = True
+) -> bool:
     """Training and held-out loss against steps (bottom axis) and tokens (top axis), with the
-    held-out perplexity on the right axis. False when the log holds no loss to draw."""
+    held-out perplexity on the right axis (not for a preference loss: `language_model` false).
+    False when the log holds no loss to draw."""
     train, held_out = loss_history(log_history)
     if not train and not held_out:
         return False
@@ -73,9 +76,10 @@ def plot_losses(log_history: list[dict], tokens_per_step: float, path: Path, tit
             steps, losses = zip(*held_out, strict=True)
             last = losses[-1]
             label = f"held out (last {last:.3f}, perplexity {math.exp(min(last, 700)):,.1f})"
+            label = label if language_model else f"held out (last {last:.3f})"
             ax.plot(steps, losses, "o-", color="tab:orange", lw=1.8, ms=5, label=label)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats per token)")
+        ax.set_ylabel("loss (nats per token)" if language_model else "preference loss")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right")
         ax.set_title(title, fontsize=11)
@@ -83,12 +87,12 @@ def plot_losses(log_history: list[dict], tokens_per_step: float, path: Path, tit
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens trained")
         top.xaxis.set_major_formatter(FuncFormatter(lambda t, _: _count(t)))
-        # Perplexity is exp(loss): an axis beside the loss one reads it off any point.
-        low, high = ax.get_ylim()
-        right = ax.secondary_yaxis("right", functions=(_exp, _log))
-        right.set_ylabel("perplexity")
-        right.set_yticks(_perplexity_ticks(math.exp(low), math.exp(high)))
-        right.yaxis.set_major_formatter(FuncFormatter(lambda p, _: _count(p) if p >= 1000 else f"{p:g}"))
+        if language_model:  # perplexity is exp(loss): an axis beside the loss one reads it off any point
+            low, high = ax.get_ylim()
+            right = ax.secondary_yaxis("right", functions=(_exp, _log))
+            right.set_ylabel("perplexity")
+            right.set_yticks(_perplexity_ticks(math.exp(low), math.exp(high)))
+            right.yaxis.set_major_formatter(FuncFormatter(lambda p, _: _count(p) if p >= 1000 else f"{p:g}"))
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
     finally:
@@ -161,7 +165,19 @@ def _metadata(run: RunFiles, name: str) -> str:
     else:
         dataset_type, dataset_name = "text-files", "local text files, held-out documents"
     results = []
-    if scores:
+    if scores and "after" in scores:  # preference pairs
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name="Preference",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                metric_type="accuracy",
+                metric_name="Preference accuracy (held-out pairs)",
+                metric_value=round(float(scores["after"]["accuracy"]), 4),
+            )
+        )
+    elif scores:
         for metric, metric_name, key in (
             ("perplexity", "Perplexity", "perplexity"),
             ("bits_per_byte", "Bits per byte", "bits_per_byte"),
@@ -369,7 +385,11 @@ def _use_it(run: RunFiles, model_id: str) -> list[str]:
 def _results(run: RunFiles) -> list[str]:
     lines = ["## Results", ""]
     scores, trainer_eval = run.scores, run.trainer_eval
-    if scores and "answers" in scores:
+    if scores and "after" in scores:
+        from .. import evaluate
+
+        lines += [evaluate.pairs_markdown(scores).split("\n", 2)[2]]
+    elif scores and "answers" in scores:
         lines += _answer_results(scores)
     elif scores:
         lines += [
@@ -387,6 +407,8 @@ def _results(run: RunFiles) -> list[str]:
             f"compare models with different tokenizers; perplexity per token does not.",
             "",
         ]
+    elif "eval_loss" in trainer_eval and "eval_perplexity" not in trainer_eval and run.info.get("batch_unit"):
+        lines += [f"Held-out preference loss {trainer_eval['eval_loss']:.4f}.", ""]
     elif "eval_loss" in trainer_eval:
         lines += [
             f"Held-out loss {trainer_eval['eval_loss']:.4f}, perplexity "
@@ -460,7 +482,8 @@ def _training(run: RunFiles) -> list[str]:
         ("tokens", f"{run.tokens:,}" if run.tokens else None),
         (
             "batch",
-            f"{info['effective_batch_size']} blocks ({info['tokens_per_step']:,} tokens) per step"
+            f"{info['effective_batch_size']} {info.get('batch_unit', 'blocks')} ({info['tokens_per_step']:,} tokens) "
+            f"per step"
             if info.get("effective_batch_size")
             else None,
         ),
@@ -547,13 +570,14 @@ def write(run_dir: Path, model_id: str | None = None) -> list[Path]:
     info = _read_json(run_dir / "run_info.json") or {}
     written = []
     title = f"{run_dir.resolve().name}: {_count(info['parameters'])} parameters" if info.get("parameters") else ""
-    # The top axis's tokens a step: the real ones on average (isolated rows and padded examples
-    # are not full), else the most a step holds.
+    language_model = info.get("batch_unit") != "pairs"
+    # The top axis's tokens a step: the real ones on average (isolated rows, padded examples and
+    # pairs are not full), else the most a step holds.
     trained = (_read_json(run_dir / "train_results.json") or {}).get("train_tokens")
     per_step = (
         trained / state["global_step"] if trained and state.get("global_step") else info.get("tokens_per_step", 1)
     )
-    if plot_losses(state.get("log_history", []), per_step, run_dir / "loss.png", title):
+    if plot_losses(state.get("log_history", []), per_step, run_dir / "loss.png", title, language_model):
         written.append(run_dir / "loss.png")
     write_atomic(run_dir / "README.md", model_card(run_dir, model_id))
     written.append(run_dir / "README.md")

@@ -16,6 +16,7 @@ from .. import data, evaluate, hub, runtime
 from ..config import Recipe
 from ..errors import warn
 from . import callbacks, card, guards, rundir, setup
+from . import preference as preference_stage
 from .callbacks import perplexity
 from .schedule import schedule_of
 
@@ -42,7 +43,7 @@ def finetune_recipe(recipe: Recipe, resolved_yaml: str | None = None, command: l
     if resume is not None:
         rundir.check_same_model(Path(resume), built.lm)
     trainer, tensorboard = setup_trainer(recipe, built)
-    info = setup.run_info(recipe, built.lm, prepared.cache_path)
+    info = setup.run_info(recipe, built)
     say(describe_run(info), flush=True)
     if main:
         start_run_dir(recipe, built, info, resume, resolved_yaml)
@@ -64,16 +65,18 @@ def setup_trainer(recipe: Recipe, built: setup.Built) -> tuple[Trainer, callback
     trainer = setup.make_trainer(built, recipe.train)
     validation = built.prepared.report["validation"]
     output_dir = Path(recipe.train.output_dir)
+    language_model = built.preference is None  # a preference loss is no perplexity
     tensorboard = callbacks.install(
         trainer,
-        tokens_per_step=recipe.tokens_per_step,
+        tokens_per_step=setup.tokens_per_step(recipe, built),
         # Task data: the loss is over the trained tokens (the answers, or every token), and the
         # bytes are those of the text they hold.
         tokens_per_byte=validation.get("trained_tokens", validation["tokens"])
         / validation.get("trained_bytes", validation["bytes"])
-        if validation.get("trained_bytes", validation.get("bytes"))
+        if validation.get("trained_bytes", validation.get("bytes")) and language_model
         else None,
         log_dir=output_dir / "tensorboard",
+        perplexity=language_model,
     )
     if recipe.train.early_stopping_patience is not None:
         trainer.add_callback(
@@ -132,10 +135,12 @@ def save_final(trainer: Trainer, result, recipe: Recipe) -> dict:
     return metrics
 
 
-def held_out_loss(trainer: Trainer, prepared: data.Prepared | data.Mixture, say) -> dict:
+def held_out_loss(trainer: Trainer, prepared: data.Prepared | data.Mixture | data.PreparedPairs, say) -> dict:
     """The Trainer's held-out loss of the final model over the validation blocks it evaluates
     (data.max_eval_tokens of them): the evaluation at the final step when one ran, else a new one."""
     metrics = last_evaluation(trainer) or trainer.evaluate()
+    if getattr(prepared, "pairs", False):
+        return preference_stage.held_out(trainer, prepared, metrics, say)
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     trainer.save_metrics("eval", metrics)
     say(
@@ -184,7 +189,10 @@ def evaluate_at_end(recipe: Recipe, trainer: Trainer, built: setup.Built, tensor
             generate_cfg=recipe.generate,
             out_dir=Path(cfg.output_dir or output_dir),
             model_name=str(output_dir),
+            preference=recipe.preference,
         )
+    if built.preference is not None:
+        return preference_stage.final_figures(scores, trainer.state.global_step, tensorboard, output_dir)
     names = [k for k in ("perplexity", "bits_per_byte", "word_perplexity", "loss") if k in scores]
     if tensorboard is not None:
         final = {f"final/{k}": scores[k] for k in names}

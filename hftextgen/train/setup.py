@@ -17,6 +17,8 @@ from .. import __version__, data, generate, hub, model, progress
 from ..config import Recipe
 from ..errors import UserError
 from . import callbacks, fused_loss, precision, rundir
+from . import preference as preference_stage
+from .config import PreferenceConfig
 
 
 @dataclass
@@ -25,8 +27,12 @@ class Built:
 
     tok: PreTrainedTokenizerBase
     corpus: data.Corpus | data.MixedCorpus
-    prepared: data.Prepared | data.Mixture
+    prepared: data.Prepared | data.Mixture | data.PreparedPairs
     lm: PreTrainedModel
+    preference: PreferenceConfig | None = None
+    """Set for a preference run (data.format preference): its section."""
+    reference: dict | None = None
+    """A preference run's reference model and the cache of its log-probabilities."""
 
 
 def preflight(recipe: Recipe) -> str | None:
@@ -86,24 +92,33 @@ def build(recipe: Recipe) -> Built:
     """Tokenizer, prepared data and model. Under several processes the first one of each
     machine prepares the data while the others wait, then read what it wrote."""
     corpus = data.open_corpus(recipe.data)  # one source, or a mixture: one tokenizer for all
+    preference_stage.check_data(recipe, corpus)
     with recipe.train.main_process_first(desc="preprocessing"):
         tok = model.build_tokenizer(recipe.tokenizer, recipe.model, corpus)
+        if preference_stage.is_pairs(corpus):
+            preference_stage.check_reference(recipe.preference, tok)
         prepared = data.prepare(corpus, tok, model.fingerprint(tok))
     lm = model.build_model(recipe.model, tok, recipe.data.block_size)
     # The template the conversations were rendered with is the tokenizer's (build_tokenizer set it).
     ends = data.end_of_turn_ids(tok, tok.chat_template) if corpus.uses_template else []
     model.set_generation(lm, tok, ends, corpus.prompt_context, recipe.generate.settings())
     tok.model_max_length = model.context_length(lm)  # saved with the run: pipelines read it
+    built = Built(tok, corpus, prepared, lm)
+    if getattr(prepared, "pairs", False):
+        # Before LoRA's adapters: the reference is these weights.
+        built.preference, built.reference = recipe.preference, preference_stage.prepare(recipe, built)
     if recipe.peft.lora:
-        lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
-    return Built(tok, corpus, prepared, lm)
+        built.lm = model.wrap_lora(lm, recipe.peft, recipe.model.name_or_path)
+    return built
 
 
 def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     """A stock Trainer over the prepared data, with the training loss fused when asked and, on a
     CPU, the precision the run's own step measured faster (precision.py)."""
-    fused = fuse_loss(built, args)
     args.disable_tqdm = progress.mode() != "bars"  # the progress display is callbacks.install's
+    if built.preference is not None:  # its loss reads the logits (no fused loss), its batch is pairs (no probe)
+        return preference_stage.make_trainer(built, args)
+    fused = fuse_loss(built, args)
     prepared = built.prepared
     if prepared.packing == "padded":
         # Batches of similar lengths: the examples come grouped, and the Trainer keeps their order.
@@ -130,6 +145,13 @@ def make_trainer(built: Built, args: TrainingArguments) -> Trainer:
     )
 
 
+def tokens_per_step(recipe: Recipe, built: Built) -> int:
+    """Tokens a step holds: recipe.tokens_per_step, or for pairs their tokens on average."""
+    if built.preference is None:
+        return recipe.tokens_per_step
+    return round(recipe.effective_batch_size * preference_stage.tokens_per_pair(built.prepared.train))
+
+
 def fuse_loss(built: Built, args: TrainingArguments) -> str | None:
     """train.fused_loss applied to the model; the kernel its training loss runs through, or None."""
     setting = getattr(args, "fused_loss", False)
@@ -144,9 +166,10 @@ def fuse_loss(built: Built, args: TrainingArguments) -> str | None:
     return fused_loss.installed(target)
 
 
-def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
+def run_info(recipe: Recipe, built: Built) -> dict:
     """What run_info.json records: versions, device, precision, parameters and the batch."""
-    args = recipe.train
+    args, lm = recipe.train, built.lm
+    pairs = {"batch_unit": "pairs", **built.reference} if built.preference is not None else {}
     return {
         "hftextgen": __version__,
         "torch": torch.__version__,
@@ -161,15 +184,17 @@ def run_info(recipe: Recipe, lm: PreTrainedModel, data_cache: Path) -> dict:
         "processes": args.world_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "effective_batch_size": recipe.effective_batch_size,
-        "tokens_per_step": recipe.tokens_per_step,
-        "data_cache": str(data_cache),
+        "tokens_per_step": tokens_per_step(recipe, built),
+        "data_cache": str(built.prepared.cache_path),
+        **pairs,
     }
 
 
 def describe_batch(info: dict) -> str:
     """The batch line of finetune and validate, from run_info's batch fields."""
     return (
-        f"batch: {info['effective_batch_size']} blocks = {info['per_device_batch_size']} per device x "
+        f"batch: {info['effective_batch_size']} {info.get('batch_unit', 'blocks')} = {info['per_device_batch_size']} "
+        f"per device x "
         f"{info['processes']} processes x {info['gradient_accumulation_steps']} accumulation "
         f"({info['tokens_per_step']:,} tokens per step)"
     )

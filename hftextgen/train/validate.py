@@ -63,7 +63,7 @@ def validate_recipe(recipe: Recipe) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "report": built.prepared.report,
     }
-    info = setup.run_info(recipe, built.lm, built.prepared.cache_path)
+    info = setup.run_info(recipe, built)
     # Before the probe: a LoRA probe's final save folds the adapter into the model.
     described = describe_model(built.lm, info)
     formula = memory_formula(built.lm, recipe.train, recipe.data.block_size, info["precision"])
@@ -180,7 +180,9 @@ def estimate(
                 "processes",
                 "gradient_accumulation_steps",
                 "tokens_per_step",
+                "batch_unit",
             )
+            if key in info
         },
         "steps": {
             "per_epoch": st.steps_per_epoch,
@@ -193,8 +195,8 @@ def estimate(
             "sample_rounds": _sample_rounds(recipe, st),
         },
         "tokens": {
-            "total": st.total * recipe.tokens_per_step,
-            "to_run": st.to_run * recipe.tokens_per_step,
+            "total": st.total * info["tokens_per_step"],
+            "to_run": st.to_run * info["tokens_per_step"],
             "train_split": built.prepared.report["train"]["tokens"],
         },
         "time": _time(recipe, built, st, m),
@@ -245,7 +247,7 @@ def _time(recipe: Recipe, built: setup.Built, st: Schedule, m: Measured) -> dict
     return {
         "step_seconds": round(m.step_seconds, 4),
         "timed_steps": m.timed_steps,
-        "tokens_per_second": round(recipe.tokens_per_step / m.step_seconds, 1),
+        "tokens_per_second": round(setup.tokens_per_step(recipe, built) / m.step_seconds, 1),
         "evaluation_seconds": round(eval_seconds, 2),
         "checkpoint_seconds": round(m.checkpoint_seconds, 2),
         "samples_seconds": round(m.sample_seconds, 2),
@@ -391,11 +393,27 @@ def _time_answer_scoring(built: setup.Built, cfg) -> float:
     return seconds / max(sample.tokens, 1) * items.n_tokens
 
 
+def _time_pair_scoring(built: setup.Built, cfg) -> float:
+    """Preference pairs: seconds the evaluator will take to score the held-out pairs, from two
+    batches of them timed."""
+    pairs = built.prepared.eval_items
+    sample = pairs.select(range(min(len(pairs), 2 * cfg.batch_size)))
+    collator = data.PairCollator(built.tok.pad_token_id, built.prepared.cfg.block_size)
+    with runtime.eval_mode(built.lm), progress.silenced():
+        evaluate.score_pairs(built.lm, sample.select(range(1)), collator, cfg.batch_size)  # warm-up
+        started = time.perf_counter()
+        evaluate.score_pairs(built.lm, sample, collator, cfg.batch_size)
+        seconds = time.perf_counter() - started
+    return seconds / max(len(sample), 1) * len(pairs)
+
+
 def _time_final_scoring(built: setup.Built, cfg, block_size: int) -> float:
     """Seconds the end-of-training evaluator will take to score the validation documents: its
     own scoring (windows, stride, batch, precision) timed on two batches of windows cut from the
     validation blocks, scaled to the windows of the whole split."""
     lm, tok, prepared = built.lm, built.tok, built.prepared
+    if built.preference is not None:
+        return _time_pair_scoring(built, cfg)
     if prepared.task:
         return _time_answer_scoring(built, cfg)
     s = evaluate.scoring_settings(lm, cfg)
