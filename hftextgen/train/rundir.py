@@ -14,7 +14,7 @@ final model's atomic save, and the disk it needs.
   file by file, the weights last (`save_final_model`).
 - Disk: a warning before training when the checkpoints will not fit (`disk_warning`).
 
-What the run directory holds is listed in the README ("What a run produces").
+What the run directory holds is listed in docs/monitoring.md ("What a run produces").
 """
 
 from __future__ import annotations
