@@ -70,8 +70,7 @@ def hftextgen_run(config: dict) -> dict:
 
 def conversations(limit: int | None = None) -> list[dict]:
     """The training plays' conversations, as the dialogue recipe reads them."""
-    from hftextgen.data import DataConfig
-    from hftextgen.data import Corpus, sources
+    from hftextgen.data import Corpus, DataConfig, sources
 
     corpus = Corpus(DataConfig(source="shakespeare", format="messages"))
     segments, _, _ = corpus.segments(False)

@@ -19,7 +19,6 @@ sequence each of those belongs to.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -255,8 +254,7 @@ class PreparedPairs:
 
     @property
     def validation_ids(self) -> list[str]:
-        text = (self.cache_path / "validation.ids.jsonl").read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines()]
+        return shards.read_ids(self.cache_path / "validation.ids.jsonl")
 
     def names(self, pairs: Pairs, split: str = "validation") -> list[str]:
         """Where each of `pairs` came from (file and record)."""

@@ -156,8 +156,7 @@ class Prepared(Served):
 
     @cached_property
     def validation_ids(self) -> list[str]:
-        text = (self.cache_path / "validation.ids.jsonl").read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines()]
+        return shards.read_ids(self.cache_path / "validation.ids.jsonl")
 
     def eval_documents(self, split: str = "validation") -> shards.EvalDocuments:
         """The evaluator's documents of `split`: a seeded subset of whole documents holding at

@@ -265,6 +265,11 @@ def choose_documents(lengths: np.ndarray, max_tokens: int, seed: int) -> np.ndar
     return np.sort(np.asarray(chosen or [order[0]], np.int64))
 
 
+def read_ids(path: Path) -> list[str]:
+    """Every document's name a split's ids file holds, in order."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def read_names(path: Path, chosen: np.ndarray) -> list[str]:
     wanted, names = set(chosen.tolist()), []
     with open(path, encoding="utf-8") as f:
